@@ -1,0 +1,288 @@
+"""Strict YAML configuration: frozen dataclasses, unknown keys are errors that list the valid ones.
+
+A config file is a nested mapping whose sections mirror the dataclasses below. Method sections
+(``advantage``, ``loss``, ``aggregation``, ``correction``) are ``{name: <registry name>, <hyper-parameter>: value}``;
+their hyper-parameters are checked against the registered function's signature when the config is resolved.
+Overrides from the command line use dotted keys: ``--set loss.clip_high=0.28 optim.lr=1e-4``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration a person has to fix; the message says how."""
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A registry name plus its hyper-parameters (bound once with functools.partial)."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name_or_path: str = "embedded:tiny-adder"
+    """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
+    dtype: str = "float32"
+    """Training precision of the weights: float32 | bfloat16 | float16."""
+    pad_token: str | None = None
+    """Token to use for padding when the tokenizer has none (e.g. its EOS token)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    attn_implementation: str | None = None
+    """eager | sdpa | flash_attention_2; None lets transformers choose."""
+    autocast_bf16: bool = False
+    """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``."""
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "arithmetic"
+    """Registered task: arithmetic | reasoning_gym | jsonl_math."""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the task's constructor (checked when the task is built)."""
+
+
+@dataclass(frozen=True)
+class RolloutConfig:
+    backend: str = "hf"
+    """hf (transformers generate) | native (steadyrl's static-cache sampler)."""
+    prompts_per_step: int = 32
+    """P: prompts per RL step, summed over all ranks."""
+    group_size: int = 8
+    """G: completions sampled per prompt (the GRPO group)."""
+    max_new_tokens: int = 8
+    """Completion budget; a completion without EOS after this many tokens is truncated."""
+    temperature: float = 1.0
+    """Sampling temperature; the trainer scores log-probs at the same temperature."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """0 disables top-k."""
+    sampler_dtype: str | None = None
+    """Sample with a copy of the policy in this dtype (e.g. bfloat16) to create a real train-inference gap."""
+    mask_truncated: bool = False
+    """Leave completions that hit max_new_tokens out of the loss (DAPO's overlong filtering)."""
+
+
+@dataclass(frozen=True)
+class KLConfig:
+    coef: float = 0.0
+    """β of the per-token KL penalty added to the loss (GRPO places it in the loss, not the reward)."""
+    estimator: str = "kl_k3"
+    """Registered KL estimator: kl_k1 | kl_k2 | kl_k3 | *_st (straight-through)."""
+    reference: str = "initial"
+    """initial (frozen copy of the starting policy) | old (π_old of the current rollout batch)."""
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    steps: int = 100
+    """RL steps (rollout batches)."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    """Linear warm-up, counted in optimizer steps."""
+    schedule: str = "constant"
+    """constant | cosine | linear (decay to min_lr_ratio * lr after warm-up)."""
+    min_lr_ratio: float = 0.0
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables."""
+    mini_batches: int = 1
+    """N optimizer steps per rollout batch (off-policiness); the batch is split into N mini-batches."""
+    epochs: int = 1
+    """Passes over the rollout batch (PPO epochs)."""
+    micro_batch_size: int = 64
+    """Completions per forward/backward (gradient accumulation inside a mini-batch)."""
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 10
+    """Held-out evaluation every this many RL steps (and before the first and after the last); 0 = never."""
+    num_prompts: int = 0
+    """Held-out prompts used (0 = all of the task's eval split)."""
+    pass_k: int = 8
+    """k of pass@k (sampled at the rollout temperature); also gives pass@1 as the mean over the k samples."""
+    greedy: bool = True
+    """Also report greedy accuracy (eval/accuracy)."""
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 0
+    """Save every this many RL steps (0 = only at the end)."""
+    keep_last: int = 2
+    save_final_model: bool = True
+    """Export the final policy (HF format + tokenizer) to RUN_DIR/final."""
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    tensorboard: bool = True
+    wandb_project: str | None = None
+    """Log to Weights & Biases under this project (needs `pip install wandb`)."""
+    progress: bool = True
+    """Live progress bar."""
+    report: bool = True
+    """Write PNG plots and an HTML report at the end of the run."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Run directory (created; resumed from its latest checkpoint when it has one and resume is true)."""
+    seed: int = 0
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    resume: bool = True
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    advantage: MethodSpec = field(default_factory=lambda: MethodSpec("grpo"))
+    loss: MethodSpec = field(default_factory=lambda: MethodSpec("ppo_clip"))
+    aggregation: MethodSpec = field(default_factory=lambda: MethodSpec("token_mean"))
+    correction: MethodSpec | None = None
+    kl: KLConfig = field(default_factory=KLConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig) -> Any:
+    """Read YAML (or start from defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file (see configs/).")
+        raw = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
+    for item in overrides or []:
+        apply_override(raw, item)
+    return from_dict(cls, raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, bools, lists, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-4.")
+    key, value = item.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None or not isinstance(child, dict):
+            child = {} if not isinstance(child, str) else {"name": child}
+            node[part] = child
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, recursively; unknown keys raise ConfigError listing valid keys."""
+    if cls is MethodSpec:
+        return _method_spec(data, where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {data!r}.")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        section = f"section '{where}'" if where else "the top level"
+        raise ConfigError(
+            f"unknown key(s) {', '.join(repr(k) for k in unknown)} in {section}; valid keys: {', '.join(fields)}."
+        )
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for name, value in data.items():
+        values[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    return cls(**values)
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain nested dict of a config (MethodSpec flattened to {name, **kwargs}), for config.yaml."""
+    if isinstance(cfg, MethodSpec):
+        return {"name": cfg.name, **cfg.kwargs}
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, tuple):
+        return list(cfg)
+    return cfg
+
+
+def dump_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _method_spec(data: Any, where: str) -> MethodSpec:
+    if isinstance(data, str):
+        return MethodSpec(data)
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError(f"section '{where}' must be a registry name or a mapping with a 'name' key, got {data!r}.")
+    kwargs = {k: v for k, v in data.items() if k != "name"}
+    return MethodSpec(str(data["name"]), kwargs)
+
+
+def _coerce(hint: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, where)
+    if dataclasses.is_dataclass(hint):
+        return from_dict(hint, value, where)
+    if hint is MethodSpec:
+        return _method_spec(value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where} must be a list, got {value!r}.")
+        return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(hint), value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}.")
+        return dict(value)
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where} must be an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads 1e-4 without a dot as a string
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where} must be a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be a string, got {value!r}.")
+        return value
+    return value

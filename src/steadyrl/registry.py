@@ -1,0 +1,167 @@
+"""Name -> function for every method family, resolved once when a config is loaded.
+
+Each family has one Protocol, so the trainer calls any member the same way and never branches on a name.
+Hyper-parameters are bound with ``functools.partial`` after checking them against the function's signature;
+an unknown name or hyper-parameter raises a ConfigError listing the valid choices.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import Tensor
+
+from steadyrl.config import ConfigError, MethodSpec
+from steadyrl.ops import advantages, aggregation, correction, kl, losses, losses_offpolicy
+from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, LossInputs, LossResult
+
+
+class AdvantageFn(Protocol):
+    def __call__(self, rewards: Tensor, group_size: int) -> AdvantageResult: ...  # rewards (B,)
+
+
+class LossFn(Protocol):
+    def __call__(self, inputs: LossInputs) -> LossResult: ...
+
+
+class CorrectionFn(Protocol):
+    def __call__(self, inputs: LossInputs) -> CorrectionResult: ...
+
+
+class AggregationFn(Protocol):
+    def __call__(self, loss: Tensor, mask: Tensor, counts: GlobalCounts) -> Tensor: ...  # (B,T),(B,T) -> ()
+
+
+class KLFn(Protocol):
+    def __call__(self, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor: ...  # (B,T) -> (B,T)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    fn: Callable[..., Any]
+    description: str
+    reference: str
+    """Paper (arXiv id) and methods.md section."""
+
+
+def _e(name: str, fn: Callable[..., Any], description: str, reference: str) -> tuple[str, Entry]:
+    return name, Entry(name, fn, description, reference)
+
+
+ADVANTAGES: dict[str, Entry] = dict(
+    [
+        _e("grpo", advantages.grpo_advantages, "group mean/std normalised reward", "arXiv 2402.03300, §6.1"),
+        _e("dr_grpo", advantages.dr_grpo_advantages, "group-mean baseline, no std division", "arXiv 2503.20783, §6.2"),
+        _e("rloo", advantages.rloo_advantages, "leave-one-out group baseline", "arXiv 2402.14740"),
+        _e("batch_std", advantages.batch_std_advantages, "group mean baseline, batch std scale", "REINFORCE++ style"),
+        _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582, §6.13"),
+        _e("bnpo", advantages.bnpo_advantages, "Beta-density normalisation of pass rates", "arXiv 2506.02864, §6.14"),
+    ]
+)
+
+LOSSES: dict[str, Entry] = dict(
+    [
+        _e("reinforce", losses.reinforce_loss, "on-policy REINFORCE −Â·log π", "§6.1 family"),
+        _e("ppo_clip", losses.ppo_clip_loss, "PPO/GRPO clipped surrogate, asymmetric ε, dual clip", "arXiv 2402.03300 / 2503.14476, §6.1, §6.3"),
+        _e("gspo", losses.gspo_loss, "sequence-level clipped ratio", "arXiv 2507.18071, §6.4"),
+        _e("gspo_token", losses.gspo_token_loss, "GSPO-token (per-token advantages)", "arXiv 2507.18071, §6.4"),
+        _e("cispo", losses.cispo_loss, "clipped detached IS weight, all tokens kept", "arXiv 2506.13585, §6.5"),
+        _e("steer", losses.steer_loss, "entropy-change token reweighting of dual-clip PPO", "arXiv 2510.10150, §6.15"),
+        _e("clip_cov", losses.clip_cov_loss, "covariance-selected gradient masking", "arXiv 2505.22617, §6.16"),
+        _e("kl_cov", losses.kl_cov_loss, "covariance-selected KL penalty", "arXiv 2505.22617, §6.16"),
+        _e("reinforce_is", losses_offpolicy.reinforce_is_loss, "MiniRL: truncated-IS REINFORCE + staleness mask", "arXiv 2512.01374, §5"),
+        _e("dppo_binary_tv", losses_offpolicy.dppo_binary_tv_loss, "DPPO binary-TV trust-region mask", "arXiv 2602.04879, §6.6"),
+        _e("dppo_binary_kl", losses_offpolicy.dppo_binary_kl_loss, "DPPO binary-KL trust-region mask", "arXiv 2602.04879, §6.6"),
+        _e("cpgd", losses_offpolicy.cpgd_loss, "clipped log-ratio PG + policy-drift KL", "arXiv 2505.12504, §6.9"),
+        _e("bapo", losses_offpolicy.bapo_loss, "adaptive asymmetric clip bounds", "arXiv 2510.18927, §6.8"),
+        _e("vespo", losses_offpolicy.vespo_loss, "soft sequence-weight kernel W^c1·exp(c2(1−W))", "arXiv 2602.10693, §6.10"),
+        _e("minpro", losses_offpolicy.minpro_loss, "prefix-min ratio weight (inferred reading)", "arXiv 2601.22718, §6.7"),
+    ]
+)
+
+CORRECTIONS: dict[str, Entry] = dict(
+    [
+        _e("token_tis", correction.token_tis, "token truncated IS min(ρ, C)", "§6.23"),
+        _e("seq_tis", correction.seq_tis, "sequence truncated IS min(Πρ, C)", "§6.23"),
+        _e("token_mis", correction.token_mis, "token masked IS (reject outside [C_min, C_max])", "§6.23"),
+        _e("seq_mis", correction.seq_mis, "sequence masked IS", "§6.23"),
+        _e("icepop", correction.icepop, "token two-sided mask", "arXiv 2510.18855, §6.23"),
+        _e("geo_rs", correction.geo_rs, "geometric-mean ratio rejection of sequences", "§6.23"),
+        _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "§6.23"),
+    ]
+)
+
+AGGREGATIONS: dict[str, Entry] = dict(
+    [
+        _e("token_mean", aggregation.token_mean, "Σℓ / global tokens (DAPO)", "arXiv 2503.14476, §6.3"),
+        _e("seq_mean_token_mean", aggregation.seq_mean_token_mean, "mean over sequences of per-sequence token means (GRPO)", "§6.1"),
+        _e("seq_mean_token_sum", aggregation.seq_mean_token_sum, "Σℓ / global sequences (no length normalisation; MiniRL)", "§5"),
+        _e("constant_norm", aggregation.constant_norm, "Σℓ / (sequences × L) (Dr.GRPO)", "arXiv 2503.20783, §6.2"),
+    ]
+)
+
+KL_ESTIMATORS: dict[str, Entry] = dict(
+    [
+        _e("kl_k1", kl.kl_k1, "log π − log π_ref", "Schulman 2020"),
+        _e("kl_k2", kl.kl_k2, "½ (log π − log π_ref)²", "Schulman 2020"),
+        _e("kl_k3", kl.kl_k3, "π_ref/π − log(π_ref/π) − 1, clamped", "Schulman 2020, §6.1"),
+        _e("kl_k1_st", kl.kl_k1_st, "k1 value, k2 gradient (straight-through)", "verl 'k1+'"),
+        _e("kl_k3_st", kl.kl_k3_st, "k3 value, k2 gradient (straight-through)", "verl 'low_var_kl+'"),
+    ]
+)
+
+FAMILIES: dict[str, dict[str, Entry]] = {
+    "advantage": ADVANTAGES,
+    "loss": LOSSES,
+    "correction": CORRECTIONS,
+    "aggregation": AGGREGATIONS,
+    "kl": KL_ESTIMATORS,
+}
+
+# Positional (data) parameters of each family: everything else in a signature is a hyper-parameter.
+_DATA_PARAMS = {
+    "advantage": {"rewards", "group_size"},
+    "loss": {"inputs"},
+    "correction": {"inputs"},
+    "aggregation": {"loss", "mask", "counts"},
+    "kl": {"logprobs", "ref_logprobs", "mask"},
+}
+
+
+def hyperparameters(family: str, name: str) -> dict[str, Any]:
+    """The keyword hyper-parameters of a registered function with their defaults."""
+    fn = lookup(family, name).fn
+    return {
+        p.name: p.default
+        for p in inspect.signature(fn).parameters.values()
+        if p.name not in _DATA_PARAMS[family] and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+    }
+
+
+def lookup(family: str, name: str) -> Entry:
+    if family not in FAMILIES:
+        raise ConfigError(f"unknown method family {family!r}; valid families: {', '.join(FAMILIES)}.")
+    table = FAMILIES[family]
+    if name not in table:
+        raise ConfigError(f"unknown {family} {name!r}; valid names: {', '.join(sorted(table))}.")
+    return table[name]
+
+
+def resolve(family: str, spec: MethodSpec | str) -> Callable[..., Any]:
+    """The registered function with its hyper-parameters bound, after checking their names."""
+    if isinstance(spec, str):
+        spec = MethodSpec(spec)
+    entry = lookup(family, spec.name)
+    valid = hyperparameters(family, spec.name)
+    unknown = sorted(set(spec.kwargs) - set(valid))
+    if unknown:
+        raise ConfigError(
+            f"unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for {family} {spec.name!r}; "
+            f"valid: {', '.join(valid) or '(none)'}."
+        )
+    return functools.partial(entry.fn, **spec.kwargs) if spec.kwargs else entry.fn

@@ -1,0 +1,127 @@
+"""Rollouts with transformers' ``generate``, returning the sampler's own per-token log-probs μ.
+
+``generate`` applies user logits processors *before* its own temperature / top-k / top-p warpers, so this
+backend disables the built-in warpers and passes its own, followed by a recorder that keeps the final
+log-softmax of each step: μ is then exactly the distribution the token was drawn from. The recorder holds one
+(B, V) step at a time, never the (B, T, V) history that ``output_scores`` would keep.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import Tensor
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
+
+from steadyrl.ops.masking import masked_fill_zero, response_mask_from_eos
+from steadyrl.rollout.base import SamplingParams
+from steadyrl.types import RolloutBatch
+
+
+class _SampledLogprobRecorder(LogitsProcessor):
+    """Records log softmax(processed scores)[sampled token] for every decoding step."""
+
+    def __init__(self) -> None:
+        self.previous: Tensor | None = None  # (B, V) log-probs of the last step, awaiting its sampled token
+        self.logprobs: list[Tensor] = []
+
+    def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(1, input_ids[:, -1:]).squeeze(1))
+        self.previous = torch.log_softmax(scores.float(), dim=-1)
+        return scores
+
+    def finish(self, last_tokens: Tensor) -> Tensor:
+        """(B, T) log-probs once generation is over; ``last_tokens`` are the tokens of the final step."""
+        if self.previous is not None:
+            self.logprobs.append(self.previous.gather(1, last_tokens[:, None]).squeeze(1))
+        return torch.stack(self.logprobs, dim=1)
+
+
+class HFRolloutBackend:
+    """RolloutBackend over ``model.generate``.
+
+    ``sampler_dtype`` (e.g. torch.bfloat16) samples with a separate copy of the policy in that dtype, kept in
+    sync by ``sync_weights``: a real, measurable train-inference mismatch as with a bf16/fp8 inference engine.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | list[int],
+        sampler_dtype: torch.dtype | None = None,
+    ) -> None:
+        self.policy = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        param_dtype = next(model.parameters()).dtype
+        self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
+        self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
+        if self.separate_sampler:
+            self.sampler.requires_grad_(False)
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        if not self.separate_sampler:
+            return
+        for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
+            dst.copy_(src)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,  # (B, Tp)
+        prompt_mask: Tensor,  # (B, Tp) bool
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> RolloutBatch:
+        recorder = _SampledLogprobRecorder()
+        processors: list[LogitsProcessor] = []
+        if not params.greedy:
+            if params.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(params.temperature))
+            if params.top_k:
+                processors.append(TopKLogitsWarper(top_k=params.top_k))
+            if params.top_p < 1.0:
+                processors.append(TopPLogitsWarper(top_p=params.top_p))
+        processors.append(recorder)
+        gen_config = GenerationConfig(
+            do_sample=not params.greedy,
+            max_new_tokens=params.max_new_tokens,
+            temperature=1.0,
+            top_k=0,
+            top_p=1.0,
+            pad_token_id=self.pad_token_id,
+            eos_token_id=self.eos_token_id,
+        )
+        was_training = self.sampler.training
+        self.sampler.eval()
+        device = prompt_ids.device
+        seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            out = self.sampler.generate(
+                input_ids=prompt_ids,
+                attention_mask=prompt_mask.long(),
+                generation_config=gen_config,
+                logits_processor=LogitsProcessorList(processors),
+            )
+        self.sampler.train(was_training)
+        completion_ids = out[:, prompt_ids.shape[1] :]
+        logprobs = recorder.finish(completion_ids[:, -1])
+        response_mask, truncated = response_mask_from_eos(completion_ids, self.eos_token_id)
+        completion_ids = torch.where(response_mask, completion_ids, torch.full_like(completion_ids, self.pad_token_id))
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask.bool(),
+            completion_ids=completion_ids,
+            response_mask=response_mask,
+            rollout_logprobs=masked_fill_zero(logprobs, response_mask),
+            truncated=truncated,
+        )

@@ -1,0 +1,136 @@
+"""Rollout -> reward -> advantage for one RL step.
+
+Every rank draws the same global prompt list for the step (seeded by the step number) and keeps its own slice
+of whole groups. Rewards are gathered from all ranks so that advantages, including estimators with
+batch-level statistics (batch std, BNPO), are computed on the global batch exactly as on one process.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from steadyrl.ops.masking import masked_fill_zero, masked_var
+from steadyrl.rollout.base import RolloutBackend, SamplingParams, left_pad
+from steadyrl.tasks import Prompt, Task, score_completions
+from steadyrl.train.batch import ScoredBatch
+from steadyrl.train.distributed import DistInfo
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    """A deterministic per-step seed, so that a resumed run draws exactly what the uninterrupted run drew."""
+    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**63 - 1)
+
+
+def encode_prompts(tokenizer, prompts: list[Prompt], device: torch.device) -> tuple[Tensor, Tensor]:
+    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
+    if any(len(x) == 0 for x in ids):
+        empty = next(p for p, x in zip(prompts, ids) if len(x) == 0)
+        raise ValueError(f"prompt {empty.id!r} encodes to no tokens; every prompt needs at least one token.")
+    return left_pad(ids, tokenizer.pad_token_id, device)
+
+
+def decode_completions(tokenizer, completion_ids: Tensor, mask: Tensor, eos_ids: set[int]) -> list[str]:
+    texts = []
+    for row, row_mask in zip(completion_ids.tolist(), mask.tolist()):
+        tokens = [t for t, m in zip(row, row_mask) if m and t not in eos_ids]
+        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
+    return texts
+
+
+def gather_rewards(local: Tensor, info: DistInfo) -> Tensor:
+    if not info.enabled:
+        return local
+    parts = [torch.empty_like(local) for _ in range(info.world_size)]
+    dist.all_gather(parts, local)
+    return torch.cat(parts)
+
+
+@dataclass
+class Collected:
+    batch: ScoredBatch
+    prompts: list[Prompt]
+    completions: list[str]
+    metrics: dict[str, Tensor]  # per-rank tensors, token-/sample-weighted means
+    rollout_s: float
+
+
+class RolloutCollector:
+    def __init__(
+        self,
+        backend: RolloutBackend,
+        tokenizer,
+        task: Task,
+        advantage_fn,
+        *,
+        params: SamplingParams,
+        prompts_per_step: int,
+        group_size: int,
+        info: DistInfo,
+        seed: int,
+        device: torch.device,
+        mask_truncated: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.tokenizer = tokenizer
+        self.task = task
+        self.advantage_fn = advantage_fn
+        self.params = params
+        self.prompts_per_step = prompts_per_step
+        self.group_size = group_size
+        self.info = info
+        self.seed = seed
+        self.device = device
+        self.mask_truncated = mask_truncated
+        self.eos_ids = set(_as_list(tokenizer.eos_token_id))
+
+    def local_prompts(self, step: int) -> list[Prompt]:
+        prompts = self.task.sample("train", self.prompts_per_step, seed=step_seed(self.seed, step))
+        per_rank = self.prompts_per_step // self.info.world_size
+        return prompts[self.info.rank * per_rank : (self.info.rank + 1) * per_rank]
+
+    def collect(self, step: int) -> Collected:
+        prompts = self.local_prompts(step)
+        expanded = [p for p in prompts for _ in range(self.group_size)]
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, expanded, self.device)
+        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, 1 + self.info.rank))
+        start = time.perf_counter()
+        self.backend.sync_weights()
+        rollout = self.backend.generate(prompt_ids, prompt_mask, self.params, generator=generator)
+        rollout_s = time.perf_counter() - start
+        completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.response_mask, self.eos_ids)
+        local_rewards = score_completions(self.task, expanded, completions).to(self.device)
+        rewards = gather_rewards(local_rewards, self.info)
+        adv = self.advantage_fn(rewards, self.group_size)
+        lo = self.info.rank * local_rewards.shape[0]
+        hi = lo + local_rewards.shape[0]
+        advantages, sample_mask = adv.advantages[lo:hi], adv.sample_mask[lo:hi]
+        if self.mask_truncated:
+            sample_mask = sample_mask & ~rollout.truncated
+        if advantages.dim() == 1:
+            advantages = advantages[:, None].expand_as(rollout.rollout_logprobs)
+        advantages = masked_fill_zero(advantages.float(), rollout.response_mask).detach()
+        finite = torch.isfinite(rewards)
+        metrics = {
+            "reward/mean": torch.where(finite, rewards, 0.0).sum() / finite.sum().clamp(min=1),
+            "reward/std": masked_var(rewards, finite).sqrt(),
+            **adv.metrics,
+        }
+        lengths = rollout.response_mask.sum(1).float()
+        local_metrics = {
+            "rollout/len_mean": lengths.mean(),
+            "rollout/len_max": lengths.max(),
+            "rollout/truncated_frac": rollout.truncated.float().mean(),
+        }
+        batch = ScoredBatch(rollout, rewards=local_rewards, advantages=advantages, sample_mask=sample_mask)
+        return Collected(batch, expanded, completions, {**metrics, **local_metrics}, rollout_s)
+
+
+def _as_list(x: int | list[int] | None) -> list[int]:
+    if x is None:
+        return []
+    return list(x) if isinstance(x, (list, tuple)) else [x]

@@ -1,0 +1,77 @@
+"""Held-out evaluation: greedy accuracy and sampled pass@1 / pass@k, split over ranks."""
+
+from __future__ import annotations
+
+import torch
+
+from steadyrl.rollout.base import RolloutBackend, SamplingParams
+from steadyrl.tasks import Prompt, Task, score_completions
+from steadyrl.train.collect import decode_completions, encode_prompts
+from steadyrl.train.distributed import DistInfo, all_reduce_
+
+
+def evaluate(
+    backend: RolloutBackend,
+    tokenizer,
+    task: Task,
+    prompts: list[Prompt],
+    *,
+    sampling: SamplingParams,
+    pass_k: int = 8,
+    greedy: bool = True,
+    batch_size: int = 256,
+    seed: int = 0,
+    info: DistInfo | None = None,
+    device: torch.device | str = "cpu",
+    correct_threshold: float = 1.0,
+) -> dict[str, float]:
+    """Metrics over ``prompts``: eval/accuracy (greedy), eval/pass@1 (mean over k samples), eval/pass@k.
+
+    A completion is correct when its reward is at least ``correct_threshold`` (full marks by default, so tasks
+    with partial credit count only fully correct answers). Rank r evaluates prompts r, r+W, r+2W, ...
+    """
+    info = info or DistInfo()
+    device = torch.device(device)
+    mine = prompts[info.rank :: info.world_size]
+    eos_ids = {tokenizer.eos_token_id} if isinstance(tokenizer.eos_token_id, int) else set(tokenizer.eos_token_id)
+    generator = torch.Generator(device=device).manual_seed(seed * 7_919 + info.rank)
+    # sums: greedy correct, greedy reward, prompts, sampled correct, prompts with any correct, samples, length
+    sums = torch.zeros(7, dtype=torch.float64)
+
+    def run(batch_prompts: list[Prompt], params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = encode_prompts(tokenizer, batch_prompts, device)
+        out = backend.generate(ids, mask, params, generator=generator)
+        texts = decode_completions(tokenizer, out.completion_ids, out.response_mask, eos_ids)
+        return score_completions(task, batch_prompts, texts), out.response_mask.sum(1).float().cpu()
+
+    if greedy:
+        greedy_params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=0.0)
+        for i in range(0, len(mine), batch_size):
+            rewards, lengths = run(mine[i : i + batch_size], greedy_params)
+            rewards = torch.nan_to_num(rewards.double(), nan=0.0)
+            sums[0] += (rewards >= correct_threshold).sum()
+            sums[1] += rewards.sum()
+            sums[6] += lengths.sum()
+    sums[2] += len(mine)
+    if pass_k > 0:
+        per_batch = max(1, batch_size // pass_k)
+        for i in range(0, len(mine), per_batch):
+            chunk = mine[i : i + per_batch]
+            expanded = [p for p in chunk for _ in range(pass_k)]
+            rewards, _ = run(expanded, sampling)
+            correct = (torch.nan_to_num(rewards.double(), nan=0.0) >= correct_threshold).view(len(chunk), pass_k)
+            sums[3] += correct.sum()
+            sums[4] += correct.any(dim=1).sum()
+            sums[5] += correct.numel()
+    if info.enabled:
+        sums = all_reduce_(sums.to(device), "sum").cpu()
+    n_prompts = max(sums[2].item(), 1.0)
+    metrics: dict[str, float] = {}
+    if greedy:
+        metrics["eval/accuracy"] = sums[0].item() / n_prompts
+        metrics["eval/reward_mean"] = sums[1].item() / n_prompts
+        metrics["eval/len_mean"] = sums[6].item() / n_prompts
+    if pass_k > 0:
+        metrics["eval/pass@1"] = sums[3].item() / max(sums[5].item(), 1.0)
+        metrics[f"eval/pass@{pass_k}"] = sums[4].item() / n_prompts
+    return metrics

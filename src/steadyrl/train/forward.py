@@ -1,0 +1,83 @@
+"""The policy forward of the trainer: per-token log-probs (and entropy) of completions, computed in chunks.
+
+The decoder runs once over prompt + completion; the LM head is applied chunk by chunk on the completion
+positions only (``ops.logprobs.logprobs_from_hidden``), so full-vocabulary logits never exist for the whole
+batch. Positions are counted as HF ``generate`` counts them for left-padded prompts, so the trainer scores
+exactly the sequence the sampler produced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from steadyrl.ops.logprobs import logprobs_from_hidden
+from steadyrl.rollout.base import position_ids_from_mask
+from steadyrl.types import RolloutBatch
+
+
+@dataclass
+class PolicyOutput:
+    logprobs: Tensor  # (B, T) log π(y_t) at the sampling temperature
+    entropy: Tensor | None  # (B, T) detached full-vocabulary entropy
+    hidden: Tensor | None  # (B, T, H) final hidden state predicting y_t (CAPO's features), when asked
+
+
+def model_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
+    """input_ids (B, Tp+T), attention_mask (B, Tp+T), position_ids (B, Tp+T) for a teacher-forced forward."""
+    input_ids = torch.cat([batch.prompt_ids, batch.completion_ids], dim=1)
+    # Completion positions are all attended: tokens after EOS are padding that no counted token can see.
+    attn = torch.cat([batch.prompt_mask, torch.ones_like(batch.completion_ids, dtype=torch.bool)], dim=1)
+    return input_ids, attn.long(), position_ids_from_mask(attn)
+
+
+def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The decoder stack (hidden states after the final norm) and the LM head of a HF causal LM."""
+    head = model.get_output_embeddings()
+    decoder = getattr(model, "base_model", None)
+    if head is None or decoder is None or decoder is model:
+        raise TypeError(
+            f"{type(model).__name__} does not expose a decoder and an LM head (get_output_embeddings); "
+            "steadyrl needs a causal LM whose logits are lm_head(hidden)."
+        )
+    if getattr(model.config, "final_logit_softcapping", None):
+        raise TypeError(f"{type(model).__name__} soft-caps its logits, which the chunked log-prob path does not model.")
+    return decoder, head
+
+
+def policy_forward(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = True,
+    keep_hidden: bool = False,
+    chunk_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+) -> PolicyOutput:
+    decoder, head = decoder_and_head(model)
+    input_ids, attn, pos = model_inputs(batch)
+    device_type = input_ids.device.type
+    autocast = (
+        torch.autocast(device_type=device_type, dtype=autocast_dtype)
+        if autocast_dtype is not None
+        else contextlib.nullcontext()
+    )
+    with autocast:
+        out = decoder(input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=False)
+    prompt_len = batch.prompt_ids.shape[1]
+    # hidden[t] predicts token t+1: completion token j is predicted at position prompt_len - 1 + j.
+    hidden = out.last_hidden_state[:, prompt_len - 1 : -1]
+    logprobs, entropy = logprobs_from_hidden(
+        hidden,
+        head.weight,
+        batch.completion_ids,
+        lm_head_bias=getattr(head, "bias", None),
+        temperature=temperature,
+        chunk_size=chunk_size,
+        compute_entropy=compute_entropy,
+    )
+    return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden if keep_hidden else None)

@@ -1,0 +1,110 @@
+"""Build the trainer's parts from a TrainConfig, validating everything that can fail before training starts."""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from steadyrl import registry
+from steadyrl.config import ConfigError, TrainConfig
+from steadyrl.train.distributed import DistInfo
+
+EMBEDDED_PREFIX = "embedded:"
+
+
+def resolve_device(spec: str, info: DistInfo) -> torch.device:
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cuda" and info.enabled:
+        spec = f"cuda:{info.local_rank}"
+    if spec.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"run.device is {spec!r} but CUDA is not available; set run.device=cpu (or auto).")
+    device = torch.device(spec)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """``embedded:<name>`` -> the directory of a checkpoint shipped inside the package; anything else as is."""
+    if not name_or_path.startswith(EMBEDDED_PREFIX):
+        return name_or_path
+    name = name_or_path[len(EMBEDDED_PREFIX) :]
+    root = Path(str(resources.files("steadyrl") / "assets"))
+    path = root / name
+    if not (path / "config.json").is_file():
+        available = sorted(p.name for p in root.iterdir() if (p / "config.json").is_file()) if root.is_dir() else []
+        raise ConfigError(
+            f"no embedded model {name!r}; available: {', '.join(available) or '(none)'}. "
+            "Rebuild the default one with `steadyrl warmstart`."
+        )
+    return str(path)
+
+
+def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
+    """Fail before any model is loaded when the batch cannot be split as asked."""
+    r, o = cfg.rollout, cfg.optim
+    if r.group_size < 1 or r.prompts_per_step < 1:
+        raise ConfigError("rollout.group_size and rollout.prompts_per_step must be at least 1.")
+    if r.group_size < 2 and cfg.advantage.name != "mc_grpo":
+        raise ConfigError(
+            f"rollout.group_size is {r.group_size}; group-relative advantages need at least 2 completions per prompt."
+        )
+    if r.prompts_per_step % info.world_size:
+        raise ConfigError(
+            f"rollout.prompts_per_step={r.prompts_per_step} does not split over {info.world_size} processes; "
+            f"make it a multiple of {info.world_size} (each rank keeps whole groups)."
+        )
+    local = r.prompts_per_step // info.world_size * r.group_size
+    if o.mini_batches < 1 or local % o.mini_batches:
+        raise ConfigError(
+            f"{local} completions per process do not split into optim.mini_batches={o.mini_batches}; "
+            f"choose a divisor of {local}."
+        )
+    if o.micro_batch_size < 1 or o.epochs < 1 or o.steps < 1:
+        raise ConfigError("optim.micro_batch_size, optim.epochs and optim.steps must be at least 1.")
+    if r.max_new_tokens < 1:
+        raise ConfigError("rollout.max_new_tokens must be at least 1.")
+    if r.temperature <= 0:
+        raise ConfigError("rollout.temperature must be > 0 for RL sampling (greedy is only used in evaluation).")
+    if o.schedule not in ("constant", "cosine", "linear"):
+        raise ConfigError(f"optim.schedule={o.schedule!r}; valid: constant, cosine, linear.")
+    if cfg.kl.reference not in ("initial", "old"):
+        raise ConfigError(f"kl.reference={cfg.kl.reference!r}; valid: initial, old.")
+
+
+def resolve_methods(cfg: TrainConfig) -> dict:
+    """Registry lookups with hyper-parameters bound; unknown names / keys raise ConfigError here."""
+    return {
+        "advantage": registry.resolve("advantage", cfg.advantage),
+        "loss": registry.resolve("loss", cfg.loss),
+        "aggregation": registry.resolve("aggregation", cfg.aggregation),
+        "correction": registry.resolve("correction", cfg.correction) if cfg.correction else None,
+        "kl": registry.resolve("kl", cfg.kl.estimator) if cfg.kl.coef > 0 else None,
+    }
+
+
+def lr_lambda(cfg: TrainConfig, total_optimizer_steps: int):
+    o = cfg.optim
+
+    def factor(i: int) -> float:
+        if o.warmup_steps and i < o.warmup_steps:
+            return (i + 1) / o.warmup_steps
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (i - o.warmup_steps) / max(1, total_optimizer_steps - o.warmup_steps))
+        shape = 0.5 * (1 + math.cos(math.pi * progress)) if o.schedule == "cosine" else 1.0 - progress
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * shape
+
+    return factor
+
+
+def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_optimizer_steps: int):
+    o = cfg.optim
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_optimizer_steps))
+    return optimizer, scheduler

@@ -1,0 +1,274 @@
+"""The RL trainer: rollout -> reward -> advantage -> [old / ref log-probs] -> update -> log -> eval -> checkpoint.
+
+    trainer = Trainer(load_config("configs/quickstart.yaml"))
+    summary = trainer.train()
+
+One RL step is one rollout batch; it makes ``optim.mini_batches * optim.epochs`` optimizer steps. Everything
+that can be validated (config keys, registry names, batch arithmetic, model path, tokenizer) is validated in
+``__init__``, before the first rollout. A run directory with a checkpoint is resumed exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from steadyrl.config import TrainConfig, dump_config
+from steadyrl.models import load_model, load_tokenizer, resolve_dtype
+from steadyrl.report import MetricLogger, ProgressBar, make_report
+from steadyrl.rollout import build_backend
+from steadyrl.rollout.base import SamplingParams
+from steadyrl.tasks import build_task
+from steadyrl.train.batch import ScoredBatch
+from steadyrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_pretrained_atomic
+from steadyrl.train.collect import RolloutCollector, step_seed
+from steadyrl.train.combiners import SumCombiner
+from steadyrl.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
+from steadyrl.train.evaluate import evaluate
+from steadyrl.train.metrics import MetricAccumulator
+from steadyrl.train.setup import (
+    build_optimizer,
+    resolve_device,
+    resolve_methods,
+    resolve_model_path,
+    validate_batch_arithmetic,
+)
+from steadyrl.train.update import PolicyUpdater, UpdateSettings
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, *, model=None, tokenizer=None, task=None) -> None:
+        self.cfg = cfg
+        self.info: DistInfo = init_distributed(cfg.run.device if cfg.run.device != "auto" else _auto_device())
+        validate_batch_arithmetic(cfg, self.info)
+        self.methods = resolve_methods(cfg)
+        self.device = resolve_device(cfg.run.device, self.info)
+        torch.manual_seed(cfg.run.seed)
+        self.task = task if task is not None else build_task(cfg.task.name, **cfg.task.kwargs)
+        model_path = resolve_model_path(cfg.model.name_or_path)
+        self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
+        self.model = model if model is not None else self._load_model(model_path)
+        self.model.to(self.device).train()
+        self.ref_model = None
+        if cfg.kl.coef > 0 and cfg.kl.reference == "initial":
+            # Loaded from the source, not copied, so a resumed run gets the same reference.
+            self.ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
+        settings = UpdateSettings(
+            mini_batches=cfg.optim.mini_batches,
+            epochs=cfg.optim.epochs,
+            micro_batch_size=cfg.optim.micro_batch_size,
+            grad_clip=cfg.optim.grad_clip,
+            temperature=cfg.rollout.temperature,
+            max_len=cfg.rollout.max_new_tokens,
+            kl_coef=cfg.kl.coef,
+            autocast_dtype=torch.bfloat16 if cfg.model.autocast_bf16 else None,
+        )
+        self.total_optimizer_steps = cfg.optim.steps * settings.optimizer_steps_per_batch
+        self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.total_optimizer_steps)
+        self.updater = PolicyUpdater(
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            loss_fn=self.methods["loss"],
+            aggregation_fn=self.methods["aggregation"],
+            correction_fn=self.methods["correction"],
+            kl_fn=self.methods["kl"],
+            combiner=SumCombiner(distributed=self.info.enabled),
+            settings=settings,
+            distributed=self.info.enabled,
+        )
+        r = cfg.rollout
+        self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+        self.backend = build_backend(
+            r.backend,
+            self.model,
+            self.tokenizer,
+            sampler_dtype=resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None,
+        )
+        self.collector = RolloutCollector(
+            self.backend,
+            self.tokenizer,
+            self.task,
+            self.methods["advantage"],
+            params=self.sampling,
+            prompts_per_step=r.prompts_per_step,
+            group_size=r.group_size,
+            info=self.info,
+            seed=cfg.run.seed,
+            device=self.device,
+            mask_truncated=r.mask_truncated,
+        )
+        self.run_dir = Path(cfg.run.output_dir)
+        self.start_step = 0
+        self.state = {"eval_start": None, "eval_start_all": None, "wall_s": 0.0}
+        self._resume_or_start()
+
+    # ------------------------------------------------------------------ setup helpers
+
+    def _load_model(self, path: str):
+        m = self.cfg.model
+        return load_model(
+            path,
+            dtype=m.dtype,
+            device=self.device,
+            gradient_checkpointing=m.gradient_checkpointing,
+            attn_implementation=m.attn_implementation,
+        )
+
+    def _resume_or_start(self) -> None:
+        ckpt = latest_checkpoint(self.run_dir) if self.cfg.run.resume else None
+        if ckpt is not None:
+            loaded = load_checkpoint(
+                ckpt, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, map_location=self.device
+            )
+            self.start_step = int(loaded["step"])
+            extra = loaded.get("extra") or {}
+            self.state.update(extra.get("trainer_state", {}))
+            self.updater.skipped_steps = int(extra.get("skipped_steps", 0))
+        if self.info.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.cfg, self.run_dir / "config.yaml")
+        barrier()
+        self.logger = MetricLogger(
+            self.run_dir,
+            tensorboard=self.cfg.logging.tensorboard,
+            wandb={"project": self.cfg.logging.wandb_project} if self.cfg.logging.wandb_project else None,
+            enabled=self.info.is_main,
+            resume_step=self.start_step if ckpt is not None else None,
+        )
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        started = time.perf_counter()
+        progress = ProgressBar(cfg.optim.steps, enabled=cfg.logging.progress and self.info.is_main, initial=self.start_step)
+        last_eval: dict[str, float] | None = None
+        if self.start_step == 0 and cfg.eval.every > 0:
+            last_eval = self.evaluate(step=0)
+            self.state["eval_start_all"] = last_eval
+            self.state["eval_start"] = _primary(last_eval)
+            self.logger.log(0, last_eval)
+            progress.write(_format_eval(0, last_eval))
+        for step in range(self.start_step + 1, cfg.optim.steps + 1):
+            metrics = self.rl_step(step)
+            self.logger.log(step, metrics)
+            progress.update(step, metrics)
+            final = step == cfg.optim.steps
+            if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or final):
+                last_eval = self.evaluate(step)
+                self.logger.log(step, last_eval)
+                progress.write(_format_eval(step, last_eval))
+            if final or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                self.state["wall_s"] += time.perf_counter() - started
+                started = time.perf_counter()
+                self.save(step)
+        progress.close()
+        if last_eval is None and cfg.eval.every > 0:  # resumed after the last step
+            last_eval = self.evaluate(cfg.optim.steps)
+        self.state["wall_s"] += time.perf_counter() - started
+        return self.finish(last_eval)
+
+    def rl_step(self, step: int) -> dict[str, float]:
+        t0 = time.perf_counter()
+        collected = self.collector.collect(step)
+        scored = collected.batch
+        self.prepare_logprobs(scored)
+        t1 = time.perf_counter()
+        metrics = self.updater.update(scored)
+        t2 = time.perf_counter()
+        acc = MetricAccumulator()
+        acc.add(collected.metrics, scored.batch_size)
+        metrics.update(acc.compute(distributed=self.info.enabled))
+        tokens = all_reduce_(scored.rollout.response_mask.sum().float(), "sum").item()
+        metrics["perf/step_s"] = t2 - t0
+        metrics["perf/rollout_s"] = collected.rollout_s
+        metrics["perf/update_s"] = t2 - t1
+        metrics["perf/tokens_per_s"] = tokens / max(t2 - t0, 1e-9)
+        return metrics
+
+    def prepare_logprobs(self, scored: ScoredBatch) -> None:
+        """π_old when the batch feeds more than one optimizer step; π_ref when there is a KL penalty."""
+        if self.updater.settings.optimizer_steps_per_batch > 1 or self.cfg.kl.reference == "old":
+            scored.old_logprobs = self.updater.logprobs_no_grad(self.model, scored)
+        if self.cfg.kl.coef > 0:
+            if self.ref_model is not None:
+                scored.ref_logprobs = self.updater.logprobs_no_grad(self.ref_model, scored)
+            else:
+                scored.ref_logprobs = scored.old_logprobs
+
+    def evaluate(self, step: int) -> dict[str, float]:
+        prompts = self.task.eval_prompts()
+        if self.cfg.eval.num_prompts:
+            prompts = prompts[: self.cfg.eval.num_prompts]
+        return evaluate(
+            self.backend,
+            self.tokenizer,
+            self.task,
+            prompts,
+            sampling=self.sampling,
+            pass_k=self.cfg.eval.pass_k,
+            greedy=self.cfg.eval.greedy,
+            seed=step_seed(self.cfg.run.seed, step, 99_991),
+            info=self.info,
+            device=self.device,
+        )
+
+    def save(self, step: int) -> None:
+        if self.info.is_main:
+            extra = {"trainer_state": dict(self.state), "skipped_steps": self.updater.skipped_steps}
+            save_checkpoint(
+                self.run_dir,
+                step,
+                model=self.model,
+                optimizer=self.optimizer,
+                scheduler=self.scheduler,
+                extra=extra,
+                keep_last=self.cfg.checkpoint.keep_last,
+            )
+        barrier()
+
+    def finish(self, last_eval: dict[str, float] | None) -> dict:
+        summary = {
+            "steps": self.cfg.optim.steps,
+            "wall_s": round(self.state["wall_s"], 3),
+            "eval_start": self.state["eval_start"],
+            "eval_end": _primary(last_eval) if last_eval else None,
+            "eval_metric": _primary_name(last_eval) if last_eval else None,
+            "eval_start_all": self.state["eval_start_all"],
+            "eval_end_all": last_eval,
+            "skipped_steps": self.updater.skipped_steps,
+            "world_size": self.info.world_size,
+        }
+        if self.info.is_main:
+            if self.cfg.checkpoint.save_final_model:
+                save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
+            tmp = self.run_dir / "summary.json.tmp"
+            tmp.write_text(json.dumps(summary, indent=2))
+            os.replace(tmp, self.run_dir / "summary.json")
+            self.logger.close()
+            if self.cfg.logging.report:
+                make_report(self.run_dir)
+        barrier()
+        return summary
+
+
+def _auto_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _primary_name(metrics: dict[str, float]) -> str:
+    return "eval/accuracy" if "eval/accuracy" in metrics else "eval/pass@1"
+
+
+def _primary(metrics: dict[str, float] | None) -> float | None:
+    return None if not metrics else metrics.get(_primary_name(metrics))
+
+
+def _format_eval(step: int, metrics: dict[str, float]) -> str:
+    parts = " ".join(f"{k.removeprefix('eval/')}={v:.3f}" for k, v in metrics.items())
+    return f"[eval step {step}] {parts}"

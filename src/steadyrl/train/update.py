@@ -1,0 +1,234 @@
+"""The policy update for one scored rollout batch: mini-batches x micro-batches with global normalisation.
+
+For every mini-batch (one optimizer step):
+    counts  = tokens and sequences of the whole mini-batch, summed over ranks      (GlobalCounts)
+    for every micro-batch:
+        forward π_θ                      -> logprobs, entropy          (chunked LM head)
+        correction (TIS / MIS / ...)     -> detached weights, rejection mask
+        token filters (CAPO ...)         -> more masks
+        per-token loss  x weights        -> aggregate with the global counts -> backward
+    gradient combiner (sum over ranks | PCGrad | PCR) -> clip -> skip if non-finite -> optimizer step
+There is no host synchronisation inside the micro-batch loop; the one per optimizer step is the
+finite-gradient check.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from steadyrl.ops.correction import mismatch_metrics
+from steadyrl.ops.kl import kl_k3
+from steadyrl.ops.masking import masked_fill_zero, masked_mean
+from steadyrl.train.batch import ScoredBatch
+from steadyrl.train.combiners import GradientCombiner
+from steadyrl.train.distributed import all_reduce_sum
+from steadyrl.train.forward import policy_forward
+from steadyrl.train.metrics import MetricAccumulator
+from steadyrl.types import GlobalCounts, LossInputs
+
+
+@dataclass(frozen=True)
+class UpdateSettings:
+    mini_batches: int = 1
+    epochs: int = 1
+    micro_batch_size: int = 64
+    grad_clip: float = 1.0
+    temperature: float = 1.0
+    max_len: int = 1
+    """L of the constant normaliser (Dr.GRPO), usually max_new_tokens."""
+    kl_coef: float = 0.0
+    autocast_dtype: torch.dtype | None = None
+
+    @property
+    def optimizer_steps_per_batch(self) -> int:
+        return self.mini_batches * self.epochs
+
+
+class TokenFilter:
+    """A stabiliser that masks or reweights tokens from the training forward (CAPO is one).
+
+    ``needs_hidden`` asks the forward to keep the final hidden states; ``__call__`` returns
+    (keep mask (B,T) bool, weights (B,T) detached, metrics); ``after_step`` runs after each optimizer step.
+    """
+
+    needs_hidden: bool = False
+
+    def __call__(self, inputs: LossInputs, hidden: Tensor | None, lr: float) -> tuple[Tensor, Tensor, dict]:
+        raise NotImplementedError
+
+    def after_step(self) -> None:  # noqa: B027 - optional hook
+        pass
+
+
+class PolicyUpdater:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        *,
+        loss_fn: Callable,
+        aggregation_fn: Callable,
+        correction_fn: Callable | None,
+        kl_fn: Callable | None,
+        combiner: GradientCombiner,
+        settings: UpdateSettings,
+        token_filters: list[TokenFilter] | None = None,
+        distributed: bool = False,
+    ) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.loss_fn = loss_fn
+        self.aggregation_fn = aggregation_fn
+        self.correction_fn = correction_fn
+        self.kl_fn = kl_fn
+        self.combiner = combiner
+        self.settings = settings
+        self.token_filters = token_filters or []
+        self.distributed = distributed
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.skipped_steps = 0
+
+    # ------------------------------------------------------------------ helpers
+
+    @torch.no_grad()
+    def logprobs_no_grad(self, model: torch.nn.Module, scored: ScoredBatch) -> Tensor:
+        """(B, T) log-probs of the batch's completions under ``model``, micro-batched, no graph."""
+        out = []
+        for index in self._chunks(scored.batch_size, self.settings.micro_batch_size, scored.advantages.device):
+            fwd = policy_forward(
+                model,
+                scored.rollout.select(index),
+                temperature=self.settings.temperature,
+                compute_entropy=False,
+                autocast_dtype=self.settings.autocast_dtype,
+            )
+            out.append(fwd.logprobs)
+        return torch.cat(out, dim=0)
+
+    @staticmethod
+    def _chunks(n: int, size: int, device: torch.device) -> list[Tensor]:
+        return list(torch.arange(n, device=device).split(max(1, size)))
+
+    def _denominator_mask(self, scored: ScoredBatch) -> Tensor:
+        """Tokens that count in the normalisers: correction rejections known at θ_old are removed here."""
+        mask = scored.token_mask
+        if self.correction_fn is None or scored.rollout.rollout_logprobs is None:
+            return mask
+        old = scored.old_logprobs if scored.old_logprobs is not None else None
+        if old is None:
+            return mask  # on-policy: the in-loop correction sees θ = θ_old; its mask only zeroes the loss
+        result = self.correction_fn(self._inputs(scored, old.clone(), old))
+        return mask & result.mask
+
+    def _inputs(self, scored: ScoredBatch, logprobs: Tensor, old: Tensor, entropy: Tensor | None = None) -> LossInputs:
+        return LossInputs(
+            logprobs=logprobs,
+            old_logprobs=old,
+            advantages=scored.advantages,
+            response_mask=scored.token_mask,
+            rollout_logprobs=scored.rollout.rollout_logprobs,
+            ref_logprobs=scored.ref_logprobs,
+            entropy=entropy,
+            reduce_sum=all_reduce_sum if self.distributed else (lambda x: x),
+        )
+
+    # ------------------------------------------------------------------ the update
+
+    def update(self, scored: ScoredBatch) -> dict[str, float]:
+        """All optimizer steps for one rollout batch; returns the batch's metrics as floats."""
+        acc = MetricAccumulator()
+        device = scored.advantages.device
+        n = scored.batch_size
+        if n % self.settings.mini_batches:
+            raise ValueError(
+                f"{n} completions per rank do not split into {self.settings.mini_batches} mini-batches; "
+                "make prompts_per_step * group_size / world_size a multiple of optim.mini_batches."
+            )
+        for _epoch in range(self.settings.epochs):
+            for mb_index in torch.arange(n, device=device).chunk(self.settings.mini_batches):
+                self._optimizer_step(scored.select(mb_index), acc)
+        metrics = acc.compute(distributed=self.distributed)
+        metrics["train/skipped_steps"] = float(self.skipped_steps)
+        return metrics
+
+    def _optimizer_step(self, mb: ScoredBatch, acc: MetricAccumulator) -> None:
+        s = self.settings
+        den_mask = self._denominator_mask(mb)
+        counts = GlobalCounts(
+            num_tokens=all_reduce_sum(den_mask.sum().float()).clamp(min=1.0),
+            num_seqs=all_reduce_sum(mb.sample_mask.sum().float()).clamp(min=1.0),
+            max_len=float(s.max_len),
+        )
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.zero_grad(set_to_none=True)
+        self.combiner.begin(self.params)
+        loss_total = torch.zeros((), device=mb.advantages.device)
+        for index in self._chunks(mb.batch_size, s.micro_batch_size, mb.advantages.device):
+            micro = mb.select(index)
+            terms, metrics, weight = self._micro_batch_terms(micro, den_mask[index], counts, lr)
+            self.combiner.backward(terms)
+            loss_total = loss_total + sum(t.detach() for t in terms.values())
+            acc.add(metrics, weight)
+        combine_metrics = self.combiner.finalize(self.params)
+        if s.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        if torch.isfinite(norm).item():  # the step's one host sync: skip a step with NaN/inf gradients
+            self.optimizer.step()
+            for f in self.token_filters:
+                f.after_step()
+        else:
+            self.skipped_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
+        acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **combine_metrics}, 1.0)
+
+    def _micro_batch_terms(
+        self, micro: ScoredBatch, den_mask: Tensor, counts: GlobalCounts, lr: float
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
+        s = self.settings
+        keep_hidden = any(f.needs_hidden for f in self.token_filters)
+        fwd = policy_forward(
+            self.model,
+            micro.rollout,
+            temperature=s.temperature,
+            compute_entropy=True,
+            keep_hidden=keep_hidden,
+            autocast_dtype=s.autocast_dtype,
+        )
+        old = micro.old_logprobs if micro.old_logprobs is not None else fwd.logprobs.detach()
+        inputs = self._inputs(micro, fwd.logprobs, old, fwd.entropy)
+        mask = den_mask.clone()
+        weights = torch.ones_like(fwd.logprobs.detach())
+        metrics: dict[str, Tensor] = {}
+        if self.correction_fn is not None:
+            corr = self.correction_fn(inputs)
+            mask &= corr.mask
+            weights = weights * corr.weights
+            metrics.update(corr.metrics)
+        elif micro.rollout.rollout_logprobs is not None:
+            metrics.update(mismatch_metrics(old, micro.rollout.rollout_logprobs, inputs.response_mask))
+        for token_filter in self.token_filters:
+            keep, w, m = token_filter(inputs, fwd.hidden, lr)
+            mask &= keep
+            weights = weights * w
+            metrics.update(m)
+        loss_bt, loss_metrics = self.loss_fn(inputs)
+        metrics.update(loss_metrics)
+        policy_bt = masked_fill_zero(loss_bt * weights, mask)
+        terms = {"policy": self.aggregation_fn(policy_bt, mask, counts)}
+        if self.kl_fn is not None and s.kl_coef > 0:
+            kl_bt = self.kl_fn(fwd.logprobs, micro.ref_logprobs, inputs.response_mask)
+            terms["kl"] = s.kl_coef * self.aggregation_fn(masked_fill_zero(kl_bt, mask), mask, counts)
+            metrics["kl/ref_k3"] = masked_mean(kl_k3(fwd.logprobs.detach(), micro.ref_logprobs, inputs.response_mask), inputs.response_mask)
+        metrics["policy/entropy"] = masked_mean(fwd.entropy, inputs.response_mask)
+        weight = inputs.response_mask.sum()
+        return terms, metrics, weight
