@@ -1,0 +1,177 @@
+"""Load causal language models and tokenizers from a hub id or a local directory, failing with a fix.
+
+Both hub ids (``Qwen/Qwen2.5-0.5B``) and local directories go through ``from_pretrained``. A name that looks
+like a path (starts with ``/``, ``.``, ``~``, has more than one ``/``, or its first component exists on disk)
+is treated as local and checked before anything is fetched, so a typo in a checkpoint path is reported as a
+missing path instead of a confusing hub error.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import transformers
+from packaging.version import Version
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+
+class ModelLoadError(ValueError):
+    """A model, tokenizer or dtype could not be loaded; the message says what to change."""
+
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+# transformers renamed from_pretrained's `torch_dtype=` to `dtype=` in 4.56; 5.x still accepts the old name.
+_DTYPE_KWARG = "dtype" if Version(transformers.__version__) >= Version("4.56.0") else "torch_dtype"
+
+
+def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """``"float32" | "fp32" | "bfloat16" | "bf16" | "float16" | "fp16"`` (or ``"torch.bfloat16"``, or a
+    ``torch.dtype``) -> the ``torch.dtype``."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str):
+        key = dtype.strip().lower().removeprefix("torch.")
+        if key in _DTYPES:
+            return _DTYPES[key]
+    raise ModelLoadError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)} or a torch.dtype")
+
+
+def _looks_local(name_or_path: str) -> bool:
+    if name_or_path.startswith(("/", ".", "~")) or "\\" in name_or_path:
+        return True
+    if name_or_path.count("/") > 1:  # hub ids are "name" or "org/name"
+        return True
+    first_component = name_or_path.split("/", 1)[0]
+    return os.path.exists(name_or_path) or ("/" in name_or_path and os.path.isdir(first_component))
+
+
+def _check_local_path(name_or_path: str, *, required_file: str | None) -> str | None:
+    """Return the expanded local path, or None for a hub id; raise if a local-looking path is unusable."""
+    if not _looks_local(name_or_path):
+        return None
+    path = Path(name_or_path).expanduser()
+    if not path.exists():
+        raise ModelLoadError(
+            f"model path {name_or_path} does not exist; pass a Hugging Face hub id or a directory "
+            "containing config.json"
+        )
+    if not path.is_dir():
+        raise ModelLoadError(
+            f"model path {name_or_path} is a file; pass the directory that contains it (with config.json)"
+        )
+    if required_file is not None and not (path / required_file).is_file():
+        raise ModelLoadError(
+            f"directory {name_or_path} has no {required_file}; pass a directory written by save_pretrained "
+            "(config.json + weights) or a Hugging Face hub id"
+        )
+    return str(path)
+
+
+def _fetch_error(name_or_path: str, what: str, error: Exception) -> ModelLoadError:
+    return ModelLoadError(
+        f"{what} {name_or_path!r} could not be fetched from the Hugging Face hub ({type(error).__name__}: "
+        f"{str(error).splitlines()[0] if str(error) else ''}); check the id (and network / HF_TOKEN for gated "
+        "models), or pass a local directory containing config.json"
+    )
+
+
+def load_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype = "float32",
+    device: str | torch.device = "cpu",
+    gradient_checkpointing: bool = False,
+    attn_implementation: str | None = None,
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """``AutoModelForCausalLM.from_pretrained`` with path checks, a dtype by name, and a device.
+
+    Args:
+      name_or_path: hub id or local directory (with config.json).
+      dtype: parameter dtype, see :func:`resolve_dtype`.
+      device: where to put the model after loading.
+      gradient_checkpointing: enable activation checkpointing (non-reentrant) for training.
+      attn_implementation: ``"eager" | "sdpa" | "flash_attention_2" | ...``; None lets transformers choose.
+      trust_remote_code: forwarded to ``from_pretrained``.
+    """
+    torch_dtype = resolve_dtype(dtype)
+    local_path = _check_local_path(name_or_path, required_file="config.json")
+    kwargs: dict = {_DTYPE_KWARG: torch_dtype, "trust_remote_code": trust_remote_code}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForCausalLM.from_pretrained(local_path or name_or_path, **kwargs)
+    except OSError as error:
+        if local_path is not None:
+            raise ModelLoadError(
+                f"could not load a model from {name_or_path} ({error}); the directory needs config.json and "
+                "weights written by save_pretrained"
+            ) from error
+        raise _fetch_error(name_or_path, "model", error) from error
+    model = model.to(device)
+    if gradient_checkpointing:
+        checkpoint_kwargs = {"use_reentrant": False}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        model.config.use_cache = False  # the KV cache is useless during a checkpointed training forward
+    return model
+
+
+def load_tokenizer(
+    name_or_path: str,
+    *,
+    pad_token: str | None = None,
+    padding_side: str = "left",
+    trust_remote_code: bool = False,
+) -> PreTrainedTokenizerBase:
+    """``AutoTokenizer.from_pretrained`` with path checks and a guaranteed pad token.
+
+    Args:
+      name_or_path: hub id or local directory (tokenizer files).
+      pad_token: token to pad with; must already be in the vocabulary (adding one would need the model's
+        embeddings resized). None keeps the tokenizer's own pad token, and fails if it has none.
+      padding_side: ``"left"`` (generation) or ``"right"``.
+    """
+    if padding_side not in ("left", "right"):
+        raise ModelLoadError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    local_path = _check_local_path(name_or_path, required_file=None)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            local_path or name_or_path, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as error:
+        if local_path is not None:
+            raise ModelLoadError(
+                f"could not load a tokenizer from {name_or_path} ({error}); the directory needs the files "
+                "written by tokenizer.save_pretrained (tokenizer.json, tokenizer_config.json)"
+            ) from error
+        raise _fetch_error(name_or_path, "tokenizer", error) from error
+    if pad_token is not None:
+        pad_id = tokenizer.convert_tokens_to_ids(pad_token)
+        if pad_id is None or (pad_id == tokenizer.unk_token_id and pad_token != tokenizer.unk_token):
+            raise ModelLoadError(
+                f"pad token {pad_token!r} is not in the vocabulary of {name_or_path}; set `model.pad_token` "
+                f"to a token it has, for example its EOS token {tokenizer.eos_token!r}"
+            )
+        tokenizer.pad_token = pad_token
+    elif tokenizer.pad_token is None:
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path} has no pad token; set `model.pad_token` in the config "
+            f"(its EOS token {tokenizer.eos_token!r} is the usual choice)"
+        )
+    tokenizer.padding_side = padding_side
+    return tokenizer
