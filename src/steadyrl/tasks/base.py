@@ -1,0 +1,147 @@
+"""The Task protocol: prompts with gold answers, a verifiable reward, and SFT demonstrations.
+
+A task owns its data and its reward (as in nanochat's ``tasks/``): the trainer asks for prompts, decodes the
+completions, and calls :func:`score_completions`, which turns the task's per-completion rewards into one
+float tensor and makes every failure loud:
+
+  * ``None`` or NaN from ``task.reward`` means "could not score this one"; it becomes NaN in the tensor and
+    the trainer counts and masks it (``AdvantageResult.sample_mask``), it is never silently treated as 0;
+  * a reward function that raises, or returns something that is not a finite number, stops the run with a
+    :class:`RewardError` naming the prompt, the completion and the original exception.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor
+
+_COMPLETION_PREVIEW_CHARS = 200
+
+
+class TaskError(ValueError):
+    """A task is configured wrongly (bad option, missing file, unusable data); the message says what to fix."""
+
+
+class RewardError(RuntimeError):
+    """A reward function raised or returned something that is not a number."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One problem. Equality and hashing use ``id`` and ``text`` only (``meta`` is a free-form dict)."""
+
+    id: str
+    text: str
+    answer: str = field(compare=False)
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What the trainer needs from a task.
+
+    ``sample`` and ``eval_prompts`` are deterministic; the eval set is held out (no train prompt has the
+    same text as an eval prompt).
+    """
+
+    name: str
+
+    def sample(self, split: str, n: int, seed: int) -> list[Prompt]:
+        """``n`` prompts from ``split`` in {"train", "eval"}, the same list for the same seed."""
+        ...
+
+    def eval_prompts(self) -> list[Prompt]:
+        """The fixed held-out evaluation set."""
+        ...
+
+    def reward(self, prompt: Prompt, completion: str) -> float | None:
+        """Reward of ``completion`` (decoded text after the prompt); None / NaN = could not be scored."""
+        ...
+
+    def demonstration(self, prompt: Prompt, rng: random.Random) -> str:
+        """A completion for SFT warm start (without EOS; the trainer appends the EOS token)."""
+        ...
+
+
+def check_split(split: str) -> None:
+    if split not in ("train", "eval"):
+        raise TaskError(f"split must be 'train' or 'eval', got {split!r}")
+
+
+def draw_from_pool(pool: list[Prompt], n: int, seed: int) -> list[Prompt]:
+    """``n`` prompts from ``pool``: a seeded shuffle, taken in order, reshuffled for each further pass.
+
+    Without replacement while ``n <= len(pool)``; every prompt appears ⌊n/len⌋ or ⌈n/len⌉ times otherwise.
+    """
+    if n < 0:
+        raise TaskError(f"n must be >= 0, got {n}")
+    if not pool:
+        raise TaskError("cannot sample from an empty prompt pool")
+    rng = random.Random(seed)
+    drawn: list[Prompt] = []
+    while len(drawn) < n:
+        order = list(range(len(pool)))
+        rng.shuffle(order)
+        drawn.extend(pool[i] for i in order[: n - len(drawn)])
+    return drawn
+
+
+def _preview(text: str) -> str:
+    if len(text) <= _COMPLETION_PREVIEW_CHARS:
+        return repr(text)
+    return repr(text[:_COMPLETION_PREVIEW_CHARS]) + f"... ({len(text)} chars)"
+
+
+def _as_reward(value: object) -> float | None:
+    """The value as a float, NaN for None; None when it is not a number at all."""
+    if value is None:
+        return math.nan
+    if isinstance(value, Tensor):
+        return float(value.item()) if value.numel() == 1 and not value.is_complex() else None
+    if isinstance(value, numbers.Real):  # bool, int, float, numpy scalars
+        return float(value)
+    return None
+
+
+def score_completions(
+    task: Task,
+    prompts: list[Prompt],
+    completions: list[str],
+) -> Tensor:  # (B,) float32
+    """``task.reward`` of each (prompt, completion) pair as a float32 tensor, NaN where unscorable.
+
+    Raises:
+      RewardError: the reward function raised, or returned a non-number or ±inf.
+      ValueError: ``prompts`` and ``completions`` differ in length.
+    """
+    if len(prompts) != len(completions):
+        raise ValueError(
+            f"got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion"
+        )
+    rewards = []
+    for prompt, completion in zip(prompts, completions):
+        where = (
+            f"task {getattr(task, 'name', type(task).__name__)!r}, prompt id {prompt.id!r} "
+            f"(text {_preview(prompt.text)}), completion {_preview(completion)}"
+        )
+        try:
+            value = task.reward(prompt, completion)
+        except Exception as error:
+            raise RewardError(
+                f"the reward function raised {type(error).__name__}: {error} -- for {where}. Fix the reward "
+                "function (return None or NaN for a completion it cannot score)."
+            ) from error
+        reward = _as_reward(value)
+        if reward is None or math.isinf(reward):
+            raise RewardError(
+                f"the reward function returned {value!r} ({type(value).__name__}) for {where}; fix the reward "
+                "function to return a finite float (or None / NaN when the completion cannot be scored)."
+            )
+        rewards.append(reward)
+    return torch.tensor(rewards, dtype=torch.float32)
