@@ -42,6 +42,8 @@ class TableTask:
             "nan": math.nan,
             "np": np.float64(0.25),
             "tensor": torch.tensor(0.75),
+            "np_bool": np.bool_(True),
+            "vector": torch.tensor([1.0, 2.0]),
             "str": "1.0",
             "list": [1.0],
             "inf": math.inf,
@@ -71,10 +73,10 @@ def test_table_task_satisfies_protocol():
 
 
 def test_score_completions_values():
-    completions = ["one", "half", "int", "bool", "none", "nan", "np", "tensor"]
+    completions = ["one", "half", "int", "bool", "none", "nan", "np", "tensor", "np_bool"]
     rewards = score_completions(TableTask(), [P] * len(completions), completions)
-    assert rewards.dtype == torch.float32 and rewards.shape == (8,)
-    expected = torch.tensor([1.0, 0.5, 1.0, 1.0, math.nan, math.nan, 0.25, 0.75])
+    assert rewards.dtype == torch.float32 and rewards.shape == (9,)
+    expected = torch.tensor([1.0, 0.5, 1.0, 1.0, math.nan, math.nan, 0.25, 0.75, 1.0])
     torch.testing.assert_close(rewards, expected, equal_nan=True)
 
 
@@ -100,7 +102,7 @@ def test_raising_reward_names_prompt_completion_and_error():
     assert isinstance(info.value.__cause__, KeyError)
 
 
-@pytest.mark.parametrize("completion", ["str", "list", "inf"])
+@pytest.mark.parametrize("completion", ["str", "list", "inf", "vector"])
 def test_non_numeric_or_infinite_reward_is_an_error(completion):
     with pytest.raises(RewardError, match="fix the reward function to return a finite float"):
         score_completions(TableTask(), [P], [completion])

@@ -104,8 +104,14 @@ def _as_reward(value: object) -> float | None:
         return math.nan
     if isinstance(value, Tensor):
         return float(value.item()) if value.numel() == 1 and not value.is_complex() else None
-    if isinstance(value, numbers.Real):  # bool, int, float, numpy scalars
+    if isinstance(value, numbers.Real):  # bool, int, float, most numpy scalars
         return float(value)
+    if (
+        getattr(value, "ndim", None) == 0
+        and hasattr(value, "__float__")
+        and not isinstance(value, (str, bytes))
+    ):
+        return float(value)  # numpy.bool_ and other 0-d array-likes
     return None
 
 

@@ -9,7 +9,8 @@ Answer extraction (``answer_extraction``):
     (commas between digits removed, simple fractions ``a/b`` kept); nothing found -> reward 0;
   * ``"boxed"``: only the last ``\\boxed{...}``;
   * ``"math_verify"``: the whole completion goes to ``math_verify.parse`` with its default extraction.
-The extracted text and the gold answer are parsed with ``math_verify.parse`` and compared with
+The extracted text and the gold answer (wrapped in ``\\boxed{}`` so it is read as one expression) are parsed
+with ``math_verify.parse`` and compared with
 ``math_verify.verify(gold, prediction)`` (so ``\\frac{1}{2}`` and ``0.5`` are equal). math-verify guards its
 parsing with a timeout that uses signals, so call the reward from the main thread.
 """
@@ -173,9 +174,9 @@ class JsonlMathTask:
 
     def _parse_gold(self, answer: str) -> list:
         if answer not in self._gold_cache:
-            parse = self._math_verify.parse
-            gold = parse(answer) or parse(f"${answer}$")
-            if not gold:
+            # Boxed, the whole answer is one expression: bare parse("3\\sqrt{2}") would extract just 3.
+            gold = self._math_verify.parse(f"\\boxed{{{answer}}}")
+            if not any(not isinstance(item, str) for item in gold):  # only the raw string came back
                 raise TaskError(
                     f"math-verify cannot parse the gold answer {answer!r}; fix it in the data file"
                 )
