@@ -5,11 +5,13 @@ Each reference loops over sequences i and tokens t with Python floats and return
 derived by hand from the formula (the weights are constants, so the derivative is written out directly).
 No vectorisation, no shared code with the library: a disagreement means one of the two is wrong.
 
-``random_inputs`` builds the random LossInputs the comparisons run on.
+``random_inputs`` builds the random LossInputs the comparisons run on; the helpers at the end (``make``,
+``run``, ``close``, ``poison``, ``assert_same_result``) are shared by the two loss test files.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -312,3 +314,66 @@ def minpro(logp, mu, adv, mask, cap, include_current=False):
             loss[i][t], grad[i][t] = -w * A[i][t] * lp[i][t], -w * A[i][t]
             seen.append(rho)
     return _out(loss, grad)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Test helpers shared by tests/ops/test_losses*.py (not references)
+# ---------------------------------------------------------------------------------------------------------
+
+NAN = float("nan")
+F64 = torch.float64
+
+
+def make(logprobs, old=None, adv=None, mask=None, rollout=None, entropy=None, reduce_sum=None) -> LossInputs:
+    """Float64 LossInputs from nested lists; old defaults to logprobs (on-policy), mask to all True."""
+    lp = torch.tensor(logprobs, dtype=F64)
+    t = lambda x: None if x is None else torch.tensor(x, dtype=F64)  # noqa: E731
+    fields = dict(
+        logprobs=lp.clone().requires_grad_(),
+        old_logprobs=lp.clone() if old is None else t(old),
+        advantages=t(adv),
+        response_mask=torch.ones_like(lp, dtype=torch.bool) if mask is None else torch.tensor(mask),
+        rollout_logprobs=t(rollout),
+        entropy=t(entropy),
+    )
+    if reduce_sum is not None:
+        fields["reduce_sum"] = reduce_sum
+    return LossInputs(**fields)
+
+
+def run(fn, inputs: LossInputs, **kw):
+    """(loss, ∂Σloss/∂logprobs, metrics) for a fresh leaf copy of inputs.logprobs."""
+    inputs = dataclasses.replace(inputs, logprobs=inputs.logprobs.detach().clone().requires_grad_())
+    out = fn(inputs, **kw)
+    out.loss.sum().backward()
+    return out.loss.detach(), inputs.logprobs.grad, out.metrics
+
+
+def close(actual, expected, tol=1e-6):
+    torch.testing.assert_close(torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64), rtol=tol, atol=tol)
+
+
+def poison(inputs: LossInputs, value: float) -> LossInputs:
+    """Masked positions of every (B, T) input set to ``value``."""
+    m = inputs.response_mask
+    fill = lambda x: None if x is None else torch.where(m, x.detach(), torch.full_like(x, value))  # noqa: E731
+    return dataclasses.replace(
+        inputs,
+        logprobs=fill(inputs.logprobs).requires_grad_(),
+        old_logprobs=fill(inputs.old_logprobs),
+        advantages=fill(inputs.advantages),
+        rollout_logprobs=fill(inputs.rollout_logprobs),
+        entropy=fill(inputs.entropy),
+    )
+
+
+def assert_same_result(fn, kw, a: LossInputs, b: LossInputs, crop: int | None = None):
+    loss_a, grad_a, m_a = run(fn, a, **kw)
+    loss_b, grad_b, m_b = run(fn, b, **kw)
+    T = crop if crop is not None else loss_a.shape[1]
+    torch.testing.assert_close(loss_b[:, :T], loss_a[:, :T], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grad_b[:, :T], grad_a[:, :T], rtol=1e-12, atol=1e-12)
+    assert torch.all(loss_b[:, T:] == 0) and torch.all(grad_b[:, T:] == 0)
+    assert m_a.keys() == m_b.keys()
+    for k in m_a:
+        torch.testing.assert_close(m_b[k], m_a[k], rtol=1e-12, atol=1e-12, msg=k)

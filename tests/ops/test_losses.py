@@ -14,41 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import reference_losses as ref
+from reference_losses import F64, NAN, assert_same_result, close, make, poison, run
 from steadyrl.ops import losses as L
-from steadyrl.types import LossInputs
 
-NAN = float("nan")
-F64 = torch.float64
 SHAPES = [(1, 1, 0), (2, 5, 1), (4, 7, 2), (3, 16, 3), (8, 4, 4), (5, 9, 5)]
-
-
-def make(logprobs, old=None, adv=None, mask=None, rollout=None, entropy=None, reduce_sum=None) -> LossInputs:
-    """Float64 LossInputs from nested lists; old defaults to logprobs (on-policy), mask to all True."""
-    lp = torch.tensor(logprobs, dtype=F64)
-    t = lambda x: None if x is None else torch.tensor(x, dtype=F64)  # noqa: E731
-    fields = dict(
-        logprobs=lp.clone().requires_grad_(),
-        old_logprobs=lp.clone() if old is None else t(old),
-        advantages=t(adv),
-        response_mask=torch.ones_like(lp, dtype=torch.bool) if mask is None else torch.tensor(mask),
-        rollout_logprobs=t(rollout),
-        entropy=t(entropy),
-    )
-    if reduce_sum is not None:
-        fields["reduce_sum"] = reduce_sum
-    return LossInputs(**fields)
-
-
-def run(fn, inputs: LossInputs, **kw):
-    """(loss, ∂Σloss/∂logprobs, metrics) for a fresh leaf copy of inputs.logprobs."""
-    inputs = dataclasses.replace(inputs, logprobs=inputs.logprobs.detach().clone().requires_grad_())
-    out = fn(inputs, **kw)
-    out.loss.sum().backward()
-    return out.loss.detach(), inputs.logprobs.grad, out.metrics
-
-
-def close(actual, expected, tol=1e-6):
-    torch.testing.assert_close(torch.as_tensor(actual, dtype=F64), torch.as_tensor(expected, dtype=F64), rtol=tol, atol=tol)
 
 
 L15, L05, L11, L4 = math.log(1.5), math.log(0.5), math.log(1.1), math.log(4.0)
@@ -287,33 +256,7 @@ CASES = {
 }
 
 dims = given(B=st.integers(1, 4), T=st.integers(1, 6), seed=st.integers(0, 10_000), per_token=st.booleans())
-few = settings(max_examples=20, deadline=None)
-
-
-def _poison(inputs: LossInputs, value: float) -> LossInputs:
-    """Masked positions of every (B, T) input set to ``value``."""
-    m = inputs.response_mask
-    fill = lambda x: None if x is None else torch.where(m, x.detach(), torch.full_like(x, value))  # noqa: E731
-    return dataclasses.replace(
-        inputs,
-        logprobs=fill(inputs.logprobs).requires_grad_(),
-        old_logprobs=fill(inputs.old_logprobs),
-        advantages=fill(inputs.advantages),
-        rollout_logprobs=fill(inputs.rollout_logprobs),
-        entropy=fill(inputs.entropy),
-    )
-
-
-def assert_same_result(fn, kw, a: LossInputs, b: LossInputs, crop: int | None = None):
-    loss_a, grad_a, m_a = run(fn, a, **kw)
-    loss_b, grad_b, m_b = run(fn, b, **kw)
-    T = crop if crop is not None else loss_a.shape[1]
-    torch.testing.assert_close(loss_b[:, :T], loss_a[:, :T], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(grad_b[:, :T], grad_a[:, :T], rtol=1e-12, atol=1e-12)
-    assert torch.all(loss_b[:, T:] == 0) and torch.all(grad_b[:, T:] == 0)
-    assert m_a.keys() == m_b.keys()
-    for k in m_a:
-        torch.testing.assert_close(m_b[k], m_a[k], rtol=1e-12, atol=1e-12, msg=k)
+few = settings(max_examples=15, deadline=None)
 
 
 @pytest.mark.parametrize("name", CASES)
@@ -321,9 +264,9 @@ def assert_same_result(fn, kw, a: LossInputs, b: LossInputs, crop: int | None = 
 @dims
 def test_masked_garbage_changes_nothing(name, B, T, seed, per_token):
     fn, kw = CASES[name]
-    clean = _poison(ref.random_inputs(B, T, seed, per_token_adv=per_token), 0.0)
-    assert_same_result(fn, kw, clean, _poison(clean, NAN))
-    assert_same_result(fn, kw, clean, _poison(clean, 1e30))
+    clean = poison(ref.random_inputs(B, T, seed, per_token_adv=per_token), 0.0)
+    assert_same_result(fn, kw, clean, poison(clean, NAN))
+    assert_same_result(fn, kw, clean, poison(clean, 1e30))
 
 
 @pytest.mark.parametrize("name", CASES)
