@@ -181,7 +181,8 @@ def gspo_loss(inputs: LossInputs, *, clip_low: float = 3e-4, clip_high: float = 
     * ``seq_mean_token_mean`` gives (1/G) Σ_i (1/|y_i|) Σ_t ℓ_{i,t} = −J exactly (the term is constant in t);
     * ``token_mean`` gives Σ_i |y_i| ℓ_i / Σ_i |y_i|, a length-weighted version of the sequence objective;
     * ``seq_mean_token_sum`` / ``constant_norm`` weight sequence i by |y_i| as well.
-    Clip fractions count tokens of clipped sequences.
+    Metrics as ``ppo_clip_loss``, with ``ratio/*`` describing s_i on each token (clip fractions count the
+    tokens of clipped sequences); ``kl/approx_old`` stays the token-level k3.
     """
     c = _clean(inputs)
     log_s = sequence_log_ratio(inputs.logprobs, c.old_logprobs, c.mask)  # (B,)
