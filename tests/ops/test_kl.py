@@ -9,11 +9,11 @@ import inspect
 import math
 
 import pytest
-import reference as ref
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import reference as ref
 from steadyrl.ops import kl
 
 ESTIMATORS = [kl.kl_k1, kl.kl_k2, kl.kl_k3, kl.kl_k1_st, kl.kl_k3_st]
