@@ -92,6 +92,7 @@ CORRECTIONS: dict[str, Entry] = dict(
         _e("seq_mis", correction.seq_mis, "sequence masked IS", "§6.23"),
         _e("icepop", correction.icepop, "token two-sided mask", "arXiv 2510.18855, §6.23"),
         _e("geo_rs", correction.geo_rs, "geometric-mean ratio rejection of sequences", "§6.23"),
+        _e("geo_rs_k3", correction.geo_rs_k3, "reject sequences whose mean k3 mismatch exceeds a bound", "§6.23"),
         _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "§6.23"),
     ]
 )

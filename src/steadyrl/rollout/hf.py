@@ -93,7 +93,7 @@ class HFRolloutBackend:
             do_sample=not params.greedy,
             max_new_tokens=params.max_new_tokens,
             temperature=1.0,
-            top_k=0,
+            top_k=None,
             top_p=1.0,
             pad_token_id=self.pad_token_id,
             eos_token_id=self.eos_token_id,

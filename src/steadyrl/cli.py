@@ -1,0 +1,181 @@
+"""``steadyrl``: train, warmstart, eval, report, methods, quickstart."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from steadyrl.config import ConfigError
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from steadyrl.config import load_config
+    from steadyrl.train.trainer import Trainer
+
+    cfg = load_config(args.config, args.set)
+    summary = Trainer(cfg).train()
+    _print_summary(summary, cfg.run.output_dir)
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from steadyrl.config import load_config
+    from steadyrl.train.trainer import Trainer
+
+    path = Path(args.config) if args.config else _packaged_config("quickstart.yaml")
+    overrides = [f"run.output_dir={args.out}"] + list(args.set or [])
+    cfg = load_config(path, overrides)
+    print(f"steadyrl quickstart: GRPO on the embedded tiny model ({cfg.model.name_or_path}), task {cfg.task.name}")
+    print(f"config {path}; run directory {cfg.run.output_dir}")
+    summary = Trainer(cfg).train()
+    _print_summary(summary, cfg.run.output_dir)
+    return 0
+
+
+def _cmd_warmstart(args: argparse.Namespace) -> int:
+    from steadyrl.train.sft import WarmstartConfig, check_output_dir, warmstart
+
+    check_output_dir(args.out, args.overwrite)
+    kwargs = {"output_dir": args.out, "seed": args.seed}
+    if args.steps is not None:
+        kwargs["steps"] = args.steps
+    if args.init_from:
+        kwargs["init_from"] = args.init_from
+    if args.task:
+        kwargs["task"] = args.task
+        kwargs["task_kwargs"] = json.loads(args.task_kwargs) if args.task_kwargs else {}
+    elif args.task_kwargs:
+        kwargs["task_kwargs"] = json.loads(args.task_kwargs)
+    result = warmstart(WarmstartConfig(**kwargs), device=args.device)
+    print(json.dumps({k: v for k, v in result.items()}, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from steadyrl.models import load_model, load_tokenizer
+    from steadyrl.rollout import build_backend
+    from steadyrl.rollout.base import SamplingParams
+    from steadyrl.tasks import build_task
+    from steadyrl.train.evaluate import evaluate
+    from steadyrl.train.setup import resolve_model_path
+
+    path = resolve_model_path(args.model)
+    tokenizer = load_tokenizer(path, pad_token=args.pad_token)
+    model = load_model(path, device=args.device)
+    task = build_task(args.task, **(json.loads(args.task_kwargs) if args.task_kwargs else {}))
+    prompts = task.eval_prompts()[: args.num_prompts or None]
+    metrics = evaluate(
+        build_backend("hf", model, tokenizer),
+        tokenizer,
+        task,
+        prompts,
+        sampling=SamplingParams(args.max_new_tokens, args.temperature),
+        pass_k=args.pass_k,
+        seed=args.seed,
+        device=args.device,
+    )
+    print(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from steadyrl.report import make_report
+
+    run_dir = Path(args.run_dir)
+    if not (run_dir / "metrics.jsonl").is_file():
+        raise ConfigError(f"{run_dir} has no metrics.jsonl; pass the run directory of a `steadyrl train` run.")
+    print(make_report(run_dir))
+    return 0
+
+
+def _cmd_methods(args: argparse.Namespace) -> int:
+    from steadyrl.methods_table import methods_table
+
+    print(methods_table(markdown=args.markdown))
+    return 0
+
+
+def _packaged_config(name: str) -> Path:
+    from importlib import resources
+
+    return Path(str(resources.files("steadyrl") / "configs" / name))
+
+
+def _print_summary(summary: dict, run_dir: str) -> None:
+    start, end = summary.get("eval_start"), summary.get("eval_end")
+    metric = summary.get("eval_metric") or "held-out accuracy"
+    if start is not None and end is not None:
+        print(f"\n{metric}: {start:.3f} before RL -> {end:.3f} after {summary['steps']} steps ({summary['wall_s']:.0f}s)")
+    print(f"run directory: {run_dir}  (report: {run_dir}/report/index.html)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="steadyrl", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train with a YAML config")
+    t.add_argument("config", help="YAML config (see configs/)")
+    t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4")
+    t.set_defaults(fn=_cmd_train)
+
+    q = sub.add_parser("quickstart", help="the demo: GRPO on the embedded tiny model, on CPU, in minutes")
+    q.add_argument("--out", default="runs/quickstart")
+    q.add_argument("--config", default=None, help="another config instead of the packaged quickstart.yaml")
+    q.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE")
+    q.set_defaults(fn=_cmd_quickstart)
+
+    w = sub.add_parser("warmstart", help="SFT warm start on task demonstrations (builds the embedded model)")
+    w.add_argument("--out", default="runs/warmstart")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--steps", type=int, default=None)
+    w.add_argument("--task", default=None)
+    w.add_argument("--task-kwargs", default=None, help="JSON object of task options")
+    w.add_argument("--init-from", default=None, help="fine-tune this model instead of a fresh tiny one")
+    w.add_argument("--device", default="cpu")
+    w.add_argument("--overwrite", action="store_true")
+    w.set_defaults(fn=_cmd_warmstart)
+
+    e = sub.add_parser("eval", help="held-out accuracy of a model on a task")
+    e.add_argument("model", help="hub id, local directory or embedded:<name>")
+    e.add_argument("--task", default="arithmetic")
+    e.add_argument("--task-kwargs", default=None)
+    e.add_argument("--num-prompts", type=int, default=0)
+    e.add_argument("--pass-k", type=int, default=8)
+    e.add_argument("--max-new-tokens", type=int, default=8)
+    e.add_argument("--temperature", type=float, default=1.0)
+    e.add_argument("--pad-token", default=None)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu")
+    e.set_defaults(fn=_cmd_eval)
+
+    r = sub.add_parser("report", help="plots and an HTML page for a run directory")
+    r.add_argument("run_dir")
+    r.set_defaults(fn=_cmd_report)
+
+    m = sub.add_parser("methods", help="list the registered methods")
+    m.add_argument("--markdown", action="store_true")
+    m.set_defaults(fn=_cmd_methods)
+    return p
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Errors a person fixes by changing their input: printed as one line, without a traceback."""
+    from steadyrl.models import ModelLoadError
+    from steadyrl.tasks import RewardError, TaskError
+
+    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except _user_errors() as exc:
+        print(f"steadyrl: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
