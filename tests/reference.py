@@ -232,3 +232,54 @@ def per_token(fn, logprobs: list[list[float]], ref_logprobs: list[list[float]], 
             row.append(fn(logprobs[i][t], ref_logprobs[i][t], **hp) if mask[i][t] else 0.0)
         out.append(row)
     return out
+
+
+# ----------------------------------------------------------------------------- masked reductions (ops/masking.py)
+
+
+def masked_values(x: list[list[float]], mask: list[list[bool]]) -> list[float]:
+    """The valid entries of a (B, T) list, row by row."""
+    out = []
+    for i in range(len(x)):
+        for t in range(len(x[i])):
+            if mask[i][t]:
+                out.append(x[i][t])
+    return out
+
+
+def masked_var(values: list[float], unbiased: bool = True) -> float:
+    n = len(values)
+    if n - (1 if unbiased else 0) <= 0:
+        return 0.0
+    m = sum(values) / n
+    return sum((v - m) ** 2 for v in values) / (n - 1 if unbiased else n)
+
+
+def masked_whiten(x: list[list[float]], mask: list[list[bool]], shift_mean: bool = True, eps: float = 1e-8):
+    values = masked_values(x, mask)
+    mean = sum(values) / max(len(values), 1)
+    scale = 1.0 / math.sqrt(masked_var(values) + eps)
+    out = []
+    for i in range(len(x)):
+        row = []
+        for t in range(len(x[i])):
+            if mask[i][t]:
+                row.append(((x[i][t] - mean) if shift_mean else x[i][t]) * scale)
+            else:
+                row.append(0.0)
+        out.append(row)
+    return out
+
+
+def response_mask_from_eos(completion_ids: list[list[int]], eos_ids: set[int]) -> tuple[list[list[bool]], list[bool]]:
+    """True up to and including the first EOS of each row; truncated = the row has no EOS."""
+    masks, truncated = [], []
+    for row in completion_ids:
+        seen_eos, mask = False, []
+        for token in row:
+            mask.append(not seen_eos)
+            if token in eos_ids:
+                seen_eos = True
+        masks.append(mask)
+        truncated.append(not seen_eos)
+    return masks, truncated
