@@ -106,6 +106,8 @@ def test_empty_step_gives_zero_not_nan(mode):
     mask = torch.zeros(2, 3, dtype=torch.bool)
     out = mode(torch.full((2, 3), NAN), mask, agg.global_counts(mask, 4))
     assert out.item() == 0.0
+    # the same with counts given as plain Python numbers
+    assert mode(torch.full((2, 3), NAN), mask, GlobalCounts(num_tokens=0, num_seqs=0, max_len=4)).item() == 0.0
 
 
 @pytest.mark.parametrize("mode", MODES)

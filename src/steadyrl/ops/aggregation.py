@@ -58,8 +58,10 @@ def global_counts(
         if mask.dim() != 2:
             raise ValueError(f"response_mask must be (B, T), got shape {tuple(mask.shape)}.")
         row_tokens = masked_count(mask, dim=1).to(torch.float64)
-        rows = torch.tensor(float(mask.shape[0]), dtype=torch.float64, device=device)
-        seqs = rows if count_empty_sequences else (row_tokens > 0).sum().to(torch.float64)
+        if count_empty_sequences:
+            seqs = torch.full((), float(mask.shape[0]), dtype=torch.float64, device=device)  # a fill, no copy
+        else:
+            seqs = (row_tokens > 0).sum().to(torch.float64)
         local = local + torch.stack([row_tokens.sum(), seqs])
     total = reduce_sum(local)
     constant_len = max_len if isinstance(max_len, Tensor) else float(max_len)
@@ -71,9 +73,14 @@ def _check(loss: Tensor, mask: Tensor) -> None:
         raise ValueError(f"loss and mask must both be (B, T); got {tuple(loss.shape)} and {tuple(mask.shape)}.")
 
 
-def _as_denominator(value: Tensor | float, like: Tensor) -> Tensor:
-    """A count as a positive 0-d tensor of ``like``'s dtype and device (an empty step gives 0, not NaN)."""
-    return torch.as_tensor(value, dtype=like.dtype, device=like.device).clamp(min=1.0)
+def _as_denominator(value: Tensor | float, like: Tensor, floor: float = 1.0) -> Tensor | float:
+    """A count in ``like``'s dtype and device, at least ``floor`` (an empty step gives 0, not NaN).
+
+    A Python number stays a Python number: dividing by it needs no host-to-device copy.
+    """
+    if isinstance(value, Tensor):
+        return value.to(dtype=like.dtype, device=like.device).clamp(min=floor)
+    return max(float(value), floor)
 
 
 def _total(loss: Tensor, mask: Tensor) -> Tensor:
@@ -148,5 +155,5 @@ def constant_norm(
     """
     _check(loss, mask)
     total = _total(loss, mask)
-    max_len = torch.as_tensor(counts.max_len, dtype=total.dtype, device=total.device)
+    max_len = _as_denominator(counts.max_len, total, floor=0.0)
     return total / (_as_denominator(counts.num_seqs, total) * max_len)
