@@ -24,7 +24,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from steadyrl.ops.masking import masked_count, masked_fill_zero, masked_mean, masked_sum, masked_var
@@ -147,7 +146,7 @@ def batch_std_advantages(
     """Group-mean baseline, batch-level scale: Â_i = (R_i − mean_g R) / (std_batch + ε).
 
     The "group mean, batch std" normalisation of TRL's ``scale_rewards="batch"`` and of Lite PPO
-    ("Tricks or Traps", arXiv 2508.08221); REINFORCE++-baseline (arXiv 2501.03262) also subtracts the group
+    ("Tricks or Traps", arXiv 2508.08221 [MEM]); REINFORCE++-baseline (arXiv 2501.03262) also subtracts the group
     mean and then scales by a batch statistic.  The batch std is one number for the whole batch, so easy and
     hard prompts keep their relative scale (no difficulty bias) while the step size stays normalised.
 
@@ -188,7 +187,7 @@ def mc_grpo_advantages(
     is the pivot [INF: the code takes whichever index ``torch.median`` returns]; the other tied members stay
     in the loss with Â = 0, as in the code.  The rescale counts n including the pivot, as the code does.
 
-    MAD = 0 happens whenever more than half a group shares one reward, e.g. binary rewards with G + 1 = 3:
+    MAD = 0 whenever at least half of a group shares the median reward, e.g. binary rewards with G + 1 = 3:
     the code's guard then divides by 1e-3, so |Â| = 1000 × |R − m| before the rescale.  ``zero_mad_scale``
     [INF] is our alternative: when set, a group with MAD = 0 divides by this value instead (1.0 keeps binary
     rewards at Â = ±1 before the rescale).  Adds ``adv/zero_mad_frac`` (fraction of groups with MAD = 0).
@@ -207,9 +206,10 @@ def mc_grpo_advantages(
         num_nonzero = nonzero.sum(dim=1, keepdim=True).to(advantages.dtype)
         advantages = torch.where(nonzero, advantages * g.count / num_nonzero.clamp(min=1.0), advantages)
 
-    at_median = g.valid & (deviation == 0)
-    pivot_index = at_median.to(torch.int32).argmax(dim=1)  # argmax returns the first maximal index
-    pivot = F.one_hot(pivot_index, group_size).bool() & at_median.any(dim=1, keepdim=True)
+    # The first member equal to the median (argmax returns the first maximal index; NaN ≠ 0). The median
+    # is one of the valid rewards, so only an all-NaN group has none, and its column 0 is invalid anyway.
+    pivot_index = (deviation == 0).to(torch.int32).argmax(dim=1, keepdim=True)
+    pivot = torch.arange(group_size, device=pivot_index.device) == pivot_index
     return _result(advantages, g, sample_mask=g.valid & ~pivot, **{"adv/zero_mad_frac": (mad == 0).float().mean()})
 
 
