@@ -195,14 +195,13 @@ def test_all_masked_gives_zero_not_nan():
     assert not math.isnan(mk.masked_mean(x, mask, dim=1).sum().item())
 
 
-# ----------------------------------------------------------------------------- known defect
+# ----------------------------------------------------------------------------- broadcast masks
 
 
-@pytest.mark.xfail(strict=True, reason="masked_mean counts the mask before broadcasting it (see report)")
 def test_masked_mean_with_a_broadcast_mask():
     # masked_sum documents broadcastable masks, and broadcasts: a (B, 1) mask selects whole rows.
-    # Row 0 of [[0, 1, 2], [3, 4, 5]] is selected: mean over its 3 values = 1. masked_mean divides the
-    # row sum 3 by the (B, 1) mask's own count 1 and returns 3.
+    # Row 0 of [[0, 1, 2], [3, 4, 5]] is selected: mean over its 3 values = 3 / 3 = 1 (the count must be
+    # taken after broadcasting, not from the (B, 1) mask itself, which would give 3 / 1).
     x = torch.arange(6.0).reshape(2, 3)
     rows = torch.tensor([[True], [False]])
     assert mk.masked_mean(x, rows, dim=1).tolist() == [1.0, 0.0]

@@ -29,7 +29,7 @@ def masked_count(mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tens
 
 def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None) -> Tensor:
     """Σ_mask x / max(Σ mask, 1). An all-masked row gives 0, not NaN."""
-    return masked_sum(x, mask, dim) / masked_count(mask, dim).clamp(min=1.0)
+    return masked_sum(x, mask, dim) / masked_count(mask.expand_as(x), dim).clamp(min=1.0)
 
 
 def masked_var(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None, unbiased: bool = True) -> Tensor:

@@ -143,7 +143,9 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
 
-    def train(self) -> dict:
+    def train(self, stop_after: int | None = None) -> dict | None:
+        """Run to ``optim.steps``; ``stop_after`` ends this invocation early after that step (as a crash would,
+        but after the step's checkpoint if one was due) and returns None."""
         cfg = self.cfg
         started = time.perf_counter()
         progress = ProgressBar(cfg.optim.steps, enabled=cfg.logging.progress and self.info.is_main, initial=self.start_step)
@@ -167,6 +169,10 @@ class Trainer:
                 self.state["wall_s"] += time.perf_counter() - started
                 started = time.perf_counter()
                 self.save(step)
+            if stop_after is not None and step >= stop_after and not final:
+                progress.close()
+                self.logger.close()
+                return None
         progress.close()
         if last_eval is None and cfg.eval.every > 0:  # resumed after the last step
             last_eval = self.evaluate(cfg.optim.steps)
