@@ -160,6 +160,12 @@ class TrainConfig:
     aggregation: MethodSpec = field(default_factory=lambda: MethodSpec("token_mean"))
     correction: MethodSpec | None = None
     kl: KLConfig = field(default_factory=KLConfig)
+    token_filters: tuple[MethodSpec, ...] = ()
+    """Stabilisers that mask / reweight tokens from the training forward, e.g. [{name: capo, ...}]."""
+    combiner: MethodSpec = field(default_factory=lambda: MethodSpec("sum"))
+    """How the named loss terms become one gradient: sum | pcgrad | pcr | fixed_alpha."""
+    routing_replay: str = "none"
+    """MoE Routing Replay: none | R2 (replay the old-log-prob forward's experts) | R3 (the sampler's)."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -217,8 +223,20 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
+        if isinstance(value, dict) and "name" not in value:
+            default = _field_default(fields[name])
+            if isinstance(default, MethodSpec):  # `--set loss.clip_high=0.28` keeps the default loss
+                value = {"name": default.name, **default.kwargs, **value}
         values[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
     return cls(**values)
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
 
 
 def to_dict(cfg: Any) -> Any:
@@ -228,7 +246,7 @@ def to_dict(cfg: Any) -> Any:
     if dataclasses.is_dataclass(cfg):
         return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
     if isinstance(cfg, tuple):
-        return list(cfg)
+        return [to_dict(v) for v in cfg]
     return cfg
 
 
@@ -241,8 +259,18 @@ def _method_spec(data: Any, where: str) -> MethodSpec:
         return MethodSpec(data)
     if not isinstance(data, dict) or "name" not in data:
         raise ConfigError(f"section '{where}' must be a registry name or a mapping with a 'name' key, got {data!r}.")
-    kwargs = {k: v for k, v in data.items() if k != "name"}
+    kwargs = {k: _number_if_numeric(v) for k, v in data.items() if k != "name"}
     return MethodSpec(str(data["name"]), kwargs)
+
+
+def _number_if_numeric(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` (no dot) as a string; method hyper-parameters want the number."""
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
 
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
@@ -259,7 +287,10 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where} must be a list, got {value!r}.")
-        return tuple(_coerce(a, v, where) for a, v in zip(typing.get_args(hint), value))
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}.")

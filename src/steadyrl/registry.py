@@ -17,6 +17,7 @@ from torch import Tensor
 
 from steadyrl.config import ConfigError, MethodSpec
 from steadyrl.ops import advantages, aggregation, correction, kl, losses, losses_offpolicy
+from steadyrl.train.combiners import SumCombiner
 from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, LossInputs, LossResult
 
 
@@ -116,12 +117,23 @@ KL_ESTIMATORS: dict[str, Entry] = dict(
     ]
 )
 
+# Stateful stabilisers are classes built once per run as ``cls(model=..., distributed=..., **hyper_parameters)``.
+TOKEN_FILTERS: dict[str, Entry] = dict([])
+
+COMBINERS: dict[str, Entry] = dict(
+    [
+        _e("sum", SumCombiner, "one backward of the summed loss terms (ordinary training)", "—"),
+    ]
+)
+
 FAMILIES: dict[str, dict[str, Entry]] = {
     "advantage": ADVANTAGES,
     "loss": LOSSES,
     "correction": CORRECTIONS,
     "aggregation": AGGREGATIONS,
     "kl": KL_ESTIMATORS,
+    "token_filter": TOKEN_FILTERS,
+    "combiner": COMBINERS,
 }
 
 # Positional (data) parameters of each family: everything else in a signature is a hyper-parameter.
@@ -131,6 +143,8 @@ _DATA_PARAMS = {
     "correction": {"inputs"},
     "aggregation": {"loss", "mask", "counts"},
     "kl": {"logprobs", "ref_logprobs", "mask"},
+    "token_filter": {"self", "model", "distributed"},
+    "combiner": {"self", "model", "distributed"},
 }
 
 
@@ -151,6 +165,11 @@ def lookup(family: str, name: str) -> Entry:
     if name not in table:
         raise ConfigError(f"unknown {family} {name!r}; valid names: {', '.join(sorted(table))}.")
     return table[name]
+
+
+def build(family: str, spec: MethodSpec | str, **context: Any) -> Any:
+    """Instantiate a class-based stabiliser (token_filter, combiner) with its context and hyper-parameters."""
+    return resolve(family, spec)(**context)
 
 
 def resolve(family: str, spec: MethodSpec | str) -> Callable[..., Any]:

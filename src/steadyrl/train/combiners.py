@@ -15,7 +15,8 @@ from steadyrl.types import Metrics
 
 
 class GradientCombiner:
-    def __init__(self, distributed: bool = False) -> None:
+    def __init__(self, *, model: torch.nn.Module | None = None, distributed: bool = False) -> None:
+        self.model = model
         self.distributed = distributed
 
     def begin(self, params: list[torch.nn.Parameter]) -> None:  # noqa: B027 - optional hook

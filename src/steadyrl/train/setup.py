@@ -84,6 +84,8 @@ def resolve_methods(cfg: TrainConfig) -> dict:
         "aggregation": registry.resolve("aggregation", cfg.aggregation),
         "correction": registry.resolve("correction", cfg.correction) if cfg.correction else None,
         "kl": registry.resolve("kl", cfg.kl.estimator) if cfg.kl.coef > 0 else None,
+        "token_filters": [registry.resolve("token_filter", spec) for spec in cfg.token_filters],
+        "combiner": registry.resolve("combiner", cfg.combiner),
     }
 
 

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from steadyrl import registry
 from steadyrl.config import TrainConfig, dump_config
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.report import MetricLogger, ProgressBar, make_report
@@ -26,7 +27,6 @@ from steadyrl.tasks import build_task
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_pretrained_atomic
 from steadyrl.train.collect import RolloutCollector, step_seed
-from steadyrl.train.combiners import SumCombiner
 from steadyrl.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from steadyrl.train.evaluate import evaluate
 from steadyrl.train.metrics import MetricAccumulator
@@ -77,8 +77,12 @@ class Trainer:
             aggregation_fn=self.methods["aggregation"],
             correction_fn=self.methods["correction"],
             kl_fn=self.methods["kl"],
-            combiner=SumCombiner(distributed=self.info.enabled),
+            combiner=registry.build("combiner", cfg.combiner, model=self.model, distributed=self.info.enabled),
             settings=settings,
+            token_filters=[
+                registry.build("token_filter", spec, model=self.model, distributed=self.info.enabled)
+                for spec in cfg.token_filters
+            ],
             distributed=self.info.enabled,
         )
         r = cfg.rollout

@@ -26,6 +26,7 @@ from steadyrl.ops.masking import masked_fill_zero, masked_mean
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.combiners import GradientCombiner
 from steadyrl.train.distributed import all_reduce_sum
+from steadyrl.train.filters import TokenFilter
 from steadyrl.train.forward import policy_forward
 from steadyrl.train.metrics import MetricAccumulator
 from steadyrl.types import GlobalCounts, LossInputs
@@ -46,22 +47,6 @@ class UpdateSettings:
     @property
     def optimizer_steps_per_batch(self) -> int:
         return self.mini_batches * self.epochs
-
-
-class TokenFilter:
-    """A stabiliser that masks or reweights tokens from the training forward (CAPO is one).
-
-    ``needs_hidden`` asks the forward to keep the final hidden states; ``__call__`` returns
-    (keep mask (B,T) bool, weights (B,T) detached, metrics); ``after_step`` runs after each optimizer step.
-    """
-
-    needs_hidden: bool = False
-
-    def __call__(self, inputs: LossInputs, hidden: Tensor | None, lr: float) -> tuple[Tensor, Tensor, dict]:
-        raise NotImplementedError
-
-    def after_step(self) -> None:  # noqa: B027 - optional hook
-        pass
 
 
 class PolicyUpdater:
@@ -216,15 +201,21 @@ class PolicyUpdater:
             metrics.update(corr.metrics)
         elif micro.rollout.rollout_logprobs is not None:
             metrics.update(mismatch_metrics(old, micro.rollout.rollout_logprobs, inputs.response_mask))
+        penalties = []
         for token_filter in self.token_filters:
             keep, w, m = token_filter(inputs, fwd.hidden, lr)
             mask &= keep
             weights = weights * w
             metrics.update(m)
+            penalty_bt = token_filter.loss_penalty()
+            if penalty_bt is not None:
+                penalties.append(penalty_bt)
         loss_bt, loss_metrics = self.loss_fn(inputs)
         metrics.update(loss_metrics)
         policy_bt = masked_fill_zero(loss_bt * weights, mask)
-        terms = {"policy": self.aggregation_fn(policy_bt, mask, counts)}
+        for penalty_bt in penalties:  # soft variants: a differentiable per-token penalty instead of a mask
+            policy_bt = policy_bt + masked_fill_zero(penalty_bt, den_mask)
+        terms = {"policy": self.aggregation_fn(policy_bt, mask | (den_mask if penalties else mask), counts)}
         if self.kl_fn is not None and s.kl_coef > 0:
             kl_bt = self.kl_fn(fwd.logprobs, micro.ref_logprobs, inputs.response_mask)
             terms["kl"] = s.kl_coef * self.aggregation_fn(masked_fill_zero(kl_bt, mask), mask, counts)
