@@ -63,6 +63,7 @@ class PolicyUpdater:
         combiner: GradientCombiner,
         settings: UpdateSettings,
         token_filters: list[TokenFilter] | None = None,
+        aux_terms: list[Callable[[int, int], dict[str, Tensor]]] | None = None,
         distributed: bool = False,
     ) -> None:
         self.model = model
@@ -75,6 +76,10 @@ class PolicyUpdater:
         self.combiner = combiner
         self.settings = settings
         self.token_filters = token_filters or []
+        # Extra named loss terms per micro-batch, called as fn(micro_index, num_micro_batches) -> {name: scalar};
+        # each returns its share of a term whose sum over the micro-batches is the full term (e.g. PCR's
+        # retention loss on a separate data set).
+        self.aux_terms = aux_terms or []
         self.distributed = distributed
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.skipped_steps = 0
@@ -154,9 +159,12 @@ class PolicyUpdater:
         self.optimizer.zero_grad(set_to_none=True)
         self.combiner.begin(self.params)
         loss_total = torch.zeros((), device=mb.advantages.device)
-        for index in self._chunks(mb.batch_size, s.micro_batch_size, mb.advantages.device):
+        chunks = self._chunks(mb.batch_size, s.micro_batch_size, mb.advantages.device)
+        for j, index in enumerate(chunks):
             micro = mb.select(index)
             terms, metrics, weight = self._micro_batch_terms(micro, den_mask[index], counts, lr)
+            for aux in self.aux_terms:
+                terms.update(aux(j, len(chunks)))
             self.combiner.backward(terms)
             loss_total = loss_total + sum(t.detach() for t in terms.values())
             acc.add(metrics, weight)
