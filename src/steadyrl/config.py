@@ -290,7 +290,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         args = typing.get_args(hint)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
-        return tuple(_coerce(a, v, where) for a, v in zip(args, value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where} must be a list of {len(args)} values, got {value!r}.")
+        return tuple(_coerce(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
     if origin is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{where} must be a mapping, got {value!r}.")
