@@ -52,6 +52,7 @@ class LossInputs:
     ref_logprobs: Tensor | None = None  # (B, T) log π_ref(y_t)
     entropy: Tensor | None = None  # (B, T) full-vocabulary entropy of π_θ, detached
     reduce_sum: Callable[[Tensor], Tensor] = field(default=_identity, repr=False)
+    token_ids: Tensor | None = None  # (B, T) sampled completion ids (CAPO's top-K membership)
 
 
 class AdvantageResult(NamedTuple):

@@ -126,6 +126,7 @@ class PolicyUpdater:
             ref_logprobs=scored.ref_logprobs,
             entropy=entropy,
             reduce_sum=all_reduce_sum if self.distributed else (lambda x: x),
+            token_ids=scored.rollout.completion_ids,
         )
 
     # ------------------------------------------------------------------ the update
