@@ -151,6 +151,23 @@ class RunConfig:
 
 
 @dataclass(frozen=True)
+class RetentionConfig:
+    """A retention set: a task the RL run does not train on, measured at every eval, optionally trained on."""
+
+    task: TaskConfig = field(default_factory=lambda: TaskConfig("arithmetic", {"operations": "-"}))
+    """The retention task (default: subtraction, which the embedded model learnt in warm start and RL never trains)."""
+    coef: float = 0.0
+    """Weight of the auxiliary SFT loss (token-mean NLL of correct demonstrations, a stability term for PCR /
+    PCGrad, loss term "retention"); 0 = measure only."""
+    batch_size: int = 32
+    """Demonstrations per optimizer step, summed over ranks (a fresh batch every step, seeded by the step)."""
+    eval_prompts: int = 200
+    """Held-out retention prompts measured at every eval (retention/nll, retention/accuracy); 0 = all."""
+    max_new_tokens: int = 0
+    """Greedy completion budget of the retention accuracy; 0 = rollout.max_new_tokens."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -160,6 +177,8 @@ class TrainConfig:
     aggregation: MethodSpec = field(default_factory=lambda: MethodSpec("token_mean"))
     correction: MethodSpec | None = None
     kl: KLConfig = field(default_factory=KLConfig)
+    retention: RetentionConfig | None = None
+    """Retention set measured at every eval and, with coef > 0, trained on as an auxiliary loss (see RetentionConfig)."""
     token_filters: tuple[MethodSpec, ...] = ()
     """Stabilisers that mask / reweight tokens from the training forward, e.g. [{name: capo, ...}]."""
     combiner: MethodSpec = field(default_factory=lambda: MethodSpec("sum"))
