@@ -17,7 +17,9 @@ from torch import Tensor
 
 from steadyrl.config import ConfigError, MethodSpec
 from steadyrl.ops import advantages, aggregation, correction, kl, losses, losses_offpolicy
+from steadyrl.train.capo import CapoFilter
 from steadyrl.train.combiners import SumCombiner
+from steadyrl.train.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
 from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, LossInputs, LossResult
 
 
@@ -58,6 +60,7 @@ ADVANTAGES: dict[str, Entry] = dict(
     [
         _e("grpo", advantages.grpo_advantages, "group mean/std normalised reward", "arXiv 2402.03300, §6.1"),
         _e("dr_grpo", advantages.dr_grpo_advantages, "group-mean baseline, no std division", "arXiv 2503.20783, §6.2"),
+        _e("raw_reward", advantages.raw_reward_advantages, "the reward itself, no baseline (REINFORCE)", "arXiv 2510.00819, §4"),
         _e("rloo", advantages.rloo_advantages, "leave-one-out group baseline", "arXiv 2402.14740"),
         _e("batch_std", advantages.batch_std_advantages, "group mean baseline, batch std scale", "REINFORCE++ style"),
         _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582, §6.13"),
@@ -118,11 +121,18 @@ KL_ESTIMATORS: dict[str, Entry] = dict(
 )
 
 # Stateful stabilisers are classes built once per run as ``cls(model=..., distributed=..., **hyper_parameters)``.
-TOKEN_FILTERS: dict[str, Entry] = dict([])
+TOKEN_FILTERS: dict[str, Entry] = dict(
+    [
+        _e("capo", CapoFilter, "curvature-aware token mask (predicted Fisher / objective shift)", "arXiv 2510.00819, §4"),
+    ]
+)
 
 COMBINERS: dict[str, Entry] = dict(
     [
         _e("sum", SumCombiner, "one backward of the summed loss terms (ordinary training)", "—"),
+        _e("pcr", PCRCombiner, "PCR: variance-weighted soft projection of plasticity vs stability, per MLP module", "arXiv 2602.06453, §2"),
+        _e("pcgrad", PCGradCombiner, "PCGrad: symmetric projection of conflicting plasticity / stability gradients", "arXiv 2001.06782, §2"),
+        _e("fixed_alpha", SoftProjectionCombiner, "soft projection with a constant α (PCR ablation)", "arXiv 2602.06453, §2"),
     ]
 )
 

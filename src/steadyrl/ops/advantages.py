@@ -118,6 +118,21 @@ def dr_grpo_advantages(
     return _result(g.rewards - g.mean, g)
 
 
+def raw_reward_advantages(
+    rewards: Tensor,  # (B,)
+    group_size: int,
+) -> AdvantageResult:
+    """No baseline: Â_i = R_i (REINFORCE; ReinCAPO's ``GRPONoBaselineTrainer``, arXiv 2510.00819, methods.md §4).
+
+    A missing (NaN) reward gets Â = 0 and ``sample_mask`` False. Groups whose rewards are all equal keep
+    their rewards (there is no baseline to cancel them); they are still counted in ``adv/zero_std_frac``.
+    """
+    g = _group(rewards, group_size)
+    advantages = torch.where(g.valid, g.rewards, torch.zeros_like(g.rewards)).reshape(-1)
+    sample_mask = g.valid.reshape(-1)
+    return AdvantageResult(advantages, sample_mask, _advantage_metrics(advantages, sample_mask, g))
+
+
 def rloo_advantages(
     rewards: Tensor,  # (B,)
     group_size: int,
