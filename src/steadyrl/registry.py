@@ -16,7 +16,7 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from steadyrl.config import ConfigError, MethodSpec
-from steadyrl.ops import advantages, aggregation, correction, kl, losses, losses_offpolicy
+from steadyrl.ops import advantages, aggregation, correction, kl, losses, losses_offpolicy, targets
 from steadyrl.train.capo import CapoFilter
 from steadyrl.train.combiners import SumCombiner
 from steadyrl.train.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
@@ -84,6 +84,9 @@ LOSSES: dict[str, Entry] = dict(
         _e("cpgd", losses_offpolicy.cpgd_loss, "clipped log-ratio PG + policy-drift KL", "arXiv 2505.12504, §6.9"),
         _e("bapo", losses_offpolicy.bapo_loss, "adaptive asymmetric clip bounds", "arXiv 2510.18927, §6.8"),
         _e("vespo", losses_offpolicy.vespo_loss, "soft sequence-weight kernel W^c1·exp(c2(1−W))", "arXiv 2602.10693, §6.10"),
+        _e("lco_kld", targets.lco_kld_loss, "LCO: KL to a one-logit-shifted target of π_old (logit-convex)", "arXiv 2603.00963, §3"),
+        _e("lco_mse", targets.lco_mse_loss, "LCO: squared error of the sampled-token logit shift", "arXiv 2603.00963, §3"),
+        _e("lco_lch", targets.lco_lch_loss, "LCO: log-cosh of the sampled-token logit shift", "arXiv 2603.00963, §3"),
         _e("minpro", losses_offpolicy.minpro_loss, "prefix-min ratio weight (inferred reading)", "arXiv 2601.22718, §6.7"),
     ]
 )

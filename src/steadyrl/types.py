@@ -52,6 +52,8 @@ class LossInputs:
     ref_logprobs: Tensor | None = None  # (B, T) log π_ref(y_t)
     entropy: Tensor | None = None  # (B, T) full-vocabulary entropy of π_θ, detached
     reduce_sum: Callable[[Tensor], Tensor] = field(default=_identity, repr=False)
+    token_logits: Tensor | None = None  # (B, T) raw logit z_t[y_t] of the sampled token under π_θ (with grad)
+    old_token_logits: Tensor | None = None  # (B, T) the same under π_old, detached
     token_ids: Tensor | None = None  # (B, T) sampled completion ids (CAPO's top-K membership)
 
 

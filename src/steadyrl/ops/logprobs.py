@@ -68,11 +68,12 @@ def _chunk_logprobs(
     ids: Tensor,  # (n, 1) long
     temperature: float,
     compute_entropy: bool,
-) -> tuple[Tensor, Tensor]:  # (n,) log-probs, (n,) entropy (empty when not asked)
+) -> tuple[Tensor, Tensor, Tensor]:  # (n,) log-probs, (n,) entropy (empty when not asked), (n,) logits
     logits = torch.nn.functional.linear(_upcast(hidden).to(weight.dtype), weight, bias)
     if temperature != 1.0:
         logits = logits / temperature
-    logprobs = _selective_fp32(logits, ids)
+    token_logits = logits.gather(-1, ids).squeeze(-1)
+    logprobs = token_logits - torch.logsumexp(logits, dim=-1)
     # After the log-prob on purpose: non-reentrant checkpoint stops its recomputation once every saved
     # tensor is back, so backward never redoes this no-grad entropy.
     if compute_entropy:
@@ -80,7 +81,7 @@ def _chunk_logprobs(
             entropy = _entropy_fp32(logits.detach())
     else:
         entropy = logits.new_empty(0)
-    return logprobs, entropy
+    return logprobs, entropy, token_logits
 
 
 def logprobs_from_hidden(
@@ -92,7 +93,8 @@ def logprobs_from_hidden(
     temperature: float = 1.0,
     chunk_size: int = 1024,
     compute_entropy: bool = False,
-) -> tuple[Tensor, Tensor | None]:  # log π(y_t) (B, T) fp32; entropy (B, T) fp32 detached, or None
+    return_token_logits: bool = False,
+) -> tuple[Tensor, ...]:  # log π(y_t) (B, T) fp32; entropy (B, T) fp32 detached, or None; [token logits (B, T)]
     """log π(y_t) = log softmax((W h_t + b) / τ)[y_t] for every position, chunked over the B·T tokens.
 
     ``hidden[b, t]`` must be the state that predicts ``target_ids[b, t]`` (i.e. already shifted by one).
@@ -102,6 +104,8 @@ def logprobs_from_hidden(
     recomputed in backward instead of stored. With ``compute_entropy`` the full-vocabulary entropy
     H_t = −Σ_v π_v log π_v of the same temperature-scaled distribution is returned too, detached.
     Masked positions are computed like any other (ids must be valid indices there, e.g. the pad id).
+    With ``return_token_logits`` a third output holds the sampled tokens' raw (temperature-scaled) logits
+    z_t[y_t], with gradient (LCO's logit regression needs them).
     """
     if hidden.dim() != 3 or target_ids.shape != hidden.shape[:2]:
         raise ValueError(
@@ -125,19 +129,22 @@ def logprobs_from_hidden(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
     )
-    logprob_chunks, entropy_chunks = [], []
+    logprob_chunks, entropy_chunks, logit_chunks = [], [], []
     for start in range(0, batch * length, chunk_size):
         args = (flat_hidden[start : start + chunk_size], weight, bias, flat_ids[start : start + chunk_size])
         if needs_grad:
-            logprobs, entropy = checkpoint(
+            logprobs, entropy, token_logits = checkpoint(
                 _chunk_logprobs, *args, temperature, compute_entropy, use_reentrant=False
             )
         else:
-            logprobs, entropy = _chunk_logprobs(*args, temperature, compute_entropy)
+            logprobs, entropy, token_logits = _chunk_logprobs(*args, temperature, compute_entropy)
         logprob_chunks.append(logprobs)
         entropy_chunks.append(entropy)
+        logit_chunks.append(token_logits)
     logprobs = _cat(logprob_chunks, hidden).reshape(batch, length)
     entropy = _cat(entropy_chunks, hidden).reshape(batch, length) if compute_entropy else None
+    if return_token_logits:
+        return logprobs, entropy, _cat(logit_chunks, hidden).reshape(batch, length)
     return logprobs, entropy
 
 

@@ -17,6 +17,7 @@ class ScoredBatch:
     sample_mask: Tensor  # (B,) bool, False = left out of the loss
     old_logprobs: Tensor | None = None  # (B, T) π_old, only when the batch is used for > 1 optimizer step
     ref_logprobs: Tensor | None = None  # (B, T) π_ref, only with a KL penalty
+    old_token_logits: Tensor | None = None  # (B, T) π_old's raw logit of y_t (LCO-MSE/LCH off-policy)
     metrics: Metrics = field(default_factory=dict)
 
     @property
@@ -38,5 +39,6 @@ class ScoredBatch:
             sample_mask=self.sample_mask[index],
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
+            old_token_logits=pick(self.old_token_logits),
             metrics={},
         )

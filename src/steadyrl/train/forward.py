@@ -24,6 +24,7 @@ class PolicyOutput:
     logprobs: Tensor  # (B, T) log π(y_t) at the sampling temperature
     entropy: Tensor | None  # (B, T) detached full-vocabulary entropy
     hidden: Tensor | None  # (B, T, H) final hidden state predicting y_t (CAPO's features), when asked
+    token_logits: Tensor | None = None  # (B, T) raw logit of y_t (LCO's logit regression)
 
 
 def model_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -71,7 +72,7 @@ def policy_forward(
     prompt_len = batch.prompt_ids.shape[1]
     # hidden[t] predicts token t+1: completion token j is predicted at position prompt_len - 1 + j.
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]
-    logprobs, entropy = logprobs_from_hidden(
+    logprobs, entropy, token_logits = logprobs_from_hidden(
         hidden,
         head.weight,
         batch.completion_ids,
@@ -79,5 +80,6 @@ def policy_forward(
         temperature=temperature,
         chunk_size=chunk_size,
         compute_entropy=compute_entropy,
+        return_token_logits=True,
     )
-    return PolicyOutput(logprobs=logprobs, entropy=entropy, hidden=hidden if keep_hidden else None)
+    return PolicyOutput(logprobs, entropy, hidden if keep_hidden else None, token_logits)

@@ -14,12 +14,21 @@ finite-gradient check.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
 
+from steadyrl.config import ConfigError
+from steadyrl.models.routing import (
+    RoutingRecorder,
+    RoutingReplayer,
+    routed_positions_mask,
+    routing_agreement,
+    supported_moe_layers,
+)
 from steadyrl.ops.correction import mismatch_metrics
 from steadyrl.ops.kl import kl_k3
 from steadyrl.ops.masking import masked_fill_zero, masked_mean
@@ -29,7 +38,7 @@ from steadyrl.train.distributed import all_reduce_sum
 from steadyrl.train.filters import TokenFilter
 from steadyrl.train.forward import policy_forward
 from steadyrl.train.metrics import MetricAccumulator
-from steadyrl.types import GlobalCounts, LossInputs
+from steadyrl.types import GlobalCounts, LossInputs, Metrics, RolloutBatch
 
 
 @dataclass(frozen=True)
@@ -43,6 +52,8 @@ class UpdateSettings:
     """L of the constant normaliser (Dr.GRPO), usually max_new_tokens."""
     kl_coef: float = 0.0
     autocast_dtype: torch.dtype | None = None
+    routing_replay: str = "none"
+    """MoE Routing Replay (models/routing.py): none | R2 | R3."""
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -83,23 +94,94 @@ class PolicyUpdater:
         self.distributed = distributed
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.skipped_steps = 0
+        # MoE Routing Replay (models/routing.py). routing_diagnostics costs one no-grad forward per rollout batch
+        # unless the π_old forward is already one without replay; on for MoE models, set False to save it.
+        self.routing_diagnostics = bool(supported_moe_layers(model, strict=False))
+        self.replay_weight_rule = "restricted_softmax"
+        if settings.routing_replay != "none" and self.aux_terms and getattr(model, "is_gradient_checkpointing", False):
+            raise ConfigError(
+                "routing replay with activation checkpointing cannot tell the recomputed policy forward from an "
+                "auxiliary loss term's forward; turn off model.gradient_checkpointing or routing_replay."
+            )
 
     # ------------------------------------------------------------------ helpers
 
     @torch.no_grad()
-    def logprobs_no_grad(self, model: torch.nn.Module, scored: ScoredBatch) -> Tensor:
+    def logprobs_no_grad(self, model: torch.nn.Module, scored: ScoredBatch, *, replay: str | None = None) -> Tensor:
         """(B, T) log-probs of the batch's completions under ``model``, micro-batched, no graph."""
-        out = []
+        return self._forward_no_grad(model, scored, replay=replay, record=False)[0]
+
+    @torch.no_grad()
+    def _forward_no_grad(
+        self, model: torch.nn.Module, scored: ScoredBatch, *, replay: str | None, record: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """(B, T) log-probs and, when ``record``, the (B, Tp+T, L, k) experts the routers used."""
+        out, routed = [], []
         for index in self._chunks(scored.batch_size, self.settings.micro_batch_size, scored.advantages.device):
-            fwd = policy_forward(
-                model,
-                scored.rollout.select(index),
-                temperature=self.settings.temperature,
-                compute_entropy=False,
-                autocast_dtype=self.settings.autocast_dtype,
-            )
+            rollout = scored.rollout.select(index)
+            recorder = RoutingRecorder(model) if record else contextlib.nullcontext()
+            with self._replaying(model, rollout, replay), recorder:
+                fwd = policy_forward(
+                    model,
+                    rollout,
+                    temperature=self.settings.temperature,
+                    compute_entropy=False,
+                    autocast_dtype=self.settings.autocast_dtype,
+                )
             out.append(fwd.logprobs)
-        return torch.cat(out, dim=0)
+            if record:
+                routed.append(recorder.routed_experts(rollout.batch_size))
+        return torch.cat(out, dim=0), (torch.cat(routed, dim=0) if record else None)
+
+    def _replaying(self, model: torch.nn.Module, rollout: RolloutBatch, replay: str | None):
+        """Routing around a forward: None = the routers' own; "batch" = replay ``rollout.routed_experts`` (the
+        sampler's under R3, π_old's under R2); "own" = own top-k gated with the replay rule (R2's π_old)."""
+        if replay is None:
+            return contextlib.nullcontext()
+        if replay == "batch" and rollout.routed_experts is None:
+            raise ConfigError(
+                f"routing_replay={self.settings.routing_replay} found no recorded experts in the batch; the rollout "
+                "backend records them (rollout.backend=hf) for supported MoE models (see models/routing.py)."
+            )
+        routed = rollout.routed_experts if replay == "batch" else None
+        return RoutingReplayer(model, routed, rule=self.replay_weight_rule)
+
+    @property
+    def replay(self) -> str | None:
+        """What every training (and π_ref) forward replays: None, or "batch" under R2 / R3."""
+        return None if self.settings.routing_replay == "none" else "batch"
+
+    @torch.no_grad()
+    def prepare_old_logprobs(self, scored: ScoredBatch, compute_old: bool) -> Metrics:
+        """Set ``scored.old_logprobs`` (π_old) when ``compute_old`` or under R2; return the routing diagnostics.
+
+        R2 records the π_old forward's own experts (gated with the replay rule) and makes them the batch's
+        ``rollout.routed_experts``, which every training forward of the batch replays. R3 replays the sampler's
+        experts in the π_old forward too, so π_old/μ and π_θ/π_old both exclude routing (arXiv 2512.01374 §5).
+        Diagnostics at θ_old for MoE models, without replay: routing/agreement(_all_layers) of the sampler's
+        experts with the trainer's own, and mismatch/kl_k3_no_replay = k3 KL(μ‖π_old without replay).
+        """
+        mode = self.settings.routing_replay
+        sampler_routing = scored.rollout.routed_experts
+        diagnose = self.routing_diagnostics and sampler_routing is not None
+        plain_logprobs = plain_routing = None
+        if compute_old or mode == "R2":
+            replay = {"none": None, "R2": "own", "R3": "batch"}[mode]
+            record = mode == "R2" or (mode == "none" and diagnose)
+            scored.old_logprobs, recorded = self._forward_no_grad(self.model, scored, replay=replay, record=record)
+            if mode == "R2":
+                scored.rollout = replace(scored.rollout, routed_experts=recorded)
+            elif mode == "none":
+                plain_logprobs, plain_routing = scored.old_logprobs, recorded
+        if not diagnose:
+            return {}
+        if plain_logprobs is None:
+            plain_logprobs, plain_routing = self._forward_no_grad(self.model, scored, replay=None, record=True)
+        mask = routed_positions_mask(scored.rollout.prompt_mask, scored.rollout.response_mask)
+        metrics = routing_agreement(sampler_routing, plain_routing, mask)
+        no_replay = mismatch_metrics(plain_logprobs, scored.rollout.rollout_logprobs, scored.token_mask)
+        metrics["mismatch/kl_k3_no_replay"] = no_replay["mismatch/kl_k3"]
+        return metrics
 
     @staticmethod
     def _chunks(n: int, size: int, device: torch.device) -> list[Tensor]:
@@ -163,10 +245,13 @@ class PolicyUpdater:
         chunks = self._chunks(mb.batch_size, s.micro_batch_size, mb.advantages.device)
         for j, index in enumerate(chunks):
             micro = mb.select(index)
-            terms, metrics, weight = self._micro_batch_terms(micro, den_mask[index], counts, lr)
+            with self._replaying(self.model, micro.rollout, self.replay):
+                terms, metrics, weight = self._micro_batch_terms(micro, den_mask[index], counts, lr)
             for aux in self.aux_terms:
                 terms.update(aux(j, len(chunks)))
-            self.combiner.backward(terms)
+            # Activation checkpointing runs the routers again in backward: they must replay there too.
+            with self._replaying(self.model, micro.rollout, self.replay):
+                self.combiner.backward(terms)
             loss_total = loss_total + sum(t.detach() for t in terms.values())
             acc.add(metrics, weight)
         combine_metrics = self.combiner.finalize(self.params)
@@ -200,6 +285,9 @@ class PolicyUpdater:
         )
         old = micro.old_logprobs if micro.old_logprobs is not None else fwd.logprobs.detach()
         inputs = self._inputs(micro, fwd.logprobs, old, fwd.entropy)
+        inputs.token_logits = fwd.token_logits
+        on_policy = micro.old_logprobs is None
+        inputs.old_token_logits = fwd.token_logits.detach() if on_policy else micro.old_token_logits
         mask = den_mask.clone()
         weights = torch.ones_like(fwd.logprobs.detach())
         metrics: dict[str, Tensor] = {}
