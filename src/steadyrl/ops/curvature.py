@@ -100,7 +100,9 @@ def topk_policy(
     hit = top_ids == token_ids.reshape(-1, 1)
     direction = hit.to(probs.dtype) - probs
     shape = (batch, length, k)
-    return TopKPolicy(top_ids.view(shape), probs.view(shape), direction.view(shape), hit.any(-1).view(batch, length))
+    return TopKPolicy(
+        top_ids.view(shape), probs.view(shape), direction.view(shape), hit.any(-1).view(batch, length)
+    )
 
 
 def adam_direction(
@@ -115,7 +117,7 @@ def adam_direction(
 ) -> Tensor:  # (..., H)
     """Prospective Adam direction, read-only (``SparseAdamModel.batch_compute_effective_token_gradients``).
 
-        m' = β₁ m + (1 − β₁) g,  v' = β₂ v + (1 − β₂) g²,  u = (m' / (1 − β₁^{t+1})) / (√(v' / (1 − β₂^{t+1})) + ε)
+    m' = β₁ m + (1 − β₁) g,  v' = β₂ v + (1 − β₂) g²,  u = (m' / (1 − β₁^{t+1})) / (√(v' / (1 − β₂^{t+1})) + ε)
     """
     t = step + 1
     first = (beta1 * exp_avg + (1.0 - beta1) * grad) / (1.0 - beta1**t)
@@ -165,6 +167,16 @@ def _valid_advantages(advantages: Tensor, mask: Tensor | None) -> Tensor:
     return adv if mask is None else torch.where(mask, adv, torch.zeros_like(adv))
 
 
+def _valid_rows(hidden: Tensor, direction: Tensor, advantages: Tensor, mask: Tensor):
+    """(N, H) hidden, (N, K) Â_t v_t, (N,) valid with masked tokens zeroed by selection (they may hold NaN)."""
+    width, k = hidden.shape[-1], direction.shape[-1]
+    valid = mask.reshape(-1)
+    h = hidden.reshape(-1, width).float()
+    h = torch.where(valid.unsqueeze(-1), h, torch.zeros_like(h))
+    coef = advantages.float().reshape(-1, 1) * direction.reshape(-1, k)
+    return h, torch.where(valid.unsqueeze(-1), coef, torch.zeros_like(coef)), valid
+
+
 def _gather_rows(table: Tensor, rows: Tensor) -> Tensor:  # rows (...) long, −1 = zero row
     picked = table[rows.clamp(min=0)]
     return torch.where((rows >= 0).unsqueeze(-1), picked, torch.zeros_like(picked))
@@ -200,8 +212,11 @@ def _direction(grad: Tensor, vocab_ids: Tensor, model: _Model) -> Tensor:  # (..
         return grad
     if _has_moments(model.moments):
         rows = model.moments.row_of[vocab_ids]
-        m, v = _gather_rows(model.moments.exp_avg, rows), _gather_rows(model.moments.exp_avg_sq, rows)
-        grad = adam_direction(grad, m, v, model.moments.step, beta1=model.beta1, beta2=model.beta2, eps=model.eps)
+        m = _gather_rows(model.moments.exp_avg, rows).to(grad.dtype)
+        v = _gather_rows(model.moments.exp_avg_sq, rows).to(grad.dtype)
+        grad = adam_direction(
+            grad, m, v, model.moments.step, beta1=model.beta1, beta2=model.beta2, eps=model.eps
+        )
     if model.weight_decay != 0.0:
         # [INF] The official SparseAdamWModel raises NotImplementedError. Decoupled decay W ← W − ηλW adds
         # −λ W (on the K rows) to the ascent direction.
@@ -302,9 +317,7 @@ def vocab_gradient_sums(
         counts = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device)
     else:
         sums, counts = out
-    h = hidden.reshape(-1, width).float()
-    valid = mask.reshape(-1)
-    coef = _valid_advantages(advantages, mask).reshape(-1, 1) * topk.direction.reshape(-1, k)  # (N, K)
+    h, coef, valid = _valid_rows(hidden, topk.direction, advantages, mask)  # coef (N, K) = Â_t v_t
     ids = topk.ids.reshape(-1, k)
     for start in range(0, h.shape[0], max(1, chunk_size)):
         sl = slice(start, start + chunk_size)
@@ -359,8 +372,7 @@ def group_curvature_scores(
     batch, length, width = hidden.shape
     vocab = lm_head_weight.shape[0]
     k = topk.ids.shape[-1]
-    h = hidden.reshape(-1, width).float()
-    valid = mask.reshape(-1)
+    h, coef, valid = _valid_rows(hidden, topk.direction, advantages, mask)
     adv = _valid_advantages(advantages, mask).reshape(-1)
     ids = topk.ids.reshape(-1, k)
     if level == "global":
@@ -373,9 +385,10 @@ def group_curvature_scores(
         row_index = ids
     else:
         seq = torch.arange(batch, device=h.device).repeat_interleave(length)
-        keys = torch.where(valid.unsqueeze(-1), seq.unsqueeze(-1) * vocab + ids, batch * vocab)  # invalid: sentinel
+        keys = torch.where(
+            valid.unsqueeze(-1), seq.unsqueeze(-1) * vocab + ids, batch * vocab
+        )  # invalid: sentinel
         unique, inverse = torch.unique(keys, return_inverse=True)
-        coef = adv.unsqueeze(-1) * topk.direction.reshape(-1, k)
         sums = torch.zeros(unique.numel(), width, dtype=torch.float32, device=h.device)
         for start in range(0, h.shape[0], max(1, chunk_size)):
             sl = slice(start, start + chunk_size)
@@ -396,4 +409,6 @@ def group_curvature_scores(
         return CurvatureScores(0.5 * lr**2 * seq_fisher, lr * grad_dot + 0.5 * lr**2 * seq_hess)
     totals = reduce_sum(torch.stack([seq_fisher.sum(), seq_hess.sum(), (n > 0).sum().float()]))
     num_seqs = totals[2].clamp(min=1.0)
-    return CurvatureScores(0.5 * lr**2 * totals[0] / num_seqs, lr * grad_dot + 0.5 * lr**2 * totals[1] / num_seqs)
+    return CurvatureScores(
+        0.5 * lr**2 * totals[0] / num_seqs, lr * grad_dot + 0.5 * lr**2 * totals[1] / num_seqs
+    )

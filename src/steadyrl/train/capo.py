@@ -41,7 +41,12 @@ from steadyrl.train.distributed import all_reduce_sum
 from steadyrl.train.filters import TokenFilter
 from steadyrl.types import LossInputs, Metrics
 
-LEVELS = {"token": ("token",), "sequence": ("sequence",), "global": ("global",), "sequential": ("token", "sequence", "global")}
+LEVELS = {
+    "token": ("token",),
+    "sequence": ("sequence",),
+    "global": ("global",),
+    "sequential": ("token", "sequence", "global"),
+}
 
 
 class CapoFilter(TokenFilter):
@@ -96,15 +101,21 @@ class CapoFilter(TokenFilter):
         if level not in LEVELS:
             raise ConfigError(f"capo level must be one of {', '.join(LEVELS)}, got {level!r}.")
         if optimizer_model not in OPTIMIZER_MODELS:
-            raise ConfigError(f"capo optimizer_model must be one of {', '.join(OPTIMIZER_MODELS)}, got {optimizer_model!r}.")
+            raise ConfigError(
+                f"capo optimizer_model must be one of {', '.join(OPTIMIZER_MODELS)}, got {optimizer_model!r}."
+            )
         if len(betas) != 2:
             raise ConfigError(f"capo betas must be two numbers [β1, β2], got {betas!r}.")
         if min(fisher_tau, hessian_tau, fisher_lambda, hessian_lambda, weight_decay) < 0:
-            raise ConfigError("capo thresholds, lambdas and weight_decay must be >= 0 (0 switches a criterion off).")
+            raise ConfigError(
+                "capo thresholds, lambdas and weight_decay must be >= 0 (0 switches a criterion off)."
+            )
         if int(top_k) < 1 or int(chunk_size) < 1 or int(logits_chunk_size) < 1:
             raise ConfigError("capo top_k, chunk_size and logits_chunk_size must be positive integers.")
         if model.get_output_embeddings() is None:
-            raise ConfigError(f"CAPO needs the LM head: {type(model).__name__} has no get_output_embeddings().")
+            raise ConfigError(
+                f"CAPO needs the LM head: {type(model).__name__} has no get_output_embeddings()."
+            )
         self.fisher_tau, self.hessian_tau = float(fisher_tau), float(hessian_tau)
         self.hessian_symmetric = bool(hessian_symmetric)
         self.level, self.sequential_rescore = level, bool(sequential_rescore)
@@ -127,9 +138,13 @@ class CapoFilter(TokenFilter):
 
     # ------------------------------------------------------------------ the filter
 
-    def __call__(self, inputs: LossInputs, hidden: Tensor | None, lr: float) -> tuple[Tensor, Tensor, Metrics]:
+    def __call__(
+        self, inputs: LossInputs, hidden: Tensor | None, lr: float
+    ) -> tuple[Tensor, Tensor, Metrics]:
         if hidden is None:
-            raise RuntimeError("CapoFilter needs the final hidden states; the trainer must honour needs_hidden.")
+            raise RuntimeError(
+                "CapoFilter needs the final hidden states; the trainer must honour needs_hidden."
+            )
         if inputs.token_ids is None:
             raise RuntimeError("CapoFilter needs LossInputs.token_ids (the sampled completion ids).")
         head = self.model.get_output_embeddings()
@@ -148,7 +163,9 @@ class CapoFilter(TokenFilter):
                 lm_head_bias=None if bias is None else (bias if with_grad else bias.detach()),
                 chunk_size=self.logits_chunk_size,
             )
-            token = token_curvature_scores(h, topk, advantages, lr, mask=mask, **self._model_kwargs(weight, with_grad))
+            token = token_curvature_scores(
+                h, topk, advantages, lr, mask=mask, **self._model_kwargs(weight, with_grad)
+            )
         with torch.no_grad():
             h = hidden.detach()
             topk = type(topk)(*(t.detach() for t in topk))
@@ -192,13 +209,22 @@ class CapoFilter(TokenFilter):
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer model's moments (for exact resume; the trainer's checkpoint must save it)."""
-        return {"step": self._step, "row_of": self._row_of, "exp_avg": self._exp_avg, "exp_avg_sq": self._exp_avg_sq}
+        return {
+            "step": self._step,
+            "row_of": self._row_of,
+            "exp_avg": self._exp_avg,
+            "exp_avg_sq": self._exp_avg_sq,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = self.model.get_output_embeddings().weight.device
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         self._step = int(state["step"])
-        self._row_of, self._exp_avg, self._exp_avg_sq = move(state["row_of"]), move(state["exp_avg"]), move(state["exp_avg_sq"])
+        self._row_of, self._exp_avg, self._exp_avg_sq = (
+            move(state["row_of"]),
+            move(state["exp_avg"]),
+            move(state["exp_avg_sq"]),
+        )
 
     def _model_kwargs(self, weight: Tensor, with_grad: bool) -> dict[str, Any]:
         return {
@@ -216,7 +242,15 @@ class CapoFilter(TokenFilter):
         if self._sums is None:
             self._sums = torch.zeros(vocab_size, hidden.shape[-1], dtype=torch.float32, device=hidden.device)
             self._counts = torch.zeros(vocab_size, dtype=torch.float32, device=hidden.device)
-        vocab_gradient_sums(hidden, topk, advantages, kept, vocab_size, chunk_size=self.chunk_size, out=(self._sums, self._counts))
+        vocab_gradient_sums(
+            hidden,
+            topk,
+            advantages,
+            kept,
+            vocab_size,
+            chunk_size=self.chunk_size,
+            out=(self._sums, self._counts),
+        )
         self._recorded = True
 
     def _update_moments(self, ids: Tensor, grads: Tensor) -> None:
@@ -232,7 +266,9 @@ class CapoFilter(TokenFilter):
             self._exp_avg = torch.cat([self._exp_avg, grads.new_zeros((new_ids.numel(), width))])
             self._exp_avg_sq = torch.cat([self._exp_avg_sq, grads.new_zeros((new_ids.numel(), width))])
         rows = self._row_of[ids]
-        m, v = adam_moment_update(self._exp_avg[rows], self._exp_avg_sq[rows], grads, beta1=self.beta1, beta2=self.beta2)
+        m, v = adam_moment_update(
+            self._exp_avg[rows], self._exp_avg_sq[rows], grads, beta1=self.beta1, beta2=self.beta2
+        )
         self._exp_avg[rows] = m
         self._exp_avg_sq[rows] = v
 
@@ -252,12 +288,21 @@ class CapoFilter(TokenFilter):
             else:
                 rescore = self.level == "sequential" and self.sequential_rescore
                 scores = group_curvature_scores(
-                    hidden, topk, advantages, current if rescore else mask, lr, level=level,
-                    reduce_sum=inputs.reduce_sum, **self._model_kwargs(self.model.get_output_embeddings().weight, False),
+                    hidden,
+                    topk,
+                    advantages,
+                    current if rescore else mask,
+                    lr,
+                    level=level,
+                    reduce_sum=inputs.reduce_sum,
+                    **self._model_kwargs(self.model.get_output_embeddings().weight, False),
                 )
             keep_f, keep_h = curvature_keep(
-                scores.fisher, scores.hessian,
-                fisher_tau=fisher_tau, hessian_tau=hessian_tau, hessian_symmetric=self.hessian_symmetric,
+                scores.fisher,
+                scores.hessian,
+                fisher_tau=fisher_tau,
+                hessian_tau=hessian_tau,
+                hessian_symmetric=self.hessian_symmetric,
             )
             if level == "sequence":
                 keep_f, keep_h = keep_f.unsqueeze(-1), keep_h.unsqueeze(-1)
