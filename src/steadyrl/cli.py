@@ -12,9 +12,10 @@ from steadyrl.config import ConfigError
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from steadyrl.config import load_config
+
+    cfg = load_config(args.config, args.set)  # before the heavy imports: a config error is reported at once
     from steadyrl.train.trainer import Trainer
 
-    cfg = load_config(args.config, args.set)
     summary = Trainer(cfg).train()
     _print_summary(summary, cfg.run.output_dir)
     return 0
@@ -172,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except _user_errors() as exc:
+    except Exception as exc:
+        # ConfigError is tested first: _user_errors() imports transformers, seconds a config typo need not wait.
+        if not isinstance(exc, ConfigError) and not isinstance(exc, _user_errors()):
+            raise
         print(f"steadyrl: error: {exc}", file=sys.stderr)
         return 2
 
