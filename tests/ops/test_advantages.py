@@ -400,3 +400,34 @@ def test_advantages_are_finite_and_metrics_are_scalars(data, estimator):
     result = estimator(rewards, group_size, **kwargs)
     assert torch.isfinite(result.advantages).all()
     assert all(v.dim() == 0 and torch.isfinite(v) for v in result.metrics.values())
+
+
+# ----------------------------------------------------------------------------- raw_reward (no baseline)
+
+
+def test_raw_reward_hand_values():
+    # Â = R; a NaN reward gets 0 and leaves the loss; an all-equal group keeps its rewards (no baseline).
+    result = adv.raw_reward_advantages(t64([1, 0, NAN, 0.5, 0.5, 0.5]), 3)
+    torch.testing.assert_close(result.advantages, t64([1, 0, 0, 0.5, 0.5, 0.5]))
+    assert result.sample_mask.tolist() == [True, True, False, True, True, True]
+    m = result.metrics
+    assert m["adv/zero_std_frac"].item() == 0.5  # the second group
+    assert m["adv/mean"].item() == pytest.approx(2.5 / 5)  # over the 5 valid completions
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_raw_reward_matches_loop_reference(seed):
+    rewards = _random_rewards(torch.Generator().manual_seed(seed), 3, 4, "normal")
+    result = adv.raw_reward_advantages(rewards, 4)
+    for i in range(rewards.numel()):
+        missing = math.isnan(rewards[i].item())
+        assert result.advantages[i].item() == (0.0 if missing else rewards[i].item())
+        assert result.sample_mask[i].item() is (not missing)
+
+
+def test_raw_reward_signature_and_dtype():
+    params = list(inspect.signature(adv.raw_reward_advantages).parameters)
+    assert params == ["rewards", "group_size"]
+    assert adv.raw_reward_advantages(torch.tensor([1, 0, 1, 1]), 2).advantages.dtype == torch.float32
+    with pytest.raises(ValueError, match="multiple of the group size"):
+        adv.raw_reward_advantages(torch.zeros(10), 4)
