@@ -22,6 +22,11 @@ import torch
 from torch import Tensor
 
 
+def _nonzero(x: Tensor) -> Tensor:
+    """``x`` where it is positive, else 1: a safe denominator for the branch that ``torch.where`` discards."""
+    return torch.where(x > 0, x, torch.ones_like(x))
+
+
 def inner_product(a: Tensor, b: Tensor) -> Tensor:  # (..., D), (..., D) -> (...)
     """⟨a, b⟩ over the last dimension."""
     return (a * b).sum(dim=-1)
@@ -37,9 +42,8 @@ def conflict_coefficient(
     ``g − κ·o`` is the projected gradient: s = 1 removes the whole conflicting component (PCGrad,
     Yu et al. 2020, arXiv 2001.06782), s = α is PCR's soft projection (arXiv 2602.06453, Eq. 15).
     """
-    tiny = torch.finfo(onto_sq_norm.dtype).tiny
     conflicting = (dot < 0) & (onto_sq_norm > 0)
-    ratio = dot / onto_sq_norm.clamp(min=tiny)
+    ratio = dot / _nonzero(onto_sq_norm)
     return torch.where(conflicting, strength * ratio, torch.zeros_like(ratio))
 
 
@@ -132,8 +136,7 @@ def pcr_alpha(
     whatever ε; ε (0 by default) only smooths, pulling α towards 0.
     """
     denominator = var_pla + var_sta + eps
-    tiny = torch.finfo(denominator.dtype).tiny
-    alpha = var_pla / denominator.clamp(min=tiny)
+    alpha = var_pla / _nonzero(denominator)
     return torch.where(denominator > 0, alpha, torch.zeros_like(alpha))
 
 
