@@ -72,9 +72,14 @@ def test_unknown_hyperparameter_fails_in_init(tiny_config):
     _fails_in_init(cfg, ConfigError, "'clip_hi'", "valid: clip_low, clip_high, dual_clip")
 
 
-def test_unknown_kl_estimator_fails_in_init(tiny_config):
-    cfg = tiny_config("kl.coef=0.1", "kl.estimator=k3")
+@pytest.mark.parametrize("coef", ["0.1", "0"])  # checked even while the penalty is off
+def test_unknown_kl_estimator_fails_in_init(tiny_config, coef):
+    cfg = tiny_config(f"kl.coef={coef}", "kl.estimator=k3")
     _fails_in_init(cfg, ConfigError, "unknown kl 'k3'", "kl_k3")
+
+
+def test_negative_kl_coefficient_fails_in_init(tiny_config):
+    _fails_in_init(tiny_config("kl.coef=-0.1"), ConfigError, "kl.coef=-0.1 is negative", ">= 0")
 
 
 # ----------------------------------------------------------------------------- model and tokenizer

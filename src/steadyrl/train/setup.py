@@ -72,18 +72,21 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
         raise ConfigError("rollout.temperature must be > 0 for RL sampling (greedy is only used in evaluation).")
     if o.schedule not in ("constant", "cosine", "linear"):
         raise ConfigError(f"optim.schedule={o.schedule!r}; valid: constant, cosine, linear.")
+    if cfg.kl.coef < 0:
+        raise ConfigError(f"kl.coef={cfg.kl.coef} is negative; use a coefficient >= 0 (0 turns the KL penalty off).")
     if cfg.kl.reference not in ("initial", "old"):
         raise ConfigError(f"kl.reference={cfg.kl.reference!r}; valid: initial, old.")
 
 
 def resolve_methods(cfg: TrainConfig) -> dict:
     """Registry lookups with hyper-parameters bound; unknown names / keys raise ConfigError here."""
+    kl = registry.resolve("kl", cfg.kl.estimator)  # checked even at coef 0: a typo must not wait until KL is on
     return {
         "advantage": registry.resolve("advantage", cfg.advantage),
         "loss": registry.resolve("loss", cfg.loss),
         "aggregation": registry.resolve("aggregation", cfg.aggregation),
         "correction": registry.resolve("correction", cfg.correction) if cfg.correction else None,
-        "kl": registry.resolve("kl", cfg.kl.estimator) if cfg.kl.coef > 0 else None,
+        "kl": kl if cfg.kl.coef > 0 else None,
         "token_filters": [registry.resolve("token_filter", spec) for spec in cfg.token_filters],
         "combiner": registry.resolve("combiner", cfg.combiner),
     }
