@@ -8,6 +8,7 @@ log-softmax of each step: μ is then exactly the distribution the token was draw
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -15,6 +16,7 @@ from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
+from steadyrl.models.routing import RoutingRecorder, supported_moe_layers
 from steadyrl.ops.masking import masked_fill_zero, response_mask_from_eos
 from steadyrl.rollout.base import SamplingParams
 from steadyrl.types import RolloutBatch
@@ -45,6 +47,9 @@ class HFRolloutBackend:
 
     ``sampler_dtype`` (e.g. torch.bfloat16) samples with a separate copy of the policy in that dtype, kept in
     sync by ``sync_weights``: a real, measurable train-inference mismatch as with a bf16/fp8 inference engine.
+
+    ``record_routing`` (default: whenever the sampler is a supported MoE model, see models/routing.py) fills
+    ``RolloutBatch.routed_experts`` with the sampler's own expert choices for prompt + completion (R3).
     """
 
     def __init__(
@@ -54,6 +59,7 @@ class HFRolloutBackend:
         pad_token_id: int,
         eos_token_id: int | list[int],
         sampler_dtype: torch.dtype | None = None,
+        record_routing: bool | None = None,
     ) -> None:
         self.policy = model
         self.pad_token_id = pad_token_id
@@ -63,6 +69,9 @@ class HFRolloutBackend:
         self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
         if self.separate_sampler:
             self.sampler.requires_grad_(False)
+        if record_routing is None:
+            record_routing = bool(supported_moe_layers(self.sampler, strict=False))
+        self.record_routing = record_routing
 
     @torch.no_grad()
     def sync_weights(self) -> None:
@@ -103,7 +112,8 @@ class HFRolloutBackend:
         device = prompt_ids.device
         seed = None if generator is None else int(torch.randint(0, 2**62, (1,), generator=generator))
         devices = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+        recording = RoutingRecorder(self.sampler) if self.record_routing else contextlib.nullcontext()
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None), recording:
             if seed is not None:
                 torch.manual_seed(seed)
             out = self.sampler.generate(
@@ -114,6 +124,7 @@ class HFRolloutBackend:
             )
         self.sampler.train(was_training)
         completion_ids = out[:, prompt_ids.shape[1] :]
+        routed_experts = recording.routed_experts(out.shape[0], out.shape[1]) if self.record_routing else None
         logprobs = recorder.finish(completion_ids[:, -1])
         response_mask, truncated = response_mask_from_eos(completion_ids, self.eos_token_id)
         completion_ids = torch.where(response_mask, completion_ids, torch.full_like(completion_ids, self.pad_token_id))
@@ -124,4 +135,5 @@ class HFRolloutBackend:
             response_mask=response_mask,
             rollout_logprobs=masked_fill_zero(logprobs, response_mask),
             truncated=truncated,
+            routed_experts=routed_experts,
         )

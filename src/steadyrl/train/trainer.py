@@ -20,6 +20,7 @@ import torch
 from steadyrl import registry
 from steadyrl.config import TrainConfig, dump_config
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
+from steadyrl.models.routing import check_routing_replay
 from steadyrl.report import MetricLogger, ProgressBar, make_report
 from steadyrl.rollout import build_backend
 from steadyrl.rollout.base import SamplingParams
@@ -30,6 +31,7 @@ from steadyrl.train.collect import RolloutCollector, step_seed
 from steadyrl.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from steadyrl.train.evaluate import evaluate
 from steadyrl.train.metrics import MetricAccumulator
+from steadyrl.train.retention import build_retention
 from steadyrl.train.setup import (
     build_optimizer,
     resolve_device,
@@ -53,6 +55,7 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.model = model if model is not None else self._load_model(model_path)
         self.model.to(self.device).train()
+        check_routing_replay(self.model, cfg.routing_replay)
         self.ref_model = None
         if cfg.kl.coef > 0 and cfg.kl.reference == "initial":
             # Loaded from the source, not copied, so a resumed run gets the same reference.
@@ -66,9 +69,13 @@ class Trainer:
             max_len=cfg.rollout.max_new_tokens,
             kl_coef=cfg.kl.coef,
             autocast_dtype=torch.bfloat16 if cfg.model.autocast_bf16 else None,
+            routing_replay=cfg.routing_replay,
         )
         self.total_optimizer_steps = cfg.optim.steps * settings.optimizer_steps_per_batch
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.total_optimizer_steps)
+        # Retention set (RetentionConfig): measured at every eval; an auxiliary SFT term when retention.coef > 0,
+        # its batch seeded by the optimizer-step count, which a checkpoint restores.
+        self.retention = build_retention(cfg, self.model, self.tokenizer, info=self.info, step_fn=lambda: self.scheduler.last_epoch)
         self.updater = PolicyUpdater(
             self.model,
             self.optimizer,
@@ -83,6 +90,7 @@ class Trainer:
                 registry.build("token_filter", spec, model=self.model, distributed=self.info.enabled)
                 for spec in cfg.token_filters
             ],
+            aux_terms=self.retention.aux_terms if self.retention else None,
             distributed=self.info.enabled,
         )
         r = cfg.rollout
@@ -187,7 +195,7 @@ class Trainer:
         t0 = time.perf_counter()
         collected = self.collector.collect(step)
         scored = collected.batch
-        self.prepare_logprobs(scored)
+        collected.metrics.update(self.prepare_logprobs(scored))
         t1 = time.perf_counter()
         metrics = self.updater.update(scored)
         t2 = time.perf_counter()
@@ -201,21 +209,23 @@ class Trainer:
         metrics["perf/tokens_per_s"] = tokens / max(t2 - t0, 1e-9)
         return metrics
 
-    def prepare_logprobs(self, scored: ScoredBatch) -> None:
-        """π_old when the batch feeds more than one optimizer step; π_ref when there is a KL penalty."""
-        if self.updater.settings.optimizer_steps_per_batch > 1 or self.cfg.kl.reference == "old":
-            scored.old_logprobs = self.updater.logprobs_no_grad(self.model, scored)
+    def prepare_logprobs(self, scored: ScoredBatch) -> dict:
+        """π_old when the batch feeds more than one optimizer step (or R2 records its routing there); π_ref when
+        there is a KL penalty, under the same replayed routing as the training forward. Returns routing metrics."""
+        need_old = self.updater.settings.optimizer_steps_per_batch > 1 or self.cfg.kl.reference == "old"
+        routing_metrics = self.updater.prepare_old_logprobs(scored, compute_old=need_old)
         if self.cfg.kl.coef > 0:
             if self.ref_model is not None:
-                scored.ref_logprobs = self.updater.logprobs_no_grad(self.ref_model, scored)
+                scored.ref_logprobs = self.updater.logprobs_no_grad(self.ref_model, scored, replay=self.updater.replay)
             else:
                 scored.ref_logprobs = scored.old_logprobs
+        return routing_metrics
 
     def evaluate(self, step: int) -> dict[str, float]:
         prompts = self.task.eval_prompts()
         if self.cfg.eval.num_prompts:
             prompts = prompts[: self.cfg.eval.num_prompts]
-        return evaluate(
+        metrics = evaluate(
             self.backend,
             self.tokenizer,
             self.task,
@@ -227,6 +237,9 @@ class Trainer:
             info=self.info,
             device=self.device,
         )
+        if self.retention is not None:
+            metrics.update(self.retention.measure(self.backend, seed=step_seed(self.cfg.run.seed, step, 99_991)))
+        return metrics
 
     def save(self, step: int) -> None:
         if self.info.is_main:
