@@ -5,7 +5,14 @@ from __future__ import annotations
 from steadyrl.registry import FAMILIES
 
 # Stabilisers that act outside the per-token loss (token filters, gradient combiners, model hooks).
-STABILISERS: list[tuple[str, str, str, str]] = []
+STABILISERS: list[tuple[str, str, str, str]] = [
+    (
+        "routing_replay",
+        "model_hook",
+        "MoE Routing Replay (config routing_replay): R2 replays π_old's experts, R3 the sampler's, in training",
+        "arXiv 2512.01374 + 2510.11370, §5",
+    ),
+]
 """(name, layer, description, reference) rows, appended by the modules that implement them."""
 
 

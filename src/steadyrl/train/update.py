@@ -3,7 +3,7 @@
 For every mini-batch (one optimizer step):
     counts  = tokens and sequences of the whole mini-batch, summed over ranks      (GlobalCounts)
     for every micro-batch:
-        forward π_θ                      -> logprobs, entropy          (chunked LM head)
+        forward π_θ                      -> logprobs, entropy          (chunked LM head; MoE routing replayed, R2/R3)
         correction (TIS / MIS / ...)     -> detached weights, rejection mask
         token filters (CAPO ...)         -> more masks
         per-token loss  x weights        -> aggregate with the global counts -> backward
