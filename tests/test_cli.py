@@ -198,6 +198,25 @@ def test_bad_input_exits_2_with_one_line(config_file, model_dir, tmp_path, overr
     assert not (tmp_path / "run" / "metrics.jsonl").exists()  # it stopped before training
 
 
+@pytest.mark.parametrize(
+    "extra,fragment",
+    [
+        (["--task-kwargs", "{max_digits: 3}"], "is not valid JSON"),
+        (["--task-kwargs", "[3]"], "must be a JSON object"),
+        (["--task-kwargs", '{"digits": 3}'], "unknown option(s) ['digits'] for task 'arithmetic'"),
+        (["--task", "sudoku"], "unknown task 'sudoku'"),
+    ],
+)
+def test_eval_bad_task_options_exit_2(model_dir, extra, fragment):
+    code, out, err = _run(["eval", model_dir, "--num-prompts", "1", *extra])
+    assert code == 2 and out == "" and err.count("\n") == 1 and fragment in err, err
+
+
+def test_eval_of_a_missing_model_exits_2(tmp_path):
+    code, _, err = _run(["eval", tmp_path / "nothing", "--num-prompts", "1"])
+    assert code == 2 and f"model path {tmp_path / 'nothing'} does not exist" in err and err.count("\n") == 1
+
+
 def test_override_without_equals_exits_2(config_file):
     code, _, err = _run(["train", config_file, "--set", "optim.lr"])
     assert code == 2 and "section.key=value" in err and err.count("\n") == 1

@@ -46,9 +46,9 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
         kwargs["init_from"] = args.init_from
     if args.task:
         kwargs["task"] = args.task
-        kwargs["task_kwargs"] = json.loads(args.task_kwargs) if args.task_kwargs else {}
+        kwargs["task_kwargs"] = _json_object(args.task_kwargs) if args.task_kwargs else {}
     elif args.task_kwargs:
-        kwargs["task_kwargs"] = json.loads(args.task_kwargs)
+        kwargs["task_kwargs"] = _json_object(args.task_kwargs)
     result = warmstart(WarmstartConfig(**kwargs), device=args.device)
     print(json.dumps({k: v for k, v in result.items()}, indent=2))
     return 0
@@ -62,10 +62,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from steadyrl.train.evaluate import evaluate
     from steadyrl.train.setup import resolve_model_path
 
+    task = build_task(args.task, **(_json_object(args.task_kwargs) if args.task_kwargs else {}))  # before loading
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path, pad_token=args.pad_token)
     model = load_model(path, device=args.device)
-    task = build_task(args.task, **(json.loads(args.task_kwargs) if args.task_kwargs else {}))
     prompts = task.eval_prompts()[: args.num_prompts or None]
     metrics = evaluate(
         build_backend("hf", model, tokenizer),
@@ -96,6 +96,19 @@ def _cmd_methods(args: argparse.Namespace) -> int:
 
     print(methods_table(markdown=args.markdown))
     return 0
+
+
+def _json_object(text: str) -> dict:
+    """--task-kwargs: a JSON object, or a ConfigError that shows the expected form."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"--task-kwargs {text!r} is not valid JSON ({exc.msg}); pass an object, e.g. '{{\"max_digits\": 3}}'."
+        ) from exc
+    if not isinstance(value, dict):
+        raise ConfigError(f"--task-kwargs must be a JSON object, got {text!r}; e.g. '{{\"max_digits\": 3}}'.")
+    return value
 
 
 def _packaged_config(name: str) -> Path:
