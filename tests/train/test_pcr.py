@@ -312,6 +312,61 @@ def test_sum_and_pcr_with_alpha_zero_agree():
     assert m["pcr/alpha_max"].item() == 0.0
 
 
+class Experts(nn.Module):
+    """An MLP with two experts; micro-batch j uses expert j % 2 only (an MoE expert unused by a sample)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.embed = nn.Linear(3, 4)
+        self.mlp = nn.ModuleList([nn.Linear(4, 4), nn.Linear(4, 4)])
+        self.head = nn.Linear(4, 2)
+        self.double()
+
+
+def test_pcr_with_parameters_a_sample_does_not_use():
+    batches = make_batches(9, count=5)
+
+    def terms(model, j):
+        x, target = batches[j]
+        out = model.head(model.mlp[j % 2](torch.tanh(model.embed(x))))
+        policy = (out[:, 0] * target).mean()
+        return {"policy": policy, "kl": -0.5 * policy + 0.3 * (out - target.unsqueeze(1)).pow(2).mean()}
+
+    reference = Experts()
+    names, params = zip(*reference.named_parameters())
+    samples = []  # unused parameters get zero gradients in the pure-math reading
+    for j in range(len(batches)):
+        t = terms(reference, j)
+        g_pla = torch.autograd.grad(t["policy"], params, retain_graph=True, allow_unused=True)
+        g_sta = torch.autograd.grad(t["kl"], params, allow_unused=True)
+        zero = lambda g, p: torch.zeros_like(p) if g is None else g  # noqa: E731
+        samples.append(([zero(g, p) for g, p in zip(g_pla, params)], [zero(g, p) for g, p in zip(g_sta, params)]))
+    count = len(samples)
+    expected = {}
+    for expert in (0, 1):
+        members = [i for i, n in enumerate(names) if n.startswith(f"mlp.{expert}.")]
+        flat_p = torch.stack([torch.cat([gp[i].reshape(-1) for i in members]) for gp, _ in samples])
+        flat_s = torch.stack([torch.cat([gs[i].reshape(-1) for i in members]) for _, gs in samples])
+        var_p = G.trace_variance(flat_p.sum(0), (flat_p * flat_p).sum(), count)
+        var_s = G.trace_variance(flat_s.sum(0), (flat_s * flat_s).sum(), count)
+        g = G.pcr_soft_projection(flat_p.mean(0), flat_s.mean(0), G.pcr_alpha(var_p, var_s))
+        final, offset = count * (g + flat_s.mean(0)), 0
+        for i in members:
+            expected[names[i]] = final[offset : offset + params[i].numel()].view_as(params[i])
+            offset += params[i].numel()
+    model = Experts()
+    combiner = PCRCombiner(model=model)
+    combiner.begin(list(model.parameters()))
+    for j in range(len(batches)):
+        combiner.backward(terms(model, j))
+    combiner.finalize(list(model.parameters()))
+    for name, param in model.named_parameters():
+        if name in expected:
+            torch.testing.assert_close(param.grad, expected[name], rtol=1e-10, atol=1e-12, msg=name)
+    assert ((combiner.statistics["alpha"] > 0) & (combiner.statistics["alpha"] < 1)).all()
+
+
 def test_stability_term_without_gradient_gives_the_policy_gradient():
     model = TinyNet(2)
     x, target = make_batches(2, 1)[0]

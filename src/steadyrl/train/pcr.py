@@ -153,7 +153,9 @@ class ConflictCombiner(GradientCombiner):
             torch._foreach_add_([sums[i] for i in present], grads)
             if self.needs_variance:
                 norms = torch.stack(torch._foreach_norm(grads, 2, dtype=layout.dtype))
-                sq_norms.index_add_(0, layout.block_index[present], norms.square())
+                # all present is the usual case; the list index (a host-to-device copy) only for unused params
+                index = layout.block_index if len(present) == len(layout.tracked) else layout.block_index[present]
+                sq_norms.index_add_(0, index, norms.square())
         for p in layout.tracked:
             p.grad = None
 
@@ -175,9 +177,10 @@ class ConflictCombiner(GradientCombiner):
         self.statistics.update(sq_norm_sum_pla=self.sq_pla.clone(), sq_norm_sum_sta=self.sq_sta.clone())
         coef_pla, coef_sta, metrics = self.coefficients(dot, sq_pla, sq_sta)
         self.statistics.update(coef_pla=coef_pla, coef_sta=coef_sta)
+        # per-parameter coefficients by a gather (indexing with a 0-d tensor would sync with the device)
+        param_coef_pla, param_coef_sta = coef_pla[layout.block_index], coef_sta[layout.block_index]  # (N,)
         for k, (p, s_pla, s_sta) in enumerate(zip(layout.tracked, self.sum_pla, self.sum_sta)):
-            block = layout.block_index[k]
-            s_pla.mul_(coef_pla[block]).addcmul_(s_sta, coef_sta[block])  # grad = a_pla·S_pla + a_sta·S_sta
+            s_pla.mul_(param_coef_pla[k]).addcmul_(s_sta, param_coef_sta[k])  # grad = a_pla·S_pla + a_sta·S_sta
             p.grad = s_pla if s_pla.dtype == p.dtype else s_pla.to(p.dtype)
         metrics.update(_geometry_metrics(dot, sq_pla, sq_sta, coef_pla, coef_sta))
         metrics["pcr/samples"] = self.count.detach().clone()
