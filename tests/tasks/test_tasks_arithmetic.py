@@ -251,3 +251,19 @@ def test_bad_configuration(kwargs, match):
 def test_bad_split():
     with pytest.raises(TaskError, match="split"):
         ArithmeticTask(max_digits=1).sample("validation", 1, 0)
+
+
+def test_ignore_carries_habit_and_demo_error_ops():
+    import random as _random
+
+    from steadyrl.tasks.arithmetic import ArithmeticTask as _Task
+
+    # 47+38: columns 7+8=15 -> 5, 4+3 -> 7: "75" (correct 85); 52-38: 2-8 -> 4 (borrow forgotten), 5-3 -> 2: "24".
+    task = _Task(operations="+-", demo_error_rate=1.0, demo_error="ignore_carries", demo_error_ops="+")
+    rng = _random.Random(0)
+    add = task.make_prompt(47, "+", 38)
+    sub = task.make_prompt(52, "-", 38)
+    assert task.demonstration(add, rng) == "75"
+    assert task.demonstration(sub, rng) == "14"  # "-" is not in demo_error_ops: the demo stays correct
+    both = _Task(operations="+-", demo_error_rate=1.0, demo_error="ignore_carries")
+    assert both.demonstration(sub, rng) == "24"

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SevensTask
+from sevens_task import SevensTask
 
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec, load_config

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from conftest import SevensTask
+from sevens_task import SevensTask
 
 from steadyrl.config import load_config
 from steadyrl.train.combiners import SumCombiner

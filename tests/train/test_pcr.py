@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SevensTask
+from sevens_task import SevensTask
 from torch import nn
 
 from steadyrl import registry

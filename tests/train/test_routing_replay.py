@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SevensTask
+from sevens_task import SevensTask
 
 from steadyrl.config import ConfigError, load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config

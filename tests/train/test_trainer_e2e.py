@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import SevensTask
+from sevens_task import SevensTask
 
 from steadyrl.report import read_metrics
 from steadyrl.train.trainer import Trainer
@@ -44,6 +44,9 @@ def test_every_parameter_changes_and_metrics_are_finite(tiny_config):
         ("kl.coef=0.1", "correction.name=token_tis", "aggregation.name=seq_mean_token_mean"),
         ("advantage.name=dr_grpo", "loss.name=cispo", "aggregation.name=constant_norm", "rollout.sampler_dtype=bfloat16"),
         ("loss.name=gspo", "kl.coef=0.05", "kl.reference=old", "optim.mini_batches=2"),
+        ("loss.name=lco_kld",),
+        ("loss.name=lco_mse", "loss.beta=0.5", "optim.mini_batches=2"),
+        ("loss.name=lco_lch", "loss.target=ratio", "optim.epochs=2"),
     ],
 )
 def test_method_combinations_train_with_finite_metrics(tiny_config, overrides):

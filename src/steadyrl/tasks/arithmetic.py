@@ -23,7 +23,12 @@ Design (kept flexible on purpose; the lab tunes it):
       propagated. For + and * this gives ``answer - c_k·10^(k+1)`` (c_k the carry out of column k, counted
       from the least significant, over the long-multiplication column sums for *); for - a forgotten
       borrow gives ``answer + 10^(k+1)``. A problem without any carry / borrow keeps a correct demo.
+    - ``"ignore_carries"``: every carry (+) or borrow (-) is ignored: each answer digit is the column's
+      digit sum (difference) mod 10, a consistent "habit" rather than a one-off slip; * falls back to
+      ``drop_carry``. This is the embedded default's habit (see docs/quickstart.md).
     - ``"off_by_one"``: answer ± 1 (never negative when ``allow_negative=False``).
+  ``demo_error_ops`` limits the corruption to some operations (e.g. ``"+"``), so a mixed warm start can keep
+  another skill clean (the retention set of the stability lab).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ import re
 from steadyrl.tasks.base import Prompt, TaskError, check_split, draw_from_pool
 
 OPERATIONS = ("+", "-", "*")
-DEMO_ERRORS = ("drop_carry", "off_by_one")
+DEMO_ERRORS = ("drop_carry", "ignore_carries", "off_by_one")
 ANSWER_FORMATS = ("plain", "reversed")
 _PROBLEM_RE = re.compile(r"^(\d+)([+\-*])(\d+)=$")
 
@@ -73,6 +78,17 @@ def column_carries(a: int, op: str, b: int) -> list[int]:
     return carries
 
 
+def _ignore_carries(a: int, op: str, b: int) -> int:
+    """Column-wise digit sum (+) or |difference| with every borrow forgotten (-), each column mod 10."""
+    hi, lo = (a, b) if op == "+" or a >= b else (b, a)
+    result, place = 0, 1
+    while hi or lo:
+        x, y = hi % 10, lo % 10
+        result += ((x + y) % 10 if op == "+" else (x - y) % 10) * place
+        hi, lo, place = hi // 10, lo // 10, place * 10
+    return result if op == "+" or a >= b else -result
+
+
 def _evaluate(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
@@ -91,6 +107,7 @@ class ArithmeticTask:
         seed: int = 0,
         demo_error_rate: float = 0.0,
         demo_error: str = "drop_carry",
+        demo_error_ops: str | None = None,
         answer_format: str = "plain",
         allow_negative: bool = False,
         eval_modulus: int = 10,
@@ -115,6 +132,9 @@ class ArithmeticTask:
         self.min_digits, self.max_digits, self.operations = min_digits, max_digits, ops
         self.eval_size, self.seed, self.eval_modulus = eval_size, seed, eval_modulus
         self.demo_error_rate, self.demo_error = demo_error_rate, demo_error
+        self.demo_error_ops = set(demo_error_ops if demo_error_ops is not None else OPERATIONS)
+        if not self.demo_error_ops <= set(OPERATIONS):
+            raise TaskError(f"demo_error_ops must only contain {''.join(OPERATIONS)}, got {demo_error_ops!r}")
         self.answer_format, self.allow_negative = answer_format, allow_negative
         self._eval = self._build_eval_set()
 
@@ -202,7 +222,7 @@ class ArithmeticTask:
         """The answer text; corrupted with probability ``demo_error_rate`` (``rng`` is untouched at rate 0)."""
         a, op, b = self._operands(prompt)
         value = _evaluate(a, op, b)
-        if self.demo_error_rate > 0.0 and rng.random() < self.demo_error_rate:
+        if self.demo_error_rate > 0.0 and op in self.demo_error_ops and rng.random() < self.demo_error_rate:
             value = self._corrupt(a, op, b, value, rng)
         return self.format_answer(value)
 
@@ -213,6 +233,8 @@ class ArithmeticTask:
             if value == 0 and not self.allow_negative:
                 return 1
             return value + rng.choice((-1, 1))
+        if self.demo_error == "ignore_carries" and op in "+-":
+            return _ignore_carries(a, op, b)
         carries = column_carries(a, op, b)
         columns = [k for k, carry in enumerate(carries) if carry]
         if not columns:

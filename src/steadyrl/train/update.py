@@ -114,9 +114,9 @@ class PolicyUpdater:
     @torch.no_grad()
     def _forward_no_grad(
         self, model: torch.nn.Module, scored: ScoredBatch, *, replay: str | None, record: bool
-    ) -> tuple[Tensor, Tensor | None]:
-        """(B, T) log-probs and, when ``record``, the (B, Tp+T, L, k) experts the routers used."""
-        out, routed = [], []
+    ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(B, T) log-probs, the (B, Tp+T, L, k) experts the routers used when ``record``, (B, T) token logits."""
+        out, routed, logits = [], [], []
         for index in self._chunks(scored.batch_size, self.settings.micro_batch_size, scored.advantages.device):
             rollout = scored.rollout.select(index)
             recorder = RoutingRecorder(model) if record else contextlib.nullcontext()
@@ -129,9 +129,10 @@ class PolicyUpdater:
                     autocast_dtype=self.settings.autocast_dtype,
                 )
             out.append(fwd.logprobs)
+            logits.append(fwd.token_logits)
             if record:
                 routed.append(recorder.routed_experts(rollout.batch_size))
-        return torch.cat(out, dim=0), (torch.cat(routed, dim=0) if record else None)
+        return torch.cat(out, dim=0), (torch.cat(routed, dim=0) if record else None), torch.cat(logits, dim=0)
 
     def _replaying(self, model: torch.nn.Module, rollout: RolloutBatch, replay: str | None):
         """Routing around a forward: None = the routers' own; "batch" = replay ``rollout.routed_experts`` (the
@@ -168,7 +169,9 @@ class PolicyUpdater:
         if compute_old or mode == "R2":
             replay = {"none": None, "R2": "own", "R3": "batch"}[mode]
             record = mode == "R2" or (mode == "none" and diagnose)
-            scored.old_logprobs, recorded = self._forward_no_grad(self.model, scored, replay=replay, record=record)
+            scored.old_logprobs, recorded, scored.old_token_logits = self._forward_no_grad(
+                self.model, scored, replay=replay, record=record
+            )
             if mode == "R2":
                 scored.rollout = replace(scored.rollout, routed_experts=recorded)
             elif mode == "none":
@@ -176,7 +179,7 @@ class PolicyUpdater:
         if not diagnose:
             return {}
         if plain_logprobs is None:
-            plain_logprobs, plain_routing = self._forward_no_grad(self.model, scored, replay=None, record=True)
+            plain_logprobs, plain_routing, _ = self._forward_no_grad(self.model, scored, replay=None, record=True)
         mask = routed_positions_mask(scored.rollout.prompt_mask, scored.rollout.response_mask)
         metrics = routing_agreement(sampler_routing, plain_routing, mask)
         no_replay = mismatch_metrics(plain_logprobs, scored.rollout.rollout_logprobs, scored.token_mask)
