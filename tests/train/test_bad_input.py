@@ -105,10 +105,6 @@ def test_model_directory_without_a_checkpoint(tiny_config, tmp_path):
     assert task.samples == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="models.loading.load_tokenizer embeds transformers' multi-line error text in its message",
-)
 def test_model_directory_without_a_checkpoint_is_one_line(tiny_config, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -133,7 +129,7 @@ def model_without_pad(tmp_path_factory):
     """A tiny Llama whose saved char tokenizer has no pad token.
 
     Llama, not the conftest's Qwen2: transformers 5 loads a Qwen2 checkpoint's tokenizer as Qwen2Tokenizer,
-    which silently invents a pad token (see the xfail test below).
+    which silently invents a pad token (caught by check_tokenizer_fits_model, see the test below).
     """
     tok = build_char_tokenizer(ARITHMETIC_ALPHABET)
     cfg = tiny_model_config("llama", vocab_size=len(tok), hidden_size=32, num_layers=1, num_heads=2)
@@ -152,13 +148,6 @@ def test_tokenizer_without_a_pad_token_names_the_setting(tiny_config, model_with
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=IndexError,
-    reason="transformers 5 loads a Qwen2 checkpoint's tokenizer as Qwen2Tokenizer, which adds a default pad token "
-    "'<|endoftext|>' with an id outside the model's embedding; load_tokenizer does not notice, so the run fails "
-    "at the first rollout with an IndexError instead of in Trainer.__init__",
-)
 def test_tokenizer_without_a_pad_token_is_caught_for_qwen2_too(tiny_config, tiny_model_dir, tmp_path):
     no_pad = _without_pad_token(Path(tiny_model_dir), tmp_path / "qwen2-no-pad")
     task = SpyTask()

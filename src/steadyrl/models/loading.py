@@ -79,6 +79,29 @@ def _check_local_path(name_or_path: str, *, required_file: str | None) -> str | 
     return str(path)
 
 
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_tokenizer_fits_model(tokenizer, model: torch.nn.Module, name_or_path: str = "the model") -> None:
+    """Every special token the trainer uses must index the model's embedding.
+
+    Some tokenizer classes invent a default pad token (transformers 5's Qwen2Tokenizer adds
+    '<|endoftext|>') that a small custom vocabulary does not have; catching it here turns an IndexError at
+    the first rollout into an error that names the fix.
+    """
+    vocab = model.get_input_embeddings().num_embeddings
+    for role in ("pad", "eos"):
+        token_id = getattr(tokenizer, f"{role}_token_id")
+        if token_id is None or not 0 <= int(token_id) < vocab:
+            raise ModelLoadError(
+                f"the tokenizer of {name_or_path} gives the {role} token {getattr(tokenizer, f'{role}_token')!r} "
+                f"id {token_id}, outside the model's {vocab}-row embedding; set `model.pad_token` in the config to "
+                f"a token the model has (its EOS token {tokenizer.eos_token!r} is the usual choice)"
+            )
+
+
 def _fetch_error(name_or_path: str, what: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"{what} {name_or_path!r} could not be fetched from the Hugging Face hub ({type(error).__name__}: "
@@ -156,7 +179,7 @@ def load_tokenizer(
     except (OSError, ValueError) as error:
         if local_path is not None:
             raise ModelLoadError(
-                f"could not load a tokenizer from {name_or_path} ({error}); the directory needs the files "
+                f"could not load a tokenizer from {name_or_path} ({_first_line(error)}); the directory needs the files "
                 "written by tokenizer.save_pretrained (tokenizer.json, tokenizer_config.json)"
             ) from error
         raise _fetch_error(name_or_path, "tokenizer", error) from error

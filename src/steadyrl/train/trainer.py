@@ -20,13 +20,19 @@ import torch
 from steadyrl import registry
 from steadyrl.config import TrainConfig, dump_config
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
+from steadyrl.models.loading import check_tokenizer_fits_model
 from steadyrl.models.routing import check_routing_replay
 from steadyrl.report import MetricLogger, ProgressBar, make_report
 from steadyrl.rollout import build_backend
 from steadyrl.rollout.base import SamplingParams
 from steadyrl.tasks import build_task
 from steadyrl.train.batch import ScoredBatch
-from steadyrl.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, save_pretrained_atomic
+from steadyrl.train.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    save_pretrained_atomic,
+)
 from steadyrl.train.collect import RolloutCollector, step_seed
 from steadyrl.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from steadyrl.train.evaluate import evaluate
@@ -54,6 +60,7 @@ class Trainer:
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.model = model if model is not None else self._load_model(model_path)
+        check_tokenizer_fits_model(self.tokenizer, self.model, cfg.model.name_or_path)
         self.model.to(self.device).train()
         check_routing_replay(self.model, cfg.routing_replay)
         self.ref_model = None
