@@ -57,9 +57,14 @@ def test_method_combinations_train_with_finite_metrics(tiny_config, overrides):
         assert "kl/ref_k3" in rows[-1] and "mismatch/is_ess" in rows[-1]
 
 
-def test_resume_is_exact(tiny_config, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [(), ("token_filters=[{name: capo, fisher_tau: 10.0, hessian_tau: 10.0, optimizer_model: adam}]",)],
+    ids=["grpo", "capo"],  # CAPO's optimizer-model moments must survive the checkpoint too
+)
+def test_resume_is_exact(tiny_config, tmp_path, extra):
     def run(out, stop_after=None):
-        cfg = tiny_config("optim.steps=6", "checkpoint.every=3", f"run.output_dir={out}", "eval.every=3")
+        cfg = tiny_config("optim.steps=6", "checkpoint.every=3", f"run.output_dir={out}", "eval.every=3", *extra)
         trainer = Trainer(cfg, task=SevensTask())
         trainer.train(stop_after=stop_after)
         return trainer

@@ -199,6 +199,13 @@ class CapoFilter(TokenFilter):
         self._counts.zero_()
         self._recorded = False
 
+    def discard_step(self) -> None:
+        """A skipped optimizer step: drop its recorded gradient sums so they do not leak into the next step."""
+        if self._sums is not None:
+            self._sums.zero_()
+            self._counts.zero_()
+        self._recorded = False
+
     # ------------------------------------------------------------------ state
 
     @property

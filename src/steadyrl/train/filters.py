@@ -32,3 +32,14 @@ class TokenFilter:
 
     def after_step(self) -> None:
         """Called after every optimizer step that was not skipped."""
+
+    def discard_step(self) -> None:
+        """Called instead of ``after_step`` when the step was skipped (non-finite gradients): forget what the
+        step's micro-batches recorded."""
+
+    def state_dict(self) -> dict:
+        """State that must survive a checkpoint (saved in the trainer's checkpoint, restored on resume)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

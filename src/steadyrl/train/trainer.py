@@ -148,6 +148,8 @@ class Trainer:
             extra = loaded.get("extra") or {}
             self.state.update(extra.get("trainer_state", {}))
             self.updater.skipped_steps = int(extra.get("skipped_steps", 0))
+            for f, state in zip(self.updater.token_filters, extra.get("token_filters", [])):
+                f.load_state_dict(state)
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
@@ -250,7 +252,11 @@ class Trainer:
 
     def save(self, step: int) -> None:
         if self.info.is_main:
-            extra = {"trainer_state": dict(self.state), "skipped_steps": self.updater.skipped_steps}
+            extra = {
+                "trainer_state": dict(self.state),
+                "skipped_steps": self.updater.skipped_steps,
+                "token_filters": [f.state_dict() for f in self.updater.token_filters],
+            }
             save_checkpoint(
                 self.run_dir,
                 step,

@@ -268,6 +268,8 @@ class PolicyUpdater:
                 f.after_step()
         else:
             self.skipped_steps += 1
+            for f in self.token_filters:
+                f.discard_step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
