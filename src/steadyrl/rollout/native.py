@@ -1,0 +1,453 @@
+"""steadyrl's own decode loop: a static KV cache and one HF forward per token, nothing else per step.
+
+Same protocol, constructor and outputs as ``HFRolloutBackend``; what ``generate`` leaves out is the per-step
+machinery around the forward (logits-processor and stopping-criteria objects, a growing ``input_ids`` and KV
+cache concatenated every step, a full-length ``position_ids``, host syncs). What it keeps is the maths:
+
+    μ(· | y_<t) = softmax(top_p(top_k(z_t / τ)))          z_t = fp32 logits of the last position
+    y_t ~ μ  (``torch.multinomial`` with the caller's generator),   greedy: y_t = argmax z_t, μ = softmax(z_t)
+
+with ``top_k`` and ``top_p`` written as transformers' ``TopKLogitsWarper`` / ``TopPLogitsWarper`` (ties at the
+k-th value kept; the top-p cut on ascending cumulative probabilities ≤ 1 − p, the largest token always kept),
+so both backends sample the same distribution and return the same μ for the same logits.
+
+Layout of one call: prompts (B, Tp) left-padded → one prefill over the prompt with positions counted over real
+tokens (``position_ids_from_mask``) → N − 1 single-token decode steps writing slot Tp + t of a
+``transformers.StaticCache`` of length Tp + N − 1. Finished rows emit pad and keep stepping (shapes stay static)
+until every row has finished; the ``all finished`` flag is read every step on CPU (free) and every
+``stop_check_every`` steps on CUDA (a host sync). The output is trimmed to the longest response, so its shape
+equals the HF backend's.
+
+On CUDA, ``compile=True`` compiles the decode forward with ``torch.compile(mode="reduce-overhead")``
+(CUDA graphs over the static cache, as transformers' own static-cache generate does); the cache is then kept
+between calls with its length rounded up to ``cache_bucket`` so that a new prompt length does not recompile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import math
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import StaticCache
+from transformers.masking_utils import create_masks_for_generate
+
+from steadyrl.models.routing import RoutingRecorder, supported_moe_layers
+from steadyrl.ops.masking import masked_fill_zero, response_mask_from_eos
+from steadyrl.rollout.base import SamplingParams, position_ids_from_mask
+from steadyrl.types import RolloutBatch
+
+
+def top_k_filter(scores: Tensor, top_k: int) -> Tensor:  # scores: (B, V) -> (B, V)
+    """−∞ outside the ``top_k`` largest scores; every score equal to the k-th largest is kept.
+
+    Same as ``transformers.TopKLogitsWarper(top_k)``: keep z_v iff z_v ≥ (k-th largest z).
+    """
+    k = min(max(top_k, 1), scores.shape[-1])
+    kth_largest = torch.topk(scores, k, dim=-1).values[..., -1:]
+    return scores.masked_fill(scores < kth_largest, -math.inf)
+
+
+def top_p_filter(scores: Tensor, top_p: float) -> Tensor:  # scores: (B, V) -> (B, V)
+    """Nucleus filter, as ``transformers.TopPLogitsWarper(top_p)``.
+
+    Sort ascending, c_i = Σ_{j ≤ i} softmax(z)_(j); drop tokens with c_i ≤ 1 − p, always keep the largest one.
+    """
+    sorted_scores, sorted_index = torch.sort(scores, descending=False, dim=-1)
+    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
+    sorted_drop = cumulative <= (1 - top_p)
+    sorted_drop[..., -1:] = False
+    drop = sorted_drop.scatter(-1, sorted_index, sorted_drop)
+    return scores.masked_fill(drop, -math.inf)
+
+
+def sampling_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:  # logits: (B, V) -> (B, V) fp32
+    """log μ over the vocabulary: log softmax of the processed scores (temperature, then top-k, then top-p).
+
+    Greedy decoding (temperature 0) returns the temperature-1 log-probs, as the protocol asks.
+    """
+    scores = logits.float()
+    if not params.greedy:
+        if params.temperature != 1.0:
+            scores = scores / params.temperature
+        if params.top_k:
+            scores = top_k_filter(scores, params.top_k)
+        if params.top_p < 1.0:
+            scores = top_p_filter(scores, params.top_p)
+    return torch.log_softmax(scores, dim=-1)
+
+
+def sample_categorical(
+    probs: Tensor,  # (B, V) non-negative, rows need not sum to 1
+    generator: torch.Generator | None = None,
+) -> Tensor:  # (B,) long
+    """One draw per row from P(v) = probs_v / Σ probs, by inverting the CDF: the first v with F_v > u · F_V.
+
+    Exact up to one fp32 rounding per token (|P̂(v) − P(v)| ≤ ulp(1)/2 ≈ 6e-8), zero-probability tokens are
+    never drawn, and it uses B random numbers per step instead of ``torch.multinomial``'s per-row pass over
+    the vocabulary (20x faster on CPU at V = 1024). Reproducible from ``generator``.
+    """
+    cdf = probs.float().cumsum(dim=-1)
+    total = cdf[:, -1:]
+    uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)
+    # u · F_V can round up to F_V itself; the largest float below it keeps the draw on a positive-mass token
+    threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
+    return torch.searchsorted(cdf, threshold, right=True).squeeze(1)
+
+
+def _plain_sdpa_causal(config) -> bool:
+    """True when every layer is full causal attention through SDPA: the mask is then a (B, 1, 1, L) bool view."""
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    return (
+        config._attn_implementation == "sdpa"
+        and layer_types == {"full_attention"}
+        and getattr(config, "sliding_window", None) is None
+        and getattr(config, "attention_chunk_size", None) is None
+    )
+
+
+def _logits_kwarg(model: torch.nn.Module) -> str | None:
+    """The forward argument that restricts the LM head to the last position, if the model has one."""
+    names = inspect.signature(model.forward).parameters
+    return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in names), None)
+
+
+def _rms_norm(norm: torch.nn.Module, hidden: Tensor) -> Tensor:
+    """LlamaRMSNorm / Qwen2RMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
+    input_dtype = hidden.dtype
+    hidden = hidden.to(torch.float32)
+    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+    return norm.weight * hidden.to(input_dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def _linear(layer: torch.nn.Linear, x: Tensor) -> Tensor:
+    return F.linear(x, layer.weight, layer.bias)
+
+
+class _LlamaFamilyDecodeStep:
+    """One decode token through a dense Llama / Qwen2 decoder, from the HF modules' own weights.
+
+    The same operations in the same order as the transformers modules (RMSNorm in fp32, the model's rotary
+    module, SDPA over the KV heads with the query heads packed as HF's ``pack_gqa`` does), without their
+    per-call machinery: on CPU a decode forward costs about 0.8x the HF one. Reads and writes the K/V tensors
+    of the ``StaticCache`` the HF prefill filled. Used only when ``supports(model)``: exact ``nn.Linear`` /
+    ``nn.Embedding`` modules (no LoRA or quantised wrappers), no hooks, plain causal SDPA.
+    """
+
+    MODEL_TYPES = ("llama", "qwen2")
+
+    @classmethod
+    def supports(cls, model: torch.nn.Module) -> bool:
+        config = model.config
+        base = getattr(model, "model", None)
+        if config.model_type not in cls.MODEL_TYPES or not _plain_sdpa_causal(config) or base is None:
+            return False
+        if (
+            type(getattr(model, "lm_head", None)) is not torch.nn.Linear
+            or type(base.embed_tokens) is not torch.nn.Embedding
+        ):
+            return False
+        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+            return False
+        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
+            return False
+        for layer in base.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            linears = [
+                attn.q_proj,
+                attn.k_proj,
+                attn.v_proj,
+                attn.o_proj,
+                mlp.gate_proj,
+                mlp.up_proj,
+                mlp.down_proj,
+            ]
+            if any(type(m) is not torch.nn.Linear for m in linears):
+                return False
+            norms = [layer.input_layernorm, layer.post_attention_layernorm]
+            if not all(
+                type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms
+            ):
+                return False
+        return True
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self.base = model.model
+        self.layers = list(self.base.layers)
+
+    def __call__(
+        self,
+        token: Tensor,  # (B, 1) long
+        position: Tensor,  # (B, 1) long
+        visible: Tensor,  # (B, L) bool, the cache slots the token attends to (its own slot included)
+        slot: Tensor,  # (1,) long, the cache slot this token's K/V go to
+        cache: StaticCache,
+        kv_len: int | None = None,  # attend over cache[:kv_len] only (eager); None = the whole cache (graphs)
+    ) -> Tensor:  # (B, V) fp32 logits
+        batch = token.shape[0]
+        hidden = self.base.embed_tokens(token)
+        cos, sin = self.base.rotary_emb(hidden, position)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        mask = visible[:, None, None, :kv_len]
+        for index, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            residual = hidden
+            hidden = _rms_norm(layer.input_layernorm, hidden)
+            query = _linear(attn.q_proj, hidden).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            key = _linear(attn.k_proj, hidden).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            value = _linear(attn.v_proj, hidden).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
+            query = (query * cos) + (_rotate_half(query) * sin)
+            key = (key * cos) + (_rotate_half(key) * sin)
+            keys, values = cache.layers[index].keys, cache.layers[index].values
+            keys.index_copy_(2, slot, key)
+            values.index_copy_(2, slot, value)
+            kv_heads = keys.shape[1]
+            # HF's pack_gqa: the query heads sharing a KV head become that head's query rows
+            packed = query.reshape(batch, kv_heads, -1, attn.head_dim)
+            out = F.scaled_dot_product_attention(
+                packed, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask, scale=attn.scaling
+            )
+            out = out.reshape(batch, -1, 1, attn.head_dim).transpose(1, 2).reshape(batch, 1, -1).contiguous()
+            hidden = residual + _linear(attn.o_proj, out)
+            residual = hidden
+            hidden = _rms_norm(layer.post_attention_layernorm, hidden)
+            mlp = layer.mlp
+            hidden = residual + _linear(
+                mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, hidden)) * _linear(mlp.up_proj, hidden)
+            )
+        hidden = _rms_norm(self.base.norm, hidden)
+        return _linear(self.model.lm_head, hidden[:, -1]).to(dtype=torch.float32, copy=True)
+
+
+class NativeRolloutBackend:
+    """RolloutBackend with its own decode loop over a static KV cache.
+
+    Arguments as ``HFRolloutBackend``: ``sampler_dtype`` samples with a separate copy of the policy in that
+    dtype, refreshed by ``sync_weights``; ``record_routing`` (default: whenever the sampler is a supported MoE
+    model) fills ``routed_experts`` for prompt + completion (R3). Plus:
+
+    fused: decode with the op-for-op Llama / Qwen2 step (``_LlamaFamilyDecodeStep``) instead of the HF
+        forward. None (default) = whenever the model supports it; True = require it; False = HF forward.
+    compile: on CUDA, compile the single-token decode step with ``torch.compile(mode="reduce-overhead")``
+        (CUDA graphs over the static cache); ignored, with a warning, on other devices.
+    stop_check_every: decode steps between reads of the "all rows finished" flag on CUDA (each read is a
+        host sync); on CPU the flag is read every step.
+    cache_bucket: with ``compile``, the KV cache length is rounded up to a multiple of this, so that prompts
+        of a new length reuse the compiled step.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        pad_token_id: int,
+        eos_token_id: int | list[int],
+        sampler_dtype: torch.dtype | None = None,
+        record_routing: bool | None = None,
+        fused: bool | None = None,
+        compile: bool = False,
+        stop_check_every: int = 8,
+        cache_bucket: int = 256,
+    ) -> None:
+        if stop_check_every < 1 or cache_bucket < 1:
+            raise ValueError("stop_check_every and cache_bucket must be >= 1.")
+        self.policy = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        param_dtype = next(model.parameters()).dtype
+        self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
+        self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
+        if self.separate_sampler:
+            self.sampler.requires_grad_(False)
+        if record_routing is None:
+            record_routing = bool(supported_moe_layers(self.sampler, strict=False))
+        self.record_routing = record_routing
+        supported = _LlamaFamilyDecodeStep.supports(self.sampler)
+        if fused and not supported:
+            raise ValueError(
+                f"fused decoding needs a dense {'/'.join(_LlamaFamilyDecodeStep.MODEL_TYPES)} model with plain "
+                "nn.Linear layers, no hooks and SDPA attention; pass fused=None or False to use the HF forward."
+            )
+        self.fused = supported if fused is None else fused
+        self._fused_step = _LlamaFamilyDecodeStep(self.sampler) if self.fused else None
+        self.compile = compile
+        self.stop_check_every = stop_check_every
+        self.cache_bucket = cache_bucket
+        self._logits_kwarg = _logits_kwarg(self.sampler)
+        self._make_masks = getattr(self.sampler, "create_masks_for_generate", create_masks_for_generate)
+        self._own_mask = _plain_sdpa_causal(self.sampler.config)
+        self._compiled_step = None
+        self._kept_cache: tuple[tuple, StaticCache] | None = None
+        self._warned_compile = False
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        if not self.separate_sampler:
+            return
+        for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
+            dst.copy_(src)
+
+    def _hf_forward(
+        self, step, input_ids: Tensor, attention_mask, position_ids: Tensor, cache: StaticCache
+    ) -> Tensor:
+        """fp32 logits (B, V) of the last position through the model's own forward."""
+        extra = {self._logits_kwarg: 1} if self._logits_kwarg else {}
+        out = step(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=cache,
+            use_cache=True,
+            **extra,
+        )
+        # a copy: under CUDA graphs the output buffer is overwritten by the next replay
+        return out.logits[:, -1].to(dtype=torch.float32, copy=True)
+
+    def _step_fn(self, device: torch.device):
+        """The decode step callable, compiled on CUDA when asked."""
+        eager = self._fused_step if self.fused else self.sampler
+        if not self.compile:
+            return eager, False
+        if device.type != "cuda":
+            if not self._warned_compile:
+                warnings.warn(
+                    "NativeRolloutBackend(compile=True) compiles on CUDA only; decoding eagerly.",
+                    stacklevel=3,
+                )
+                self._warned_compile = True
+            return eager, False
+        if self._compiled_step is None:
+            self._compiled_step = torch.compile(eager, mode="reduce-overhead", fullgraph=False, dynamic=False)
+        return self._compiled_step, True
+
+    def _cache(self, batch_size: int, length: int, device: torch.device, compiled: bool) -> StaticCache:
+        """A fresh StaticCache, or (compiled decoding) the kept one when its shape fits, emptied."""
+        if not compiled:
+            return StaticCache(config=self.sampler.config, max_cache_len=length)
+        key = (batch_size, length, device, next(self.sampler.parameters()).dtype)
+        if self._kept_cache is not None and self._kept_cache[0] == key:
+            cache = self._kept_cache[1]
+            cache.reset()
+            return cache
+        self._kept_cache = None  # free the old one before allocating
+        cache = StaticCache(config=self.sampler.config, max_cache_len=length)
+        self._kept_cache = (key, cache)
+        return cache
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompt_ids: Tensor,  # (B, Tp) long, left-padded
+        prompt_mask: Tensor,  # (B, Tp) bool
+        params: SamplingParams,
+        generator: torch.Generator | None = None,
+    ) -> RolloutBatch:
+        if params.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {params.max_new_tokens}.")
+        device = prompt_ids.device
+        batch_size, prompt_len = prompt_ids.shape
+        new_tokens = params.max_new_tokens
+        prompt_mask = prompt_mask.bool()
+        step_fn, compiled = self._step_fn(device)
+        cache_len = prompt_len + new_tokens - 1  # the last sampled token is never fed back
+        if compiled:
+            cache_len = -(-cache_len // self.cache_bucket) * self.cache_bucket
+        cache = self._cache(batch_size, cache_len, device, compiled)
+        # Which cache slots the next token attends to: the real prompt tokens, then each generated slot once
+        # written. For plain causal SDPA models its (B, 1, 1, L) view is the attention mask itself; otherwise
+        # transformers builds the mask from a padding mask (prompt padding off, everything after on: slots not
+        # yet written are excluded there by causality).
+        visible = torch.zeros((batch_size, cache_len), dtype=torch.bool, device=device)
+        visible[:, :prompt_len] = prompt_mask
+        if not self._own_mask:
+            padding_mask = torch.ones_like(visible)
+            padding_mask[:, :prompt_len] = prompt_mask
+            empty_embeds = torch.empty((batch_size, 1, 0), dtype=self.sampler.dtype, device=device)
+        eos_ids = torch.as_tensor(self.eos_token_id, device=device).reshape(-1)
+        pad = torch.full((), self.pad_token_id, dtype=torch.long, device=device)
+
+        completion = torch.full((batch_size, new_tokens), self.pad_token_id, dtype=torch.long, device=device)
+        logprobs = torch.zeros((batch_size, new_tokens), dtype=torch.float32, device=device)
+        finished = torch.zeros(batch_size, dtype=torch.bool, device=device)
+        next_input = torch.empty((batch_size, 1), dtype=torch.long, device=device)
+        # (B, 1): the first new token's position is the number of real prompt tokens
+        next_position = prompt_mask.long().sum(-1, keepdim=True)
+        slot = torch.full((1,), prompt_len, dtype=torch.long, device=device)
+        check_every = self.stop_check_every if device.type == "cuda" else 1
+
+        was_training = self.sampler.training
+        self.sampler.eval()
+        recording = RoutingRecorder(self.sampler) if self.record_routing else contextlib.nullcontext()
+        with recording:
+            logits = self._hf_forward(
+                self.sampler, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache
+            )
+            steps_done = new_tokens
+            for t in range(new_tokens):
+                log_mu = sampling_logprobs(logits, params)  # (B, V)
+                if params.greedy:
+                    token = logits.argmax(dim=-1)
+                else:
+                    token = sample_categorical(log_mu.exp(), generator)
+                token = torch.where(finished, pad, token)  # finished rows emit pad, as HF generate does
+                completion[:, t] = token
+                logprobs[:, t] = log_mu.gather(1, token[:, None]).squeeze(1)
+                finished |= torch.isin(token, eos_ids)
+                if t == new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+                    steps_done = t + 1
+                    break
+                next_input.copy_(token[:, None])
+                visible[:, prompt_len + t] = True
+                if compiled:
+                    torch.compiler.cudagraph_mark_step_begin()
+                if self.fused:
+                    kv_len = None if compiled else prompt_len + t + 1
+                    logits = step_fn(next_input, next_position, visible, slot, cache, kv_len)
+                    slot += 1
+                else:
+                    if self._own_mask:
+                        attention_mask = visible[:, None, None, :]
+                    else:
+                        attention_mask = self._make_masks(
+                            config=self.sampler.config,
+                            inputs_embeds=empty_embeds,
+                            attention_mask=padding_mask,
+                            past_key_values=cache,
+                            position_ids=next_position,
+                        )
+                    logits = self._hf_forward(step_fn, next_input, attention_mask, next_position, cache)
+                next_position += 1
+        self.sampler.train(was_training)
+
+        completion, logprobs = completion[:, :steps_done], logprobs[:, :steps_done]
+        response_mask, truncated = response_mask_from_eos(completion, self.eos_token_id)
+        if check_every > 1:
+            # the flag was read every few steps: drop the steps after the last row finished, as HF does
+            longest = int(response_mask.sum(-1).max())
+            completion, logprobs = completion[:, :longest], logprobs[:, :longest]
+            response_mask = response_mask[:, :longest]
+        routed_experts = None
+        if self.record_routing:
+            # recorded: the prompt, then one position per fed-back token (steps_done − 1 of them)
+            routed_experts = recording.routed_experts(batch_size, prompt_len + steps_done)
+            routed_experts = routed_experts[:, : prompt_len + completion.shape[1]]
+        return RolloutBatch(
+            prompt_ids=prompt_ids,
+            prompt_mask=prompt_mask,
+            completion_ids=completion,
+            response_mask=response_mask,
+            rollout_logprobs=masked_fill_zero(logprobs, response_mask),
+            truncated=truncated,
+            routed_experts=routed_experts,
+        )
