@@ -44,6 +44,10 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
         kwargs["steps"] = args.steps
     if args.init_from:
         kwargs["init_from"] = args.init_from
+    if args.arch:
+        kwargs["arch"] = args.arch
+    if args.model_kwargs:
+        kwargs["model_kwargs"] = _json_object(args.model_kwargs, "--model-kwargs")
     if args.task:
         kwargs["task"] = args.task
         kwargs["task_kwargs"] = _json_object(args.task_kwargs) if args.task_kwargs else {}
@@ -98,16 +102,16 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
-def _json_object(text: str) -> dict:
-    """--task-kwargs: a JSON object, or a ConfigError that shows the expected form."""
+def _json_object(text: str, flag: str = "--task-kwargs") -> dict:
+    """A JSON-object option, or a ConfigError that shows the expected form."""
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(
-            f"--task-kwargs {text!r} is not valid JSON ({exc.msg}); pass an object, e.g. '{{\"max_digits\": 3}}'."
+            f"{flag} {text!r} is not valid JSON ({exc.msg}); pass an object, e.g. '{{\"max_digits\": 3}}'."
         ) from exc
     if not isinstance(value, dict):
-        raise ConfigError(f"--task-kwargs must be a JSON object, got {text!r}; e.g. '{{\"max_digits\": 3}}'.")
+        raise ConfigError(f"{flag} must be a JSON object, got {text!r}; e.g. '{{\"max_digits\": 3}}'.")
     return value
 
 
@@ -147,6 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--task", default=None)
     w.add_argument("--task-kwargs", default=None, help="JSON object of task options")
     w.add_argument("--init-from", default=None, help="fine-tune this model instead of a fresh tiny one")
+    w.add_argument("--arch", default=None, help="qwen2 | llama | qwen2_moe | qwen3_moe (fresh tiny model)")
+    w.add_argument("--model-kwargs", default=None, help="JSON object of extra tiny_model_config arguments")
     w.add_argument("--device", default="cpu")
     w.add_argument("--overwrite", action="store_true")
     w.set_defaults(fn=_cmd_warmstart)

@@ -18,7 +18,14 @@ from typing import Any
 import torch
 
 from steadyrl.config import ConfigError
-from steadyrl.models import build_char_tokenizer, build_tiny_model, count_parameters, load_model, load_tokenizer, tiny_model_config
+from steadyrl.models import (
+    build_char_tokenizer,
+    build_tiny_model,
+    count_parameters,
+    load_model,
+    load_tokenizer,
+    tiny_model_config,
+)
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.rollout import build_backend
 from steadyrl.rollout.base import SamplingParams
@@ -38,6 +45,8 @@ class WarmstartConfig:
     num_layers: int = 4
     num_heads: int = 4
     intermediate_size: int = 384
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra tiny_model_config arguments, e.g. MoE: {num_experts: 4, num_experts_per_tok: 2, norm_topk_prob: true}."""
     steps: int = 3000
     batch_size: int = 128
     lr: float = 3e-3
@@ -97,6 +106,7 @@ def warmstart(cfg: WarmstartConfig, *, device: str = "cpu", log=print) -> dict[s
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
+            **cfg.model_kwargs,
         )
         model = build_tiny_model(config, seed=cfg.seed).to(device)
     log(f"warm start: {count_parameters(model):,} parameters, {cfg.steps} steps of {cfg.batch_size} demonstrations")
