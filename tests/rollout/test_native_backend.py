@@ -16,8 +16,16 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.routing import routed_positions_mask
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
-from steadyrl.rollout import BACKENDS, HFRolloutBackend, NativeRolloutBackend, SamplingParams, build_backend, left_pad
+from steadyrl.rollout import (
+    BACKENDS,
+    HFRolloutBackend,
+    NativeRolloutBackend,
+    SamplingParams,
+    build_backend,
+    left_pad,
+)
 from steadyrl.rollout.base import position_ids_from_mask
+from steadyrl.rollout.native import sampling_logprobs
 
 PAD, EOS, VOCAB = 0, 1, 12
 
@@ -25,7 +33,13 @@ PAD, EOS, VOCAB = 0, 1, 12
 def _model(arch: str, seed: int = 0):
     # initializer_range 0.5: a random model whose greedy completions vary and hit EOS at different steps
     cfg = tiny_model_config(
-        arch, vocab_size=VOCAB, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, initializer_range=0.5
+        arch,
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        initializer_range=0.5,
     )
     return build_tiny_model(cfg, seed=seed)
 
@@ -52,11 +66,17 @@ def _assert_same_rollout(hf, native, logprob_atol=1e-5):
 # ------------------------------------------------------------------ greedy: token for token the HF backend
 
 
-@pytest.mark.parametrize("arch,fused", [("qwen2", True), ("qwen2", False), ("llama", True), ("qwen2_moe", False)])
+@pytest.mark.parametrize(
+    "arch,fused", [("qwen2", True), ("qwen2", False), ("llama", True), ("qwen2_moe", False)]
+)
 @pytest.mark.parametrize(
     "lengths,max_new_tokens,eos",
     [
-        ([5, 2, 6, 1, 3, 6, 4, 2], 10, EOS),  # left padding; EOS mid-sequence in some rows, truncation in others
+        (
+            [5, 2, 6, 1, 3, 6, 4, 2],
+            10,
+            EOS,
+        ),  # left padding; EOS mid-sequence in some rows, truncation in others
         ([4, 4, 4], 7, EOS),  # no padding
         ([3], 12, EOS),  # B = 1
         ([6, 1, 3, 5], 1, EOS),  # a single new token
@@ -84,7 +104,9 @@ def test_greedy_equals_hf_backend(models, arch, fused, lengths, max_new_tokens, 
 def test_greedy_cases_cover_eos_truncation_and_early_stop(models):
     """The cases above are only worth something if they exercise EOS, truncation and an early stop."""
     backend = NativeRolloutBackend(models["qwen2"], pad_token_id=PAD, eos_token_id=EOS)
-    out = backend.generate(*_prompts([5, 2, 6, 1, 3, 6, 4, 2]), SamplingParams(max_new_tokens=10, temperature=0.0))
+    out = backend.generate(
+        *_prompts([5, 2, 6, 1, 3, 6, 4, 2]), SamplingParams(max_new_tokens=10, temperature=0.0)
+    )
     lengths = out.response_mask.sum(-1)
     assert out.truncated.any() and (~out.truncated).any()
     assert ((lengths > 1) & (lengths < 10) & ~out.truncated).any()  # an EOS mid-sequence
@@ -92,8 +114,12 @@ def test_greedy_cases_cover_eos_truncation_and_early_stop(models):
     assert (out.completion_ids[~out.response_mask] == PAD).all()
     assert (out.rollout_logprobs[~out.response_mask] == 0).all()
     three_eos = NativeRolloutBackend(models["qwen2"], pad_token_id=PAD, eos_token_id=[EOS, 2, 6])
-    early = three_eos.generate(*_prompts([5, 2, 6, 1, 3, 6, 4, 2]), SamplingParams(max_new_tokens=10, temperature=0.0))
-    assert early.completion_ids.shape[1] < 10 and not early.truncated.any()  # every row stopped before the limit
+    early = three_eos.generate(
+        *_prompts([5, 2, 6, 1, 3, 6, 4, 2]), SamplingParams(max_new_tokens=10, temperature=0.0)
+    )
+    assert (
+        early.completion_ids.shape[1] < 10 and not early.truncated.any()
+    )  # every row stopped before the limit
 
 
 def test_greedy_logprobs_are_the_temperature_one_logprobs(models):
@@ -114,7 +140,9 @@ def _teacher_forced_logprobs(model, out, params: SamplingParams):
     ids = torch.cat([out.prompt_ids, out.completion_ids], dim=1)
     mask = torch.cat([out.prompt_mask, torch.ones_like(out.response_mask)], dim=1)
     with torch.no_grad():
-        logits = model(input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask)).logits
+        logits = model(
+            input_ids=ids, attention_mask=mask.long(), position_ids=position_ids_from_mask(mask)
+        ).logits
     prompt_len, length = out.prompt_ids.shape[1], out.completion_ids.shape[1]
     logprobs = torch.zeros(out.completion_ids.shape)
     for t in range(length):
@@ -162,7 +190,10 @@ def test_sampling_is_reproducible_from_the_generator(models):
 
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(max_new_tokens=1, temperature=1.0), SamplingParams(max_new_tokens=1, temperature=0.8, top_p=0.7)],
+    [
+        SamplingParams(max_new_tokens=1, temperature=1.0),
+        SamplingParams(max_new_tokens=1, temperature=0.8, top_p=0.7),
+    ],
 )
 def test_hf_and_native_sample_the_same_first_token_distribution(models, params):
     """Both backends' empirical first-token frequencies match the exact processed distribution."""
@@ -170,8 +201,6 @@ def test_hf_and_native_sample_the_same_first_token_distribution(models, params):
     ids, mask = _prompts([4], seed=3)
     with torch.no_grad():
         logits = model(input_ids=ids, attention_mask=mask.long()).logits[:, -1]
-    from steadyrl.rollout.native import sampling_logprobs
-
     exact = sampling_logprobs(logits, params).exp()[0]
     tolerance = 5 * (exact * (1 - exact) / draws).sqrt() + 1e-3  # 5σ of a binomial frequency
     batch = (ids.expand(draws, -1), mask.expand(draws, -1))
@@ -211,11 +240,15 @@ def test_bfloat16_sampler_and_sync_weights(models):
         assert torch.equal(dst, src.to(torch.bfloat16))
     fresh = NativeRolloutBackend(policy, pad_token_id=PAD, eos_token_id=EOS, sampler_dtype=torch.bfloat16)
     greedy = SamplingParams(max_new_tokens=6, temperature=0.0)
-    _assert_same_rollout(fresh.generate(ids, mask, greedy), backend.generate(ids, mask, greedy), logprob_atol=0)
+    _assert_same_rollout(
+        fresh.generate(ids, mask, greedy), backend.generate(ids, mask, greedy), logprob_atol=0
+    )
 
 
 def test_same_dtype_sampler_is_the_policy(models):
-    backend = NativeRolloutBackend(models["qwen2"], pad_token_id=PAD, eos_token_id=EOS, sampler_dtype=torch.float32)
+    backend = NativeRolloutBackend(
+        models["qwen2"], pad_token_id=PAD, eos_token_id=EOS, sampler_dtype=torch.float32
+    )
     assert backend.sampler is models["qwen2"] and not backend.separate_sampler
     backend.sync_weights()  # a no-op, must not fail
 
@@ -319,6 +352,9 @@ def test_greedy_equals_hf_backend_on_cuda(fused, compile):
     for _ in range(2):  # the second call reuses the kept cache (and the captured graphs when compiled)
         _assert_same_rollout(hf, backend.generate(ids, mask, params), logprob_atol=1e-4)
     sampled = backend.generate(
-        ids, mask, SamplingParams(max_new_tokens=10, top_p=0.9), generator=torch.Generator("cuda").manual_seed(0)
+        ids,
+        mask,
+        SamplingParams(max_new_tokens=10, top_p=0.9),
+        generator=torch.Generator("cuda").manual_seed(0),
     )
     assert torch.isfinite(sampled.rollout_logprobs).all()

@@ -125,7 +125,13 @@ def test_filters_equal_transformers_warpers(seed):
 def test_sampling_logprobs_equal_the_hf_processor_chain(seed):
     g = torch.Generator().manual_seed(seed)
     logits = torch.randn(8, 40, generator=g) * 2
-    for temperature, top_k, top_p in [(1.0, 0, 1.0), (0.7, 0, 1.0), (1.3, 7, 1.0), (0.8, 0, 0.9), (0.6, 12, 0.8)]:
+    for temperature, top_k, top_p in [
+        (1.0, 0, 1.0),
+        (0.7, 0, 1.0),
+        (1.3, 7, 1.0),
+        (0.8, 0, 0.9),
+        (0.6, 12, 0.8),
+    ]:
         scores = logits.clone()
         if temperature != 1.0:
             scores = TemperatureLogitsWarper(temperature)(None, scores)
@@ -211,9 +217,9 @@ def test_top_p_keeps_at_least_p_mass_and_the_most_likely_token(rows, p):
 
 @settings(deadline=None, max_examples=40)
 @given(
-    rows=st.lists(st.lists(st.floats(0, 10, width=32), min_size=1, max_size=12), min_size=1, max_size=6).filter(
-        lambda rows: len({len(r) for r in rows}) == 1 and all(sum(r) > 0 for r in rows)
-    ),
+    rows=st.lists(
+        st.lists(st.floats(0, 10, width=32), min_size=1, max_size=12), min_size=1, max_size=6
+    ).filter(lambda rows: len({len(r) for r in rows}) == 1 and all(sum(r) > 0 for r in rows)),
     seed=st.integers(0, 2**31),
 )
 def test_sample_categorical_never_draws_zero_mass(rows, seed):
