@@ -85,7 +85,7 @@ def test_methods_lists_every_registered_name():
     assert code == 0
     for family, table in registry.FAMILIES.items():
         if table:
-            assert f"{family}:" in out
+            assert re.search(rf"^{family}\s+\[.*\]:$", out, re.MULTILINE), f"no header for {family}"
         for name, entry in table.items():
             assert re.search(rf"^\s+{re.escape(name)}\s", out, re.MULTILINE), f"{family} {name} not listed"
             assert entry.description in out
@@ -97,7 +97,7 @@ def test_methods_markdown_has_one_row_per_name():
     rows = [line for line in out.splitlines() if line.startswith("| ") and "`" in line]
     for family, table in registry.FAMILIES.items():
         for name in table:
-            assert any(f"| {family} | `{name}` |" in row for row in rows), f"{family} {name}"
+            assert any(row.startswith(f"| {family} (") and f"| `{name}` |" in row for row in rows), f"{family} {name}"
 
 
 def test_installed_console_script_runs():

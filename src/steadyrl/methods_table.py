@@ -16,18 +16,31 @@ STABILISERS: list[tuple[str, str, str, str]] = [
 """(name, layer, description, reference) rows, appended by the modules that implement them."""
 
 
+# Where each family is chosen in a config.
+CONFIG_KEYS = {
+    "advantage": "advantage.name",
+    "loss": "loss.name",
+    "correction": "correction.name",
+    "aggregation": "aggregation.name",
+    "kl": "kl.estimator",
+    "token_filter": "token_filters: [{name: ...}]",
+    "combiner": "combiner.name",
+    "model_hook": "routing_replay: R2 | R3",
+}
+
+
 def methods_table(markdown: bool = False) -> str:
     rows = [(family, e.name, e.description, e.reference) for family, table in FAMILIES.items() for e in table.values()]
     rows += [(layer, name, desc, ref) for name, layer, desc, ref in STABILISERS]
     if markdown:
-        lines = ["| family | name | what it does | reference |", "|---|---|---|---|"]
-        lines += [f"| {f} | `{n}` | {d} | {r} |" for f, n, d, r in rows]
+        lines = ["| family (config key) | name | what it does | reference |", "|---|---|---|---|"]
+        lines += [f"| {f} (`{CONFIG_KEYS.get(f, f)}`) | `{n}` | {d} | {r} |" for f, n, d, r in rows]
         return "\n".join(lines)
     width = max(len(n) for _, n, _, _ in rows)
-    out, last = [], None
+    out, last = [f"{len(rows)} implemented methods; choose them by name in a YAML config (key in brackets)."], None
     for family, name, desc, ref in rows:
         if family != last:
-            out.append(f"\n{family}:")
+            out.append(f"\n{family}  [{CONFIG_KEYS.get(family, family)}]:")
             last = family
         out.append(f"  {name:<{width}}  {desc}  [{ref}]")
-    return "\n".join(out).lstrip("\n")
+    return "\n".join(out)
