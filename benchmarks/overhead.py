@@ -428,7 +428,7 @@ def device_line(device: str) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    p.add_argument("--smoke", action="store_true", help="a few seconds: smallest model, 1 warm-up, 1 repeat")
+    p.add_argument("--smoke", action="store_true", help="seconds: smallest model, no warm-up, 1 repeat")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per configuration")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per configuration (median reported)")
     p.add_argument("--prompts", type=int, default=0, help="override P (prompts per batch)")
@@ -442,7 +442,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the markdown table to this file")
     args = p.parse_args(argv)
     if args.smoke:
-        args.warmup, args.repeats = 1, 1
+        args.warmup, args.repeats = 0, 1
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda but CUDA is not available")
     return args
