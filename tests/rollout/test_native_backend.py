@@ -101,6 +101,40 @@ def test_greedy_equals_hf_backend(models, arch, fused, lengths, max_new_tokens, 
         assert native.routed_experts is None
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_repeated_prompts_are_prefilled_once(models, arch):
+    """A GRPO batch (each prompt G times) prefills P rows and still samples exactly what the HF backend does."""
+    model = models[arch]
+    prompts, masks = _prompts([5, 2, 6], seed=4)
+    order = torch.tensor([2, 0, 1, 0, 2, 1, 0, 1, 2, 2, 0, 1])  # G = 4 copies of 3 prompts, interleaved
+    ids, mask = prompts[order], masks[order]
+    backend = NativeRolloutBackend(model, pad_token_id=PAD, eos_token_id=EOS)
+    prefill_rows = []
+    forward = backend._hf_forward
+
+    def counting_forward(step, input_ids, *args):
+        prefill_rows.append(input_ids.shape[0])
+        return forward(step, input_ids, *args)
+
+    backend._hf_forward = counting_forward
+    params = SamplingParams(max_new_tokens=8, temperature=0.0)
+    _assert_same_rollout(
+        HFRolloutBackend(model, pad_token_id=PAD, eos_token_id=EOS).generate(ids, mask, params),
+        backend.generate(ids, mask, params),
+    )
+    assert prefill_rows == [3]
+    sampled = backend.generate(
+        ids, mask, SamplingParams(max_new_tokens=8), generator=torch.Generator().manual_seed(0)
+    )
+    torch.testing.assert_close(
+        sampled.rollout_logprobs,
+        _teacher_forced_logprobs(model, sampled, SamplingParams()),
+        atol=1e-5,
+        rtol=0,
+    )
+    assert len({tuple(row) for row in sampled.completion_ids.tolist()}) > 3  # copies of a prompt sample apart
+
+
 def test_greedy_cases_cover_eos_truncation_and_early_stop(models):
     """The cases above are only worth something if they exercise EOS, truncation and an early stop."""
     backend = NativeRolloutBackend(models["qwen2"], pad_token_id=PAD, eos_token_id=EOS)

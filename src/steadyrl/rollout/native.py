@@ -1,25 +1,31 @@
-"""steadyrl's own decode loop: a static KV cache and one HF forward per token, nothing else per step.
+"""steadyrl's own rollout loop: a static KV cache, one forward per token, nothing else per step.
 
-Same protocol, constructor and outputs as ``HFRolloutBackend``; what ``generate`` leaves out is the per-step
-machinery around the forward (logits-processor and stopping-criteria objects, a growing ``input_ids`` and KV
-cache concatenated every step, a full-length ``position_ids``, host syncs). What it keeps is the maths:
+Same protocol, constructor and outputs as ``HFRolloutBackend``. What ``generate`` leaves out is the per-step
+machinery around the forward (logits-processor and stopping-criteria objects, a KV cache and ``input_ids``
+concatenated every step, a mask rebuilt every step, host syncs). What it keeps is the maths:
 
     μ(· | y_<t) = softmax(top_p(top_k(z_t / τ)))          z_t = fp32 logits of the last position
-    y_t ~ μ  (``torch.multinomial`` with the caller's generator),   greedy: y_t = argmax z_t, μ = softmax(z_t)
+    y_t ~ μ  (inverse CDF with the caller's generator),     greedy: y_t = argmax z_t, μ = softmax(z_t)
 
 with ``top_k`` and ``top_p`` written as transformers' ``TopKLogitsWarper`` / ``TopPLogitsWarper`` (ties at the
 k-th value kept; the top-p cut on ascending cumulative probabilities ≤ 1 − p, the largest token always kept),
 so both backends sample the same distribution and return the same μ for the same logits.
 
-Layout of one call: prompts (B, Tp) left-padded → one prefill over the prompt with positions counted over real
-tokens (``position_ids_from_mask``) → N − 1 single-token decode steps writing slot Tp + t of a
-``transformers.StaticCache`` of length Tp + N − 1. Finished rows emit pad and keep stepping (shapes stay static)
-until every row has finished; the ``all finished`` flag is read every step on CPU (free) and every
-``stop_check_every`` steps on CUDA (a host sync). The output is trimmed to the longest response, so its shape
-equals the HF backend's.
+One call: prompts (B, Tp) left-padded → a prefill with positions counted over real tokens
+(``position_ids_from_mask``) → N − 1 single-token decode steps writing slot Tp + t of a static cache of
+length Tp + N − 1. Finished rows emit pad and keep stepping (shapes stay static) until every row has
+finished; the "all finished" flag is read every step on CPU (free) and every ``stop_check_every`` steps on
+CUDA (a host sync). The output is trimmed to the longest response, so its shape equals the HF backend's.
 
-On CUDA, ``compile=True`` compiles the decode forward with ``torch.compile(mode="reduce-overhead")``
-(CUDA graphs over the static cache, as transformers' own static-cache generate does); the cache is then kept
+Two decode paths:
+  * fused (dense Llama / Qwen2 with SDPA, the default where supported): ``_LlamaFamilyDecodeStep`` runs the
+    decoder op for op from the modules' weights, attends only over the slots written so far, and the prefill
+    runs each distinct prompt once (GRPO batches repeat every prompt G times);
+  * HF forward (any other model, e.g. MoE, eager attention, LoRA-wrapped, hooked): the model's own forward
+    over a ``transformers.StaticCache``, so hooks such as the MoE routing recorder run.
+
+On CUDA, ``compile=True`` compiles the decode step with ``torch.compile(mode="reduce-overhead")`` (CUDA
+graphs over the static cache, as transformers' own static-cache generate does); the cache is then kept
 between calls with its length rounded up to ``cache_bucket`` so that a new prompt length does not recompile.
 """
 
@@ -34,7 +40,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from transformers import StaticCache
+from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_masks_for_generate
 
 from steadyrl.models.routing import RoutingRecorder, supported_moe_layers
@@ -139,9 +145,9 @@ class _LlamaFamilyDecodeStep:
 
     The same operations in the same order as the transformers modules (RMSNorm in fp32, the model's rotary
     module, SDPA over the KV heads with the query heads packed as HF's ``pack_gqa`` does), without their
-    per-call machinery: on CPU a decode forward costs about 0.8x the HF one. Reads and writes the K/V tensors
-    of the ``StaticCache`` the HF prefill filled. Used only when ``supports(model)``: exact ``nn.Linear`` /
-    ``nn.Embedding`` modules (no LoRA or quantised wrappers), no hooks, plain causal SDPA.
+    per-call machinery. Reads and writes the backend's static K/V buffers, (B, H_kv, L, D) per layer. Used only
+    when ``supports(model)``: exact ``nn.Linear`` / ``nn.Embedding`` modules (no LoRA or quantised wrappers), no
+    hooks (they would not run), plain causal SDPA.
     """
 
     MODEL_TYPES = ("llama", "qwen2")
@@ -192,8 +198,9 @@ class _LlamaFamilyDecodeStep:
         position: Tensor,  # (B, 1) long
         visible: Tensor,  # (B, L) bool, the cache slots the token attends to (its own slot included)
         slot: Tensor,  # (1,) long, the cache slot this token's K/V go to
-        cache: StaticCache,
-        kv_len: int | None = None,  # attend over cache[:kv_len] only (eager); None = the whole cache (graphs)
+        keys: list[Tensor],  # per layer (B, H_kv, L, D)
+        values: list[Tensor],  # per layer (B, H_kv, L, D)
+        kv_len: int | None = None,  # attend over slots [0, kv_len) only (eager); None = all L (CUDA graphs)
     ) -> Tensor:  # (B, V) fp32 logits
         batch = token.shape[0]
         hidden = self.base.embed_tokens(token)
@@ -209,14 +216,17 @@ class _LlamaFamilyDecodeStep:
             value = _linear(attn.v_proj, hidden).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
             query = (query * cos) + (_rotate_half(query) * sin)
             key = (key * cos) + (_rotate_half(key) * sin)
-            keys, values = cache.layers[index].keys, cache.layers[index].values
-            keys.index_copy_(2, slot, key)
-            values.index_copy_(2, slot, value)
-            kv_heads = keys.shape[1]
+            layer_keys, layer_values = keys[index], values[index]
+            layer_keys.index_copy_(2, slot, key)
+            layer_values.index_copy_(2, slot, value)
             # HF's pack_gqa: the query heads sharing a KV head become that head's query rows
-            packed = query.reshape(batch, kv_heads, -1, attn.head_dim)
+            packed = query.reshape(batch, layer_keys.shape[1], -1, attn.head_dim)
             out = F.scaled_dot_product_attention(
-                packed, keys[:, :, :kv_len], values[:, :, :kv_len], attn_mask=mask, scale=attn.scaling
+                packed,
+                layer_keys[:, :, :kv_len],
+                layer_values[:, :, :kv_len],
+                attn_mask=mask,
+                scale=attn.scaling,
             )
             out = out.reshape(batch, -1, 1, attn.head_dim).transpose(1, 2).reshape(batch, 1, -1).contiguous()
             hidden = residual + _linear(attn.o_proj, out)
@@ -288,7 +298,7 @@ class NativeRolloutBackend:
         self._make_masks = getattr(self.sampler, "create_masks_for_generate", create_masks_for_generate)
         self._own_mask = _plain_sdpa_causal(self.sampler.config)
         self._compiled_step = None
-        self._kept_cache: tuple[tuple, StaticCache] | None = None
+        self._kept_cache: tuple[tuple, object] | None = None  # (shape key, StaticCache or K/V buffer lists)
         self._warned_compile = False
 
     @torch.no_grad()
@@ -335,7 +345,7 @@ class NativeRolloutBackend:
         """A fresh StaticCache, or (compiled decoding) the kept one when its shape fits, emptied."""
         if not compiled:
             return StaticCache(config=self.sampler.config, max_cache_len=length)
-        key = (batch_size, length, device, next(self.sampler.parameters()).dtype)
+        key = ("static", batch_size, length, device, self.sampler.dtype)
         if self._kept_cache is not None and self._kept_cache[0] == key:
             cache = self._kept_cache[1]
             cache.reset()
@@ -344,6 +354,57 @@ class NativeRolloutBackend:
         cache = StaticCache(config=self.sampler.config, max_cache_len=length)
         self._kept_cache = (key, cache)
         return cache
+
+    def _kv_buffers(self, like: Tensor, batch_size: int, length: int, compiled: bool) -> tuple[list, list]:
+        """Zeroed K and V buffers (B, H_kv, L, D) per layer (kept between calls when compiled).
+
+        Zeros, not garbage: a masked slot gets attention weight 0, and 0 · NaN would still be NaN.
+        """
+        layers = len(self._fused_step.layers)
+        shape = (batch_size, like.shape[1], length, like.shape[3])
+        key = ("fused", shape, like.device, like.dtype)
+        if compiled and self._kept_cache is not None and self._kept_cache[0] == key:
+            keys, values = self._kept_cache[1]
+            for buffer in keys + values:
+                buffer.zero_()
+            return keys, values
+        self._kept_cache = None
+        keys = [like.new_zeros(shape) for _ in range(layers)]
+        values = [like.new_zeros(shape) for _ in range(layers)]
+        if compiled:
+            for buffer in keys + values:  # fixed addresses: CUDA graphs read them in place instead of copying
+                torch._dynamo.mark_static_address(buffer)
+            self._kept_cache = (key, (keys, values))
+        return keys, values
+
+    def _fused_prefill(self, prompt_ids: Tensor, prompt_mask: Tensor, cache_len: int, compiled: bool):
+        """Prefill every distinct prompt once, through the HF forward; fill the K/V buffers for all B rows.
+
+        GRPO repeats each prompt G times, so the prefill costs P rows, not P · G. Returns the (B, V) fp32
+        logits of the last prompt position and the per-layer K/V buffers.
+        """
+        batch_size, prompt_len = prompt_ids.shape
+        rows = prompt_ids.masked_fill(~prompt_mask, -1)  # padding never equals a real token
+        distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+        if distinct.shape[0] < batch_size:
+            first = torch.empty(distinct.shape[0], dtype=torch.long, device=prompt_ids.device)
+            first.scatter_(0, inverse, torch.arange(batch_size, device=prompt_ids.device))
+            prompt_ids, prompt_mask = prompt_ids[first], prompt_mask[first]
+        else:
+            inverse = None
+        prefill_cache = DynamicCache(config=self.sampler.config)
+        logits = self._hf_forward(
+            self.sampler, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), prefill_cache
+        )
+        layers = prefill_cache.layers
+        keys, values = self._kv_buffers(layers[0].keys, batch_size, cache_len, compiled)
+        for index, layer in enumerate(layers):
+            layer_keys, layer_values = layer.keys, layer.values
+            if inverse is not None:
+                layer_keys, layer_values = layer_keys[inverse], layer_values[inverse]
+            keys[index][:, :, :prompt_len].copy_(layer_keys)
+            values[index][:, :, :prompt_len].copy_(layer_values)
+        return (logits if inverse is None else logits[inverse]), keys, values
 
     @torch.no_grad()
     def generate(
@@ -363,7 +424,6 @@ class NativeRolloutBackend:
         cache_len = prompt_len + new_tokens - 1  # the last sampled token is never fed back
         if compiled:
             cache_len = -(-cache_len // self.cache_bucket) * self.cache_bucket
-        cache = self._cache(batch_size, cache_len, device, compiled)
         # Which cache slots the next token attends to: the real prompt tokens, then each generated slot once
         # written. For plain causal SDPA models its (B, 1, 1, L) view is the attention mask itself; otherwise
         # transformers builds the mask from a padding mask (prompt padding off, everything after on: slots not
@@ -390,9 +450,12 @@ class NativeRolloutBackend:
         self.sampler.eval()
         recording = RoutingRecorder(self.sampler) if self.record_routing else contextlib.nullcontext()
         with recording:
-            logits = self._hf_forward(
-                self.sampler, prompt_ids, prompt_mask, position_ids_from_mask(prompt_mask), cache
-            )
+            if self.fused:
+                logits, keys, values = self._fused_prefill(prompt_ids, prompt_mask, cache_len, compiled)
+            else:
+                cache = self._cache(batch_size, cache_len, device, compiled)
+                position_ids = position_ids_from_mask(prompt_mask)
+                logits = self._hf_forward(self.sampler, prompt_ids, prompt_mask, position_ids, cache)
             steps_done = new_tokens
             for t in range(new_tokens):
                 log_mu = sampling_logprobs(logits, params)  # (B, V)
@@ -413,7 +476,7 @@ class NativeRolloutBackend:
                     torch.compiler.cudagraph_mark_step_begin()
                 if self.fused:
                     kv_len = None if compiled else prompt_len + t + 1
-                    logits = step_fn(next_input, next_position, visible, slot, cache, kv_len)
+                    logits = step_fn(next_input, next_position, visible, slot, keys, values, kv_len)
                     slot += 1
                 else:
                     if self._own_mask:
