@@ -317,11 +317,13 @@ class PolicyUpdater:
         policy_bt = masked_fill_zero(loss_bt * weights, mask)
         for penalty_bt in penalties:  # soft variants: a differentiable per-token penalty instead of a mask
             policy_bt = policy_bt + masked_fill_zero(penalty_bt, den_mask)
-        terms = {"policy": self.aggregation_fn(policy_bt, mask | (den_mask if penalties else mask), counts)}
+        # A soft penalty covers every counted token, so the per-sequence lengths then come from den_mask.
+        terms = {"policy": self.aggregation_fn(policy_bt, den_mask if penalties else mask, counts)}
         if self.kl_fn is not None and s.kl_coef > 0:
             kl_bt = self.kl_fn(fwd.logprobs, micro.ref_logprobs, inputs.response_mask)
             terms["kl"] = s.kl_coef * self.aggregation_fn(masked_fill_zero(kl_bt, mask), mask, counts)
-            metrics["kl/ref_k3"] = masked_mean(kl_k3(fwd.logprobs.detach(), micro.ref_logprobs, inputs.response_mask), inputs.response_mask)
+            ref_k3 = kl_k3(fwd.logprobs.detach(), micro.ref_logprobs, inputs.response_mask)
+            metrics["kl/ref_k3"] = masked_mean(ref_k3, inputs.response_mask)
         metrics["policy/entropy"] = masked_mean(fwd.entropy, inputs.response_mask)
         weight = inputs.response_mask.sum()
         return terms, metrics, weight
