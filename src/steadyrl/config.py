@@ -168,6 +168,49 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True)
+class GuardConfig:
+    """The stability guard (steadyrl.train.guard, docs/stability-lab.md): when the step diagnostics predict a
+    collapse, roll back to an in-memory snapshot, cut the LR and tighten the trust region. 0 disables a signal."""
+
+    window: int = 8
+    """RL steps of history for the running medians and the entropy slope."""
+    min_history: int = 4
+    """Healthy steps seen before a median-based signal (grad, ESS, KL) may fire."""
+    reward_window: int = 3
+    """Steps averaged for the reward-drop signal."""
+    reward_drop: float = 0.2
+    """Fire when the reward_window mean reward falls this far (reward units) below its best so far."""
+    grad_spike: float = 5.0
+    """Fire when grad/norm exceeds this multiple of its running median."""
+    entropy_rise: float = 1.0
+    """Fire when the entropy's fitted relative change across the window exceeds +entropy_rise ..."""
+    entropy_fall: float = 0.8
+    """... or falls below −entropy_fall."""
+    ess_drop: float = 0.5
+    """Fire when mismatch/is_ess falls below this fraction of its running median."""
+    kl_spike: float = 10.0
+    """Fire when mismatch/kl_k3 exceeds this multiple of its running median ..."""
+    kl_min: float = 1.0e-3
+    """... and this absolute value."""
+    snapshot_every: int = 5
+    """Healthy steps between in-memory snapshots (model, optimizer, token-filter state)."""
+    keep_snapshots: int = 2
+    """Snapshots kept; a rollback restores the oldest (a collapse may have begun before the newest)."""
+    lr_factor: float = 0.5
+    """Multiply the learning rate by this on every rollback."""
+    clip_factor: float = 0.5
+    """Multiply the loss's trust-region widths (trust_region_keys) by this on every rollback; 1 leaves them."""
+    trust_region_keys: tuple[str, ...] = ("clip_low", "clip_high", "delta_low", "delta_high")
+    """Loss hyper-parameters scaled by clip_factor (those the loss has)."""
+    cooldown: int = 5
+    """Steps after a rollback in which only non-finite values / skipped steps can fire."""
+    max_rollbacks: int = 3
+    """After this many rollbacks the guard only logs alarms."""
+    checkpoint_snapshots: bool = True
+    """Save the snapshots in checkpoints, so a resumed run rolls back exactly as an uninterrupted one."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -190,6 +233,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    guard: GuardConfig | None = None
+    """Stability guard (GuardConfig); None = off. `--set guard.max_rollbacks=3` turns it on with defaults."""
 
 
 # ----------------------------------------------------------------------------- loading

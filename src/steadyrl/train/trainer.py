@@ -36,6 +36,7 @@ from steadyrl.train.checkpoint import (
 from steadyrl.train.collect import RolloutCollector, step_seed
 from steadyrl.train.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from steadyrl.train.evaluate import evaluate
+from steadyrl.train.guard import StabilityGuard
 from steadyrl.train.metrics import MetricAccumulator
 from steadyrl.train.retention import build_retention
 from steadyrl.train.setup import (
@@ -124,7 +125,11 @@ class Trainer:
         self.run_dir = Path(cfg.run.output_dir)
         self.start_step = 0
         self.state = {"eval_start": None, "eval_start_all": None, "wall_s": 0.0}
+        guard_log = self.run_dir / "guard.jsonl" if self.info.is_main else None
+        self.guard = StabilityGuard(cfg.guard, log_path=guard_log) if cfg.guard is not None else None
         self._resume_or_start()
+        if self.guard is not None:
+            self.guard.bind(self.updater, model=self.model, optimizer=self.optimizer, start_step=self.start_step)
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -150,6 +155,8 @@ class Trainer:
             self.updater.skipped_steps = int(extra.get("skipped_steps", 0))
             for f, state in zip(self.updater.token_filters, extra.get("token_filters", [])):
                 f.load_state_dict(state)
+            if self.guard is not None:
+                self.guard.load_state_dict(extra.get("guard", {}))
         if self.info.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.cfg, self.run_dir / "config.yaml")
@@ -179,6 +186,8 @@ class Trainer:
             progress.write(_format_eval(0, last_eval))
         for step in range(self.start_step + 1, cfg.optim.steps + 1):
             metrics = self.rl_step(step)
+            if self.guard is not None:
+                metrics.update(self._apply_guard(step, metrics))
             self.logger.log(step, metrics)
             progress.update(step, metrics)
             final = step == cfg.optim.steps
@@ -217,6 +226,12 @@ class Trainer:
         metrics["perf/update_s"] = t2 - t1
         metrics["perf/tokens_per_s"] = tokens / max(t2 - t0, 1e-9)
         return metrics
+
+    def _apply_guard(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
+        """Let the stability guard see the step's metrics and snapshot / roll back; returns its guard/* metrics."""
+        action = self.guard.observe(step, metrics)
+        self.guard.apply(action, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, updater=self.updater)
+        return self.guard.metrics()
 
     def prepare_logprobs(self, scored: ScoredBatch) -> dict:
         """π_old when the batch feeds more than one optimizer step (or R2 records its routing there); π_ref when
@@ -257,6 +272,8 @@ class Trainer:
                 "skipped_steps": self.updater.skipped_steps,
                 "token_filters": [f.state_dict() for f in self.updater.token_filters],
             }
+            if self.guard is not None:
+                extra["guard"] = self.guard.state_dict()
             save_checkpoint(
                 self.run_dir,
                 step,
