@@ -97,6 +97,8 @@ class Case:
     model: str = "dense"
     steps_per_batch: int = 1
     times: list[float] = field(default_factory=list)
+    """Seconds per call that the ratios use: process CPU time on CPU, wall time (CUDA-synced) on GPU."""
+    wall: list[float] = field(default_factory=list)
     memory: list[float] = field(default_factory=list)
     error: str | None = None
 
@@ -286,13 +288,14 @@ class Runner:
             self.sync()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         self.trainer.prepare_logprobs(scored)
         self.trainer.updater.update(scored)
         self.sync()
-        elapsed = time.perf_counter() - start
+        wall, cpu_time = time.perf_counter() - start, time.process_time() - start_cpu
         if record:
-            self.case.times.append(elapsed)
+            self.case.times.append(wall if cuda else cpu_time)
+            self.case.wall.append(wall)
             if cuda:
                 self.case.memory.append((torch.cuda.max_memory_allocated() - before) / 2**20)
         self.trainer.optimizer.state.clear()  # free the moments until the next restore
@@ -393,14 +396,14 @@ def table(cases: list[Case]) -> str:
     """Ratio = median over rounds of (this time / reference time in the same round); range = min-max of those."""
     by_name = {c.name: c for c in cases}
     lines = [
-        "| configuration | group | reference | step ms (median) | ratio | ratio range | per optimizer step "
-        "| step memory MiB | memory ratio |",
-        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | group | reference | step ms (median) | wall ms (median) | ratio | ratio range "
+        "| per optimizer step | step memory MiB | memory ratio |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for c in cases:
         ref = by_name[c.reference]
         if not c.times or not ref.times:
-            lines.append(f"| {c.name} | {c.group} | {c.reference} | error: {c.error or ref.error or 'not run'} |||||")
+            lines.append(f"| {c.name} | {c.group} | {c.reference} | error: {c.error or ref.error or 'not run'} ||||||")
             continue
         ratios = paired_ratios(c, ref)
         per_step = ""
@@ -412,6 +415,7 @@ def table(cases: list[Case]) -> str:
             memory, mem_ratio = f"{mem:.0f}", f"{mem / max(mem_ref, 1e-9):.2f}x"
         lines.append(
             f"| {c.name} | {c.group} | {c.reference} | {1000 * statistics.median(c.times):.1f} "
+            f"| {1000 * statistics.median(c.wall):.1f} "
             f"| {statistics.median(ratios):.2f}x | {min(ratios):.2f}-{max(ratios):.2f} | {per_step} "
             f"| {memory} | {mem_ratio} |"
         )
@@ -456,6 +460,7 @@ def main(argv: list[str] | None = None) -> int:
     shape = resolve_shape(args)
     info: dict[str, str] = {}
     cases = run(args, shape, info)
+    timed = "wall time (CUDA-synced)" if args.device == "cuda" else "process CPU time (one thread; wall time beside it)"
     models = "".join(f"Model ({kind}): {text}\n" for kind, text in info.items())
     header = (
         f"Device: {device_line(args.device)}\n"
@@ -463,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{models}"
         f"Batch: {shape.prompts} prompts x {shape.group} completions, {shape.new_tokens} new tokens max, "
         f"Bernoulli(0.5) rewards (seed {args.seed}), GRPO advantages; warm-up {args.warmup}, median of {args.repeats}\n"
+        f"Timed: prepare_logprobs + update, as {timed}; ratio = median over rounds of the paired ratio\n"
     )
     text = header + "\n" + table(cases) + "\n"
     print(text)

@@ -51,20 +51,21 @@ def _ratio(cell: str) -> float:
 
 
 def test_paired_ratios_and_table_by_hand():
-    ref = overhead.Case("grpo", "reference", [], "grpo", times=[1.0, 1.0, 2.0])
-    case = overhead.Case("minirl N=2", "minirl", [], "grpo", steps_per_batch=2, times=[2.0, 3.0, 4.0])
+    ref = overhead.Case("grpo", "reference", [], "grpo", times=[1.0, 1.0, 2.0], wall=[1.5, 1.5, 3.0])
+    case = overhead.Case("minirl N=2", "minirl", [], "grpo", steps_per_batch=2, times=[2.0, 3.0, 4.0], wall=[2, 9, 9])
     # rounds: 2/1 = 2, 3/1 = 3, 4/2 = 2  -> median 2, range 2-3
     assert overhead.paired_ratios(case, ref) == [2.0, 3.0, 2.0]
     # per optimizer step: each ratio x (1 step / 2 steps) -> 1, 1.5, 1
     assert overhead.paired_ratios(case, ref, per_step=True) == [1.0, 1.5, 1.0]
     rows = _rows(overhead.table([ref, case]))
-    assert rows["grpo"][3:7] == ["1000.0", "1.00x", "1.00-1.00", ""]  # median of 1, 1, 2 s = 1000 ms
-    assert rows["minirl N=2"][3:7] == ["3000.0", "2.00x", "2.00-3.00", "1.00x"]
-    assert rows["minirl N=2"][7:] == ["n/a", "n/a"]  # no CUDA memory counter on CPU
+    # median of 1, 1, 2 s = 1000 ms; wall median 1.5 s; the ratios use `times`, not `wall`
+    assert rows["grpo"][3:8] == ["1000.0", "1500.0", "1.00x", "1.00-1.00", ""]
+    assert rows["minirl N=2"][3:8] == ["3000.0", "9000.0", "2.00x", "2.00-3.00", "1.00x"]
+    assert rows["minirl N=2"][8:] == ["n/a", "n/a"]  # no CUDA memory counter on CPU
 
 
 def test_table_reports_an_error_row_instead_of_a_ratio():
-    ref = overhead.Case("grpo", "reference", [], "grpo", times=[1.0])
+    ref = overhead.Case("grpo", "reference", [], "grpo", times=[1.0], wall=[1.0])
     broken = overhead.Case("loss=x", "loss", [], "grpo", error="ConfigError: bad")
     rows = _rows(overhead.table([ref, broken]))
     assert rows["loss=x"][3] == "error: ConfigError: bad"
@@ -98,13 +99,14 @@ def test_overhead_smoke_runs_every_configuration(tmp_path):
         cells = rows[case.name]
         assert not cells[3].startswith("error"), cells
         assert float(cells[3]) > 0
-        ratio = _ratio(cells[4])
+        assert float(cells[4]) > 0
+        ratio = _ratio(cells[5])
         assert math.isfinite(ratio) and ratio > 0
         if case.name == case.reference:
-            assert cells[4] == "1.00x"
+            assert cells[5] == "1.00x"
         if case.steps_per_batch > 1 and case.reference == "grpo":
             # one round: per optimizer step = ratio / N, up to the table's rounding
-            assert _ratio(cells[6]) == pytest.approx(ratio / case.steps_per_batch, abs=0.01)
+            assert _ratio(cells[7]) == pytest.approx(ratio / case.steps_per_batch, abs=0.01)
 
 
 # ----------------------------------------------------------------------------- throughput
