@@ -108,15 +108,16 @@ def build_backends(names: list[str], model: torch.nn.Module, eos: int) -> dict:
     return {name: factories[name]() for name in names}
 
 
-def time_call(backend, ids, mask, params, device: torch.device, seed: int) -> float:
+def time_call(backend, ids, mask, params, device: torch.device, seed: int) -> tuple[float, float]:
+    """(wall-clock s, this process's CPU s) of one generate call."""
     generator = torch.Generator(device=device).manual_seed(seed)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), time.process_time()
     backend.generate(ids, mask, params, generator=generator)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - start_cpu
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -173,13 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
     for backend in backends.values():
         for w in range(args.warmup):
             time_call(backend, ids, mask, params, device, seed=w)
-    times: dict[str, list[float]] = {name: [] for name in backends}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in backends}
     for r in range(args.repeats):
         for name, backend in backends.items():
             times[name].append(time_call(backend, ids, mask, params, device, seed=100 + r))
 
     tokens = args.batch * args.new_tokens
-    base = statistics.median(times["hf"]) if "hf" in times else None
+    wall = {name: statistics.median(t for t, _ in ts) for name, ts in times.items()}
+    cpu = {name: statistics.median(c for _, c in ts) for name, ts in times.items()}
     print(
         f"device={device} ({torch.get_num_threads() if device.type == 'cpu' else torch.cuda.get_device_name(device)}"
         f"{' threads' if device.type == 'cpu' else ''}) model={args.model} dtype={str(dtype).removeprefix('torch.')} "
@@ -187,13 +189,25 @@ def main(argv: list[str] | None = None) -> dict:
         f"prompt_len<={args.prompt_len} "
         f"temperature={args.temperature} top_p={args.top_p} top_k={args.top_k} repeats={args.repeats}"
     )
-    print(f"{'backend':<20}{'median s':>10}{'min s':>10}{'tokens/s':>12}{'vs hf':>8}")
+    # CPU seconds of this process: on a shared machine they move less than wall time (not meaningful on CUDA)
+    print(
+        f"{'backend':<20}{'wall s':>9}{'tokens/s':>10}{'vs hf':>8}{'cpu s':>9}{'cpu tok/s':>11}{'vs hf':>8}"
+    )
     rows = {}
-    for name, ts in times.items():
-        median = statistics.median(ts)
-        rows[name] = {"median_s": median, "min_s": min(ts), "tokens_per_s": tokens / median}
-        ratio = f"{base / median:.2f}x" if base else "-"
-        print(f"{name:<20}{median:>10.4f}{min(ts):>10.4f}{tokens / median:>12.0f}{ratio:>8}")
+    for name in times:
+        rows[name] = {
+            "median_wall_s": wall[name],
+            "min_wall_s": min(t for t, _ in times[name]),
+            "tokens_per_s": tokens / wall[name],
+            "median_cpu_s": cpu[name],
+            "cpu_tokens_per_s": tokens / cpu[name],
+        }
+        ratio = f"{wall['hf'] / wall[name]:.2f}x" if "hf" in wall else "-"
+        cpu_ratio = f"{cpu['hf'] / cpu[name]:.2f}x" if "hf" in cpu else "-"
+        print(
+            f"{name:<20}{wall[name]:>9.4f}{tokens / wall[name]:>10.0f}{ratio:>8}"
+            f"{cpu[name]:>9.4f}{tokens / cpu[name]:>11.0f}{cpu_ratio:>8}"
+        )
     result = {"args": vars(args), "results": rows}
     if args.json:
         with open(args.json, "w") as f:
