@@ -329,6 +329,28 @@ def test_compile_off_cuda_warns_and_decodes_eagerly(models):
     _assert_same_rollout(eager.generate(ids, mask, params), out, logprob_atol=0)
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_compiled_path_logic_on_cpu(models, fused):
+    """The CUDA-graph path's bookkeeping (bucketed cache length, full-length attention, kept cache reset between
+    calls) traced by dynamo with its eager backend: CPU cannot run reduce-overhead, but the logic is the same."""
+    ids, mask = _prompts([4, 2, 5])
+    params = SamplingParams(max_new_tokens=5, temperature=0.0)
+    backend = NativeRolloutBackend(
+        models["qwen2"], pad_token_id=PAD, eos_token_id=EOS, fused=fused, cache_bucket=16
+    )
+    reference = backend.generate(ids, mask, params)
+    step = torch.compile(backend._fused_step if fused else backend.sampler, backend="eager", dynamic=False)
+    backend._step_fn = lambda device: (step, True)
+    first = backend.generate(ids, mask, params)
+    kept = backend._kept_cache
+    second = backend.generate(ids, mask, params)
+    assert backend._kept_cache is kept  # the same buffers, emptied and refilled
+    if fused:
+        assert kept[0][1][2] == 16  # Tp + N − 1 = 9 slots, rounded up to the bucket
+    for out in (first, second):
+        _assert_same_rollout(reference, out)
+
+
 def test_bad_arguments_fail_fast(models):
     with pytest.raises(ValueError, match="max_new_tokens"):
         NativeRolloutBackend(models["qwen2"], pad_token_id=PAD, eos_token_id=EOS).generate(
