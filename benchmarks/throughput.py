@@ -80,11 +80,18 @@ SETTINGS = {
 class SideResult:
     name: str
     step_s: list[float] = field(default_factory=list)
+    """Seconds per measured step, by ``clock``: wall time on CUDA, process CPU time on CPU."""
+    wall_s: list[float] = field(default_factory=list)
     gen_s: list[float] = field(default_factory=list)
     gen_tokens: list[float] = field(default_factory=list)
     completions: int = 0
     note: str = ""
     error: str | None = None
+
+    def add_steps(self, ends: list[float], walls: list[float], warmup: int) -> None:
+        """Step times from consecutive step-end stamps, leaving out the warm-up steps."""
+        self.step_s += [b - a for a, b in zip(ends[:-1], ends[1:])][warmup:]
+        self.wall_s += [b - a for a, b in zip(walls[:-1], walls[1:])][warmup:]
 
     def median_step(self) -> float:
         return statistics.median(self.step_s)
@@ -155,6 +162,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def clock(device: str) -> float:
+    """The time the figures use: wall time on CUDA (after a sync); process CPU time on CPU, where wall time on a
+    shared machine measures the neighbours (one intra-op thread, so CPU time is the step's own time)."""
+    sync(device)
+    return time.perf_counter() if device == "cuda" else time.process_time()
+
+
 # ----------------------------------------------------------------------------- steadyrl
 
 
@@ -198,22 +212,19 @@ def run_steadyrl(backend: str, s: Setting, model_dir: str, prompts, args, root: 
     generate = trainer.backend.generate
 
     def timed_generate(*a, **kw):
-        sync(args.device)
-        start = time.perf_counter()
+        start = clock(args.device)
         out = generate(*a, **kw)
-        sync(args.device)
-        result.gen_s.append(time.perf_counter() - start)
+        result.gen_s.append(clock(args.device) - start)
         result.gen_tokens.append(float(out.response_mask.sum()))
         return out
 
     trainer.backend.generate = timed_generate  # the collector calls the backend instance's attribute
-    ends = [time.perf_counter()]
+    ends, walls = [clock(args.device)], [time.perf_counter()]
     for step in range(1, total + 1):
         trainer.rl_step(step)
-        sync(args.device)
-        ends.append(time.perf_counter())
-    steps = [b - a for a, b in zip(ends[:-1], ends[1:])]
-    result.step_s += steps[args.warmup_steps :]
+        ends.append(clock(args.device))
+        walls.append(time.perf_counter())
+    result.add_steps(ends, walls, args.warmup_steps)
     del result.gen_s[-total : len(result.gen_s) - args.steps]
     del result.gen_tokens[-total : len(result.gen_tokens) - args.steps]
     result.completions = s.prompts * s.generations
@@ -235,15 +246,16 @@ def run_trl(s: Setting, model_dir: str, prompts, args, root: Path, result: SideR
         return [task.reward(by_text[p], c) for p, c in zip(prompts, completions)]
 
     ends: list[float] = []
+    walls: list[float] = []
 
     class StepClock(TrainerCallback):
         def on_train_begin(self, *a, **kw):
-            sync(args.device)
-            ends.append(time.perf_counter())
+            ends.append(clock(args.device))
+            walls.append(time.perf_counter())
 
         def on_step_end(self, *a, **kw):
-            sync(args.device)
-            ends.append(time.perf_counter())
+            ends.append(clock(args.device))
+            walls.append(time.perf_counter())
 
     batch = s.prompts * s.generations
     cuda = args.device == "cuda"
@@ -296,11 +308,9 @@ def run_trl(s: Setting, model_dir: str, prompts, args, root: Path, result: SideR
     eos = tok.eos_token_id
 
     def timed_generate(*a, **kw):
-        sync(args.device)
-        start = time.perf_counter()
+        start = clock(args.device)
         out = generate(*a, **kw)
-        sync(args.device)
-        result.gen_s.append(time.perf_counter() - start)
+        result.gen_s.append(clock(args.device) - start)
         completion = out[:, kw["input_ids"].shape[1] :]
         is_eos = completion == eos
         first = torch.where(is_eos.any(1), is_eos.int().argmax(1), completion.shape[1] - 1)
@@ -310,10 +320,9 @@ def run_trl(s: Setting, model_dir: str, prompts, args, root: Path, result: SideR
     model.generate = timed_generate
     with contextlib.redirect_stdout(sys.stderr):  # TRL prints its end-of-training summary
         trainer.train()
-    steps = [b - a for a, b in zip(ends[:-1], ends[1:])]
-    if len(steps) != total:
-        raise RuntimeError(f"TRL made {len(steps)} optimizer steps, expected {total}")
-    result.step_s += steps[args.warmup_steps :]
+    if len(ends) != total + 1:
+        raise RuntimeError(f"TRL made {len(ends) - 1} optimizer steps, expected {total}")
+    result.add_steps(ends, walls, args.warmup_steps)
     if not result.gen_s:
         result.note = "generation not timed (the generate wrapper was not reached)"
     else:
@@ -330,19 +339,20 @@ def report(results: list[SideResult]) -> str:
     base = ok[0] if ok else None
     trl = next((r for r in ok if r.name.startswith("TRL")), None)
     lines = [
-        "| side | step s (median) | completions/s | generation s (median) | generated tokens/s | mean completion length "
-        "| TRL step time / this | this generation tokens/s / TRL |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| side | step s (median) | wall s (median) | completions/s | generation s (median) | generated tokens/s "
+        "| mean completion length | TRL step time / this | this generation tokens/s / TRL |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         if not r.step_s:
-            lines.append(f"| {r.name} | error: {r.error or 'not run'} | | | | | | |")
+            lines.append(f"| {r.name} | error: {r.error or 'not run'} | | | | | | | |")
             continue
         step = r.median_step()
         speedup = f"{trl.median_step() / step:.2f}x" if trl else "n/a"
         gen_ratio = f"{r.gen_tokens_per_s() / trl.gen_tokens_per_s():.2f}x" if trl and trl.gen_s and r.gen_s else "n/a"
         lines.append(
-            f"| {r.name} | {step:.3f} | {r.completions / step:.1f} | {r.median_gen():.3f} | {r.gen_tokens_per_s():.0f} "
+            f"| {r.name} | {step:.3f} | {statistics.median(r.wall_s):.3f} | {r.completions / step:.1f} "
+            f"| {r.median_gen():.3f} | {r.gen_tokens_per_s():.0f} "
             f"| {r.mean_len():.1f} | {speedup} | {gen_ratio} |"
         )
     notes = [f"{r.name}: {r.note}" for r in results if r.note]
@@ -438,6 +448,11 @@ def main(argv: list[str] | None = None) -> int:
         notes.append(f"steadyrl rollout backends not registered in this checkout: {', '.join(skipped)}")
     if not has_trl:
         notes.append("TRL not run (--no-trl, or trl not installed: pip install -e '.[bench]')")
+    timed = (
+        "wall time (CUDA-synced)"
+        if args.device == "cuda"
+        else "process CPU time, one intra-op thread (wall time beside it); completions/s = batch / step CPU time"
+    )
     vocab = s.vocab or len(build_char_tokenizer(ARITHMETIC_ALPHABET))
     params = f"Qwen2 hidden {s.hidden}, {s.layers} layers, {s.heads} heads / {s.kv_heads} KV, vocab {vocab}"
     header = (
@@ -448,6 +463,7 @@ def main(argv: list[str] | None = None) -> int:
         f"Work per step: {s.prompts} prompts x {s.generations} completions, prompt width "
         f"{s.prompt_len or 'natural (4-8 tokens)'}, up to {s.new_tokens} new tokens, micro-batch {s.micro_batch}, "
         f"one optimizer step; {args.warmup_steps} warm-up + {args.steps} measured steps x {args.rounds} rounds\n"
+        f"Timed: {timed}\n"
     )
     text = header + "\n" + report(list(results.values())) + "\n" + "".join(f"\n{n}" for n in notes) + "\n"
     print(text)

@@ -53,14 +53,13 @@ def _ratio(cell: str) -> float:
 def test_paired_ratios_and_table_by_hand():
     ref = overhead.Case("grpo", "reference", [], "grpo", times=[1.0, 1.0, 2.0], wall=[1.5, 1.5, 3.0])
     case = overhead.Case("minirl N=2", "minirl", [], "grpo", steps_per_batch=2, times=[2.0, 3.0, 4.0], wall=[2, 9, 9])
-    # rounds: 2/1 = 2, 3/1 = 3, 4/2 = 2  -> median 2, range 2-3
+    # per round: 2/1 = 2, 3/1 = 3, 4/2 = 2  -> range 2-3
     assert overhead.paired_ratios(case, ref) == [2.0, 3.0, 2.0]
-    # per optimizer step: each ratio x (1 step / 2 steps) -> 1, 1.5, 1
-    assert overhead.paired_ratios(case, ref, per_step=True) == [1.0, 1.5, 1.0]
     rows = _rows(overhead.table([ref, case]))
-    # median of 1, 1, 2 s = 1000 ms; wall median 1.5 s; the ratios use `times`, not `wall`
+    # medians: grpo 1 s (wall 1.5 s), minirl 3 s (wall 9 s) -> ratio 3; per optimizer step 3 x 1 / 2 = 1.5;
+    # the ratios use `times`, not `wall`
     assert rows["grpo"][3:8] == ["1000.0", "1500.0", "1.00x", "1.00-1.00", ""]
-    assert rows["minirl N=2"][3:8] == ["3000.0", "9000.0", "2.00x", "2.00-3.00", "1.00x"]
+    assert rows["minirl N=2"][3:8] == ["3000.0", "9000.0", "3.00x", "2.00-3.00", "1.50x"]
     assert rows["minirl N=2"][8:] == ["n/a", "n/a"]  # no CUDA memory counter on CPU
 
 
@@ -113,13 +112,18 @@ def test_overhead_smoke_runs_every_configuration(tmp_path):
 
 
 def test_throughput_report_by_hand():
-    ours = throughput.SideResult("steadyrl (hf)", step_s=[1.0, 2.0, 3.0], gen_s=[0.5, 0.5], gen_tokens=[40, 60], completions=8)
-    trl = throughput.SideResult("TRL x GRPOTrainer", step_s=[4.0, 4.0, 5.0], gen_s=[1.0, 1.0], gen_tokens=[50, 50], completions=8)
+    ours = throughput.SideResult("steadyrl (hf)", completions=8, gen_s=[0.5, 0.5], gen_tokens=[40, 60])
+    trl = throughput.SideResult("TRL x GRPOTrainer", completions=8, gen_s=[1.0, 1.0], gen_tokens=[50, 50])
+    # step ends at 0, 1, 2, 4, 7 with one warm-up step -> steps 1, 2, 3 (the first, 1 s, is warm-up)
+    ours.add_steps([0.0, 1.0, 2.0, 4.0, 7.0], [0.0, 1.0, 3.0, 6.0, 9.0], warmup=1)
+    assert ours.step_s == [1.0, 2.0, 3.0] and ours.wall_s == [2.0, 3.0, 3.0]
+    trl.add_steps([0.0, 9.0, 13.0, 17.0, 22.0], [0.0, 9.0, 13.0, 17.0, 22.0], warmup=1)
     rows = _rows(throughput.report([ours, trl]))
-    # steadyrl: median step 2 s -> 8 / 2 = 4 completions/s; 100 tokens in 1 s; (40 + 60) / 2 calls / 8 = 6.25 tokens
-    # TRL: median 4 s -> speed-up 4 / 2 = 2; TRL 100 tokens in 2 s = 50 tokens/s -> generation ratio 100 / 50 = 2
-    assert rows["steadyrl (hf)"][1:] == ["2.000", "4.0", "0.500", "100", "6.2", "2.00x", "2.00x"]
-    assert rows["TRL x GRPOTrainer"][1:] == ["4.000", "2.0", "1.000", "50", "6.2", "1.00x", "1.00x"]
+    # steadyrl: median step 2 s (wall 3 s) -> 8 / 2 = 4 completions/s; 100 tokens in 1 s;
+    # (40 + 60) / 2 calls / 8 completions = 6.25 tokens per completion
+    # TRL: steps 4, 4, 5 -> median 4 s; speed-up 4 / 2 = 2; 100 tokens in 2 s = 50 tokens/s -> generation ratio 2
+    assert rows["steadyrl (hf)"][1:] == ["2.000", "3.000", "4.0", "0.500", "100", "6.2", "2.00x", "2.00x"]
+    assert rows["TRL x GRPOTrainer"][1:] == ["4.000", "4.000", "2.0", "1.000", "50", "6.2", "1.00x", "1.00x"]
 
 
 def test_throughput_smoke_runs_both_sides(tmp_path):
@@ -139,8 +143,8 @@ def test_throughput_smoke_runs_both_sides(tmp_path):
     assert set(rows) == expected
     batch = throughput.SETTINGS["smoke"].prompts * throughput.SETTINGS["smoke"].generations
     for name, cells in rows.items():
-        step, per_s, mean_len = float(cells[1]), float(cells[2]), float(cells[5])
-        assert step > 0
+        step, per_s, mean_len = float(cells[1]), float(cells[3]), float(cells[6])
+        assert step > 0 and float(cells[2]) > 0
         assert per_s == pytest.approx(batch / step, rel=0.02, abs=0.1), name  # completions/s = B / step time
         assert 1.0 <= mean_len <= throughput.SETTINGS["smoke"].new_tokens, name
     assert re.search(r"up to 4 new tokens, micro-batch 8", text)
