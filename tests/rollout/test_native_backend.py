@@ -208,7 +208,9 @@ def test_sampled_logprobs_are_the_processed_distribution(models, arch, fused, pa
     out = backend.generate(ids, mask, params, generator=torch.Generator().manual_seed(0))
     expected = _teacher_forced_logprobs(model, out, params)
     assert torch.isfinite(expected).all()  # no sampled token was outside the top-k / top-p set
-    torch.testing.assert_close(out.rollout_logprobs, expected, atol=1e-5, rtol=0)
+    # a cached decode and one full forward sum in different orders: logits of this init are O(10), so their
+    # fp32 noise is ~1e-6 relative, and 1/τ scales it (HF's own backend is off by up to 8e-6 here)
+    torch.testing.assert_close(out.rollout_logprobs, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_sampling_is_reproducible_from_the_generator(models):

@@ -164,7 +164,11 @@ def test_sample_categorical_equals_loop_reference(seed):
     probs[:, 4] += 1e-3  # every row has some mass
     state = g.get_state()
     drawn = sample_categorical(probs, g).tolist()
-    uniforms = torch.rand(32, 1, generator=torch.Generator().set_state(state)).squeeze(1).tolist()
+    uniforms = (
+        torch.rand(32, 1, generator=torch.Generator().set_state(state), dtype=torch.float64)
+        .squeeze(1)
+        .tolist()
+    )
     assert drawn == [categorical_reference(row, u) for row, u in zip(probs.tolist(), uniforms)]
 
 
