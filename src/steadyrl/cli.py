@@ -1,4 +1,4 @@
-"""``steadyrl``: train, warmstart, eval, report, methods, quickstart."""
+"""``steadyrl``: train, warmstart, eval, report, methods, quickstart, bench."""
 
 from __future__ import annotations
 
@@ -102,6 +102,38 @@ def _cmd_methods(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_stability(args: argparse.Namespace) -> int:
+    from steadyrl.bench.stability import full_spec, quick_spec
+
+    changes: dict = {"force": args.force, "extra": tuple(args.set or [])}
+    for name, parse in (("methods", str), ("lrs", float), ("seeds", int)):
+        value = getattr(args, name)
+        if value:
+            try:
+                changes[name] = tuple(parse(v) for v in value.split(",") if v.strip())
+            except ValueError as exc:
+                raise ConfigError(f"--{name} {value!r} must be a comma-separated list, e.g. --lrs 3e-4,1e-3.") from exc
+    for name in ("steps", "workers", "out", "model", "device", "configs"):
+        value = getattr(args, name)
+        if value is not None:
+            changes["configs_dir" if name == "configs" else name] = value
+    spec = (quick_spec if args.quick else full_spec)(**changes)
+    if args.report_only:
+        from steadyrl.bench.report_stability import read_results, write_report
+
+        out = Path(spec.out)
+        if not (out / "results.jsonl").is_file():
+            raise ConfigError(f"{out} has no results.jsonl; pass the --out of a finished `steadyrl bench stability`.")
+        meta_path = out / "meta.json"
+        meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+        print("\n".join(str(p) for p in write_report(out, read_results(out / "results.jsonl"), meta)))
+        return 0
+    from steadyrl.bench.stability import run_stability
+
+    run_stability(spec, command=" ".join(["steadyrl", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None)
+    return 0
+
+
 def _json_object(text: str, flag: str = "--task-kwargs") -> dict:
     """A JSON-object option, or a ConfigError that shows the expected form."""
     try:
@@ -173,6 +205,24 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="plots and an HTML page for a run directory")
     r.add_argument("run_dir")
     r.set_defaults(fn=_cmd_report)
+
+    b = sub.add_parser("bench", help="benchmarks: `bench stability` runs the collapse map (docs/stability-lab.md)")
+    bench = b.add_subparsers(dest="bench", required=True)
+    st = bench.add_parser("stability", help="methods x learning rates x seeds; collapse map report")
+    st.add_argument("--quick", action="store_true", help="the CPU map: 7 methods, 3 LRs, 2 seeds, 40 steps, 2 workers")
+    st.add_argument("--methods", default=None, help="comma-separated recipes of configs/stability/, e.g. grpo,capo")
+    st.add_argument("--lrs", default=None, help="comma-separated learning rates, e.g. 3e-4,1e-3,3e-3")
+    st.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    st.add_argument("--steps", type=int, default=None, help="RL steps per cell")
+    st.add_argument("--workers", type=int, default=None, help="parallel processes (default: 2 quick, cpu count full)")
+    st.add_argument("--out", default=None, help="output directory (default runs/stability-quick or runs/stability)")
+    st.add_argument("--model", default=None, help="model.name_or_path for every cell (default: the recipes')")
+    st.add_argument("--device", default=None, help="run.device for every cell (default: cpu quick, auto full)")
+    st.add_argument("--configs", default=None, help="directory of <method>.yaml base recipes (default configs/stability)")
+    st.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override for every cell")
+    st.add_argument("--force", action="store_true", help="rerun cells that already have a result.json")
+    st.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.jsonl")
+    st.set_defaults(fn=_cmd_bench_stability)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--markdown", action="store_true")

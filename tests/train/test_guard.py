@@ -248,6 +248,7 @@ def test_rollback_restores_the_snapshot_and_cuts_the_lr(tmp_path):
     guard.apply(action, **kw)
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k])
+    assert sched.last_epoch == 0  # three scheduler steps since the snapshot, rewound with the weights
     assert saved_exp_avg is None and not opt.state  # the snapshot was taken before any optimizer step
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-3) and sched.base_lrs == [pytest.approx(5e-3)]
     assert updater.loss_fn.keywords == {"clip_low": 0.1, "clip_high": 0.14}

@@ -16,13 +16,15 @@ Signals (each fires on its own; thresholds in config.GuardConfig, a threshold of
     ess_drop      mismatch/is_ess < ess_drop × its running median
     kl_spike      mismatch/kl_k3 > kl_spike × its running median and > kl_min
 
-A firing step outside the cooldown, with rollbacks left, becomes a **rollback**: the model, optimizer and
-token-filter states are restored from the oldest kept snapshot (so a collapse that started before the newest
-snapshot is undone too), the learning rate is multiplied by ``lr_factor`` (optimizer param groups and the
-scheduler's base_lrs, so the schedule keeps it), and the loss's trust-region widths by ``clip_factor``.
-The step counter and the LR schedule's position are not rewound: the samples already drawn are spent, and
-the schedule stays aligned with optim.steps. The run's starting state is the first snapshot; healthy steps
-outside the cooldown take another every ``snapshot_every`` steps.
+A firing step outside the cooldown, with rollbacks left, becomes a **rollback**: the model, optimizer,
+scheduler and token-filter states are restored from the oldest kept snapshot (so a collapse that started
+before the newest snapshot is undone too), the learning rate is multiplied by ``lr_factor`` (optimizer param
+groups and the scheduler's base_lrs, so the schedule keeps it), and the loss's trust-region widths by
+``clip_factor``. The scheduler goes back with the weights: the retry replays the schedule from the snapshot
+(its warm-up included, which a restored Adam state with few steps needs), so a run with rollbacks ends that
+many steps short of the schedule's end. The RL step counter is not rewound: samples drawn are spent. The
+run's starting state is the first snapshot; healthy steps outside the cooldown take another every
+``snapshot_every`` steps.
 
 Why in memory: a snapshot is a CPU copy of the state dicts, taken every few steps. Writing the full
 checkpoint that often would cost disk bandwidth and fsyncs on every snapshot, and a rollback would have
@@ -97,8 +99,10 @@ class Snapshot:
     step: int
     model: dict[str, torch.Tensor]
     optimizer: dict[str, Any]
+    scheduler: dict[str, Any] | None
     token_filters: list[dict[str, Any]]
     best_reward: float
+    lr_scale: float
 
 
 def _cpu_copy(state: Any) -> Any:
@@ -240,7 +244,7 @@ class StabilityGuard:
 
     # ------------------------------------------------------------------ effect
 
-    def bind(self, updater: Any, *, model: torch.nn.Module | None = None, optimizer=None, start_step: int = 0) -> None:
+    def bind(self, updater: Any, *, model: torch.nn.Module | None = None, optimizer=None, scheduler=None, start_step: int = 0) -> None:
         """Attach to a run before its first step: remember the updater's configured loss (trust-region widths
         are scaled from it), re-apply a restored clip_scale, drop guard.jsonl lines after ``start_step`` (all of
         them on a fresh run) and, given the model and optimizer, snapshot the state the run starts from.
@@ -256,11 +260,11 @@ class StabilityGuard:
         if self.clip_scale != 1.0:
             updater.loss_fn = scaled_loss_fn(self._base_loss_fn, self.clip_scale, self.cfg.trust_region_keys)
         if model is not None and optimizer is not None and not self.snapshots:
-            self.apply(GuardAction("snapshot", start_step), model=model, optimizer=optimizer, scheduler=None, updater=updater)
+            self.apply(GuardAction("snapshot", start_step), model=model, optimizer=optimizer, scheduler=scheduler, updater=updater)
 
     def apply(self, action: GuardAction, *, model: torch.nn.Module, optimizer, scheduler, updater) -> None:
         if action.kind == "snapshot":
-            self.snapshots.append(self._take(action.step, model, optimizer, updater))
+            self.snapshots.append(self._take(action.step, model, optimizer, scheduler, updater))
             self.snapshots = self.snapshots[-max(self.cfg.keep_snapshots, 1) :]
             self.healthy_since_snapshot = 0
             self._log({"event": "snapshot", "step": action.step})
@@ -270,27 +274,29 @@ class StabilityGuard:
             self._log({"event": "alarm", "step": action.step, "reasons": list(action.reasons), "signals": action.signals,
                        "why_no_rollback": "no snapshot yet" if not self.snapshots else "max_rollbacks reached"})
 
-    def _take(self, step: int, model, optimizer, updater) -> Snapshot:
+    def _take(self, step: int, model, optimizer, scheduler, updater) -> Snapshot:
         return Snapshot(
             step=step,
             model=_cpu_copy(model.state_dict()),
             optimizer=_cpu_copy(optimizer.state_dict()),
+            scheduler=_cpu_copy(scheduler.state_dict()) if scheduler is not None else None,
             token_filters=[_cpu_copy(f.state_dict()) for f in updater.token_filters],
             best_reward=self.best_reward,
+            lr_scale=self.lr_scale,
         )
 
     def _rollback(self, action: GuardAction, model, optimizer, scheduler, updater) -> None:
         c = self.cfg
         target = self.snapshots[0]
-        live_lrs = [group["lr"] for group in optimizer.param_groups]
         model.load_state_dict(target.model)
         optimizer.load_state_dict(target.optimizer)
-        for group, lr in zip(optimizer.param_groups, live_lrs):  # the schedule's position is not rewound
-            group["lr"] = lr
+        if scheduler is not None and target.scheduler is not None:
+            scheduler.load_state_dict(target.scheduler)
         for f, state in zip(updater.token_filters, target.token_filters):
             f.load_state_dict(state)
-        scale_learning_rate(optimizer, scheduler, c.lr_factor)
         self.lr_scale *= c.lr_factor
+        # the restored LRs carry the scale of the snapshot's time; bring them to the new one
+        scale_learning_rate(optimizer, scheduler, self.lr_scale / target.lr_scale)
         if c.clip_factor != 1.0:
             self.clip_scale *= c.clip_factor
             base = self._base_loss_fn if self._base_loss_fn is not None else updater.loss_fn

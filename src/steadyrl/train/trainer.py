@@ -129,7 +129,9 @@ class Trainer:
         self.guard = StabilityGuard(cfg.guard, log_path=guard_log) if cfg.guard is not None else None
         self._resume_or_start()
         if self.guard is not None:
-            self.guard.bind(self.updater, model=self.model, optimizer=self.optimizer, start_step=self.start_step)
+            self.guard.bind(
+                self.updater, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler, start_step=self.start_step
+            )
 
     # ------------------------------------------------------------------ setup helpers
 
