@@ -12,6 +12,12 @@ STABILISERS: list[tuple[str, str, str, str]] = [
         "MoE Routing Replay (config routing_replay): R2 replays π_old's experts, R3 the sampler's, in training",
         "arXiv 2512.01374 + 2510.11370, §5",
     ),
+    (
+        "stability_guard",
+        "trainer_hook",
+        "stability guard (config guard): on a collapse signal, roll back to an in-memory snapshot, cut the LR, tighten ε",
+        "steadyrl (docs/stability-lab.md)",
+    ),
 ]
 """(name, layer, description, reference) rows, appended by the modules that implement them."""
 
@@ -26,6 +32,7 @@ CONFIG_KEYS = {
     "token_filter": "token_filters: [{name: ...}]",
     "combiner": "combiner.name",
     "model_hook": "routing_replay: R2 | R3",
+    "trainer_hook": "guard: {...}",
 }
 
 
