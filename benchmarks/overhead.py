@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import os
 import platform
 import statistics
 import sys
@@ -426,7 +427,17 @@ def device_line(device: str) -> str:
     torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
     if device == "cuda":
         return f"{torch.cuda.get_device_name()} ({torch_info}, CUDA {torch.version.cuda})"
-    return f"CPU {platform.processor() or platform.machine()}, {torch_info}"
+    return f"CPU {cpu_name()} ({os.cpu_count()} cores), {torch_info}"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
