@@ -298,7 +298,7 @@ def test_guarded_run_with_an_absurd_lr_rolls_back_and_stays_finite(tiny_config):
     trainer.train()
     rows = read_metrics(cfg.run.output_dir)
     assert rows[-1]["guard/rollbacks"] >= 1
-    assert rows[-1]["guard/lr_scale"] == pytest.approx(0.5 ** rows[-1]["guard/rollbacks"])
+    assert rows[-1]["guard/lr_scale"] == pytest.approx(cfg.guard.lr_factor ** rows[-1]["guard/rollbacks"])
     assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(30.0 * rows[-1]["guard/lr_scale"])
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()
