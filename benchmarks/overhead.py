@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from steadyrl import registry
-from steadyrl.config import load_config
+from steadyrl.config import ConfigError, load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.ops.masking import masked_fill_zero
@@ -154,6 +154,20 @@ def build_cases(shape: Shape) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- models and the batch
+
+
+def embedded_available() -> bool:
+    try:
+        resolve_model_path("embedded:tiny-adder")
+        return True
+    except ConfigError:
+        return False
+
+
+def use_embedded(args) -> bool:
+    if args.model == "auto":
+        return args.device == "cpu" and not args.smoke and not args.vocab and embedded_available()
+    return args.model == "embedded"
 
 
 def save_models(shape: Shape, root: Path, embedded: bool) -> dict[str, str]:
@@ -304,7 +318,7 @@ class Runner:
 
 def make_runners(args, shape: Shape, cases: list[Case], root: Path, info: dict) -> list[Runner]:
     device = args.device
-    paths = save_models(shape, root, args.embedded)
+    paths = save_models(shape, root, use_embedded(args))
     task = build_task("arithmetic")
     tok = build_char_tokenizer(ARITHMETIC_ALPHABET)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -323,7 +337,8 @@ def make_runners(args, shape: Shape, cases: list[Case], root: Path, info: dict) 
                 base = Trainer(load_config(None, base_overrides(shape, paths[case.model], device, root / f"b{i}")),
                                model=trainer.model, tokenizer=tok, task=task)
                 batch = fixed_batch(base, args.seed)
-                info[case.model] = describe(trainer.model, batch)
+                origin = "embedded:tiny-adder" if case.model == "dense" and use_embedded(args) else "random init"
+                info[case.model] = f"{origin}, " + describe(trainer.model, batch)
                 kind = shared[case.model] = {
                     "model": trainer.model,
                     "batch": batch,
@@ -450,7 +465,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=0, help="override the completion length")
     p.add_argument("--vocab", type=int, default=0, help="override the vocabulary size of the random models")
     p.add_argument("--only", nargs="*", help="run configurations whose name contains one of these (plus references)")
-    p.add_argument("--embedded", action="store_true", help="dense model = embedded:tiny-adder (CPU shape)")
+    p.add_argument(
+        "--model",
+        choices=("auto", "embedded", "random"),
+        default="auto",
+        help="dense model: the shipped embedded:tiny-adder or a random init of the shape; auto = embedded on CPU "
+        "when it is shipped (and no --vocab / --smoke), else random",
+    )
     p.add_argument("--no-moe", action="store_true", help="skip the routing-replay (MoE) rows")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (1: robust on a shared CPU)")
     p.add_argument("--seed", type=int, default=0)

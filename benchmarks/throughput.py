@@ -44,11 +44,18 @@ from pathlib import Path
 
 import torch
 
-from steadyrl.config import load_config
-from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
+from steadyrl.config import ConfigError, load_config
+from steadyrl.models import (
+    build_char_tokenizer,
+    build_tiny_model,
+    load_model,
+    load_tokenizer,
+    tiny_model_config,
+)
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.tasks import Prompt, build_task
 from steadyrl.train.checkpoint import save_pretrained_atomic
+from steadyrl.train.setup import resolve_model_path
 from steadyrl.train.trainer import Trainer
 
 
@@ -110,7 +117,26 @@ class SideResult:
 # ----------------------------------------------------------------------------- shared set-up
 
 
-def save_model(s: Setting, root: Path) -> str:
+def embedded_available() -> bool:
+    try:
+        resolve_model_path("embedded:tiny-adder")
+        return True
+    except ConfigError:
+        return False
+
+
+def use_embedded(args) -> bool:
+    if args.model == "auto":
+        return args.device == "cpu" and not args.smoke and embedded_available()
+    return args.model == "embedded"
+
+
+def save_model(s: Setting, root: Path, embedded: bool = False) -> str:
+    """The one directory both sides load: the shipped tiny-adder (re-saved) or a random init of ``s``."""
+    if embedded:
+        path = resolve_model_path("embedded:tiny-adder")
+        model = load_model(path, dtype=s.dtype)
+        return str(save_pretrained_atomic(model, load_tokenizer(path), root / "model"))
     tok = build_char_tokenizer(ARITHMETIC_ALPHABET, model_max_length=max(256, s.prompt_len + s.new_tokens + 16))
     cfg = tiny_model_config(
         "qwen2",
@@ -390,6 +416,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=2, help="alternating rounds of every side")
     p.add_argument("--backends", nargs="*", default=["hf", "native"], help="steadyrl rollout backends to run")
     p.add_argument("--no-trl", action="store_true", help="skip TRL (steadyrl only)")
+    p.add_argument(
+        "--model",
+        choices=("auto", "embedded", "random"),
+        default="auto",
+        help="the shipped embedded:tiny-adder or a random init; auto = embedded on CPU when it is shipped",
+    )
     p.add_argument("--prompts", type=int, default=0, help="override P")
     p.add_argument("--new-tokens", type=int, default=0, help="override the completion budget")
     p.add_argument("--micro-batch", type=int, default=0, help="override the micro-batch size (both sides)")
@@ -439,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
     results = {name: SideResult(name) for name in sides}
     with tempfile.TemporaryDirectory(prefix="steadyrl-throughput-") as tmp:
         root = Path(tmp)
-        model_dir = save_model(s, root)
+        model_dir = save_model(s, root, embedded=use_embedded(args))
         for rnd in range(args.rounds):
             for name in sides:
                 prompts = prompt_list(s, args.warmup_steps + args.steps)
@@ -469,7 +501,7 @@ def main(argv: list[str] | None = None) -> int:
     header = (
         f"Device: {device_line(args.device)}\n"
         f"Command: python benchmarks/{Path(__file__).name} {' '.join(sys.argv[1:] if argv is None else argv)}\n"
-        f"Model: random-init {params}, weights {s.dtype}"
+        f"Model: {'embedded:tiny-adder, ' if use_embedded(args) else 'random-init '}{params}, weights {s.dtype}"
         f"{' + bf16 autocast' if args.device == 'cuda' and s.dtype == 'float32' else ''}\n"
         f"Work per step: {s.prompts} prompts x {s.generations} completions, prompt width "
         f"{s.prompt_len or 'natural (4-8 tokens)'}, up to {s.new_tokens} new tokens, micro-batch {s.micro_batch}, "
