@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -154,6 +155,8 @@ def _packaged_config(name: str) -> Path:
 
 
 def _print_summary(summary: dict, run_dir: str) -> None:
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+        return
     start, end = summary.get("eval_start"), summary.get("eval_end")
     metric = summary.get("eval_metric") or "held-out accuracy"
     if start is not None and end is not None:
