@@ -416,3 +416,18 @@ def test_greedy_equals_hf_backend_on_cuda(fused, compile):
         generator=torch.Generator("cuda").manual_seed(0),
     )
     assert torch.isfinite(sampled.rollout_logprobs).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_moe_routing_is_recorded_eagerly_on_cuda():
+    model = _model("qwen2_moe").cuda()
+    ids, mask = (t.cuda() for t in _prompts([5, 2, 6, 1]))
+    params = SamplingParams(max_new_tokens=6, temperature=0.0)
+    hf = HFRolloutBackend(model, pad_token_id=PAD, eos_token_id=EOS).generate(ids, mask, params)
+    backend = NativeRolloutBackend(model, pad_token_id=PAD, eos_token_id=EOS, compile=True)
+    with pytest.warns(UserWarning, match="recording MoE routing"):
+        native = backend.generate(ids, mask, params)
+    _assert_same_rollout(hf, native, logprob_atol=1e-4)
+    routed = routed_positions_mask(hf.prompt_mask, hf.response_mask)
+    assert torch.equal(native.routed_experts[routed], hf.routed_experts[routed])

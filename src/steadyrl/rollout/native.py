@@ -252,7 +252,8 @@ class NativeRolloutBackend:
     fused: decode with the op-for-op Llama / Qwen2 step (``_LlamaFamilyDecodeStep``) instead of the HF
         forward. None (default) = whenever the model supports it; True = require it; False = HF forward.
     compile: on CUDA, compile the single-token decode step with ``torch.compile(mode="reduce-overhead")``
-        (CUDA graphs over the static cache); ignored, with a warning, on other devices.
+        (CUDA graphs over the static cache); ignored, with a warning, on other devices and while recording
+        MoE routing.
     stop_check_every: decode steps between reads of the "all rows finished" flag on CUDA (each read is a
         host sync); on CPU the flag is read every step.
     cache_bucket: with ``compile``, the KV cache length is rounded up to a multiple of this, so that prompts
@@ -331,11 +332,13 @@ class NativeRolloutBackend:
         eager = self._fused_step if self.fused else self.sampler
         if not self.compile:
             return eager, False
-        if device.type != "cuda":
+        # the routing recorder's hooks keep router outputs, which a CUDA graph replay would overwrite
+        why_not = "compiles on CUDA only" if device.type != "cuda" else None
+        why_not = why_not or ("does not compile while recording MoE routing" if self.record_routing else None)
+        if why_not:
             if not self._warned_compile:
                 warnings.warn(
-                    "NativeRolloutBackend(compile=True) compiles on CUDA only; decoding eagerly.",
-                    stacklevel=3,
+                    f"NativeRolloutBackend(compile=True) {why_not}; decoding eagerly.", stacklevel=3
                 )
                 self._warned_compile = True
             return eager, False
