@@ -454,49 +454,51 @@ class NativeRolloutBackend:
         was_training = self.sampler.training
         self.sampler.eval()
         recording = RoutingRecorder(self.sampler) if self.record_routing else contextlib.nullcontext()
-        with recording:
-            if self.fused:
-                logits, keys, values = self._fused_prefill(prompt_ids, prompt_mask, cache_len, compiled)
-            else:
-                cache = self._cache(batch_size, cache_len, device, compiled)
-                position_ids = position_ids_from_mask(prompt_mask)
-                logits = self._hf_forward(self.sampler, prompt_ids, prompt_mask, position_ids, cache)
-            steps_done = new_tokens
-            for t in range(new_tokens):
-                log_mu = sampling_logprobs(logits, params)  # (B, V)
-                if params.greedy:
-                    token = logits.argmax(dim=-1)
-                else:
-                    token = sample_categorical(log_mu.exp(), generator)
-                token = torch.where(finished, pad, token)  # finished rows emit pad, as HF generate does
-                completion[:, t] = token
-                logprobs[:, t] = log_mu.gather(1, token[:, None]).squeeze(1)
-                finished |= torch.isin(token, eos_ids)
-                if t == new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
-                    steps_done = t + 1
-                    break
-                next_input.copy_(token[:, None])
-                visible[:, prompt_len + t] = True
-                if compiled:
-                    torch.compiler.cudagraph_mark_step_begin()
+        try:
+            with recording:
                 if self.fused:
-                    kv_len = None if compiled else prompt_len + t + 1
-                    logits = step_fn(next_input, next_position, visible, slot, keys, values, kv_len)
-                    slot += 1
+                    logits, keys, values = self._fused_prefill(prompt_ids, prompt_mask, cache_len, compiled)
                 else:
-                    if self._own_mask:
-                        attention_mask = visible[:, None, None, :]
+                    cache = self._cache(batch_size, cache_len, device, compiled)
+                    position_ids = position_ids_from_mask(prompt_mask)
+                    logits = self._hf_forward(self.sampler, prompt_ids, prompt_mask, position_ids, cache)
+                steps_done = new_tokens
+                for t in range(new_tokens):
+                    log_mu = sampling_logprobs(logits, params)  # (B, V)
+                    if params.greedy:
+                        token = logits.argmax(dim=-1)
                     else:
-                        attention_mask = self._make_masks(
-                            config=self.sampler.config,
-                            inputs_embeds=empty_embeds,
-                            attention_mask=padding_mask,
-                            past_key_values=cache,
-                            position_ids=next_position,
-                        )
-                    logits = self._hf_forward(step_fn, next_input, attention_mask, next_position, cache)
-                next_position += 1
-        self.sampler.train(was_training)
+                        token = sample_categorical(log_mu.exp(), generator)
+                    token = torch.where(finished, pad, token)  # finished rows emit pad, as HF generate does
+                    completion[:, t] = token
+                    logprobs[:, t] = log_mu.gather(1, token[:, None]).squeeze(1)
+                    finished |= torch.isin(token, eos_ids)
+                    if t == new_tokens - 1 or ((t + 1) % check_every == 0 and bool(finished.all())):
+                        steps_done = t + 1
+                        break
+                    next_input.copy_(token[:, None])
+                    visible[:, prompt_len + t] = True
+                    if compiled:
+                        torch.compiler.cudagraph_mark_step_begin()
+                    if self.fused:
+                        kv_len = None if compiled else prompt_len + t + 1
+                        logits = step_fn(next_input, next_position, visible, slot, keys, values, kv_len)
+                        slot += 1
+                    else:
+                        if self._own_mask:
+                            attention_mask = visible[:, None, None, :]
+                        else:
+                            attention_mask = self._make_masks(
+                                config=self.sampler.config,
+                                inputs_embeds=empty_embeds,
+                                attention_mask=padding_mask,
+                                past_key_values=cache,
+                                position_ids=next_position,
+                            )
+                        logits = self._hf_forward(step_fn, next_input, attention_mask, next_position, cache)
+                    next_position += 1
+        finally:
+            self.sampler.train(was_training)
 
         completion, logprobs = completion[:, :steps_done], logprobs[:, :steps_done]
         response_mask, truncated = response_mask_from_eos(completion, self.eos_token_id)
