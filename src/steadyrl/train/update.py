@@ -142,7 +142,7 @@ class PolicyUpdater:
         if replay == "batch" and rollout.routed_experts is None:
             raise ConfigError(
                 f"routing_replay={self.settings.routing_replay} found no recorded experts in the batch; the rollout "
-                "backend records them (rollout.backend=hf) for supported MoE models (see models/routing.py)."
+                "backends (hf, native) record them for supported MoE models (see models/routing.py)."
             )
         routed = rollout.routed_experts if replay == "batch" else None
         return RoutingReplayer(model, routed, rule=self.replay_weight_rule)
