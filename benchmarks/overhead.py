@@ -109,6 +109,8 @@ def build_cases(shape: Shape) -> list[Case]:
     mb = shape.micro_batch
     cases = [
         Case("grpo", "reference", [], "grpo"),
+        # the reference's own configuration again: its ratio is the noise floor of every other ratio
+        Case("grpo (control)", "reference", [], "grpo"),
         Case("grpo+kl", "reference", KL, "grpo"),
     ]
     for name in registry.LOSSES:

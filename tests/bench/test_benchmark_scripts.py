@@ -79,7 +79,7 @@ def test_every_registered_method_has_a_configuration():
     for combiner in registry.COMBINERS:
         assert combiner == "sum" or f"combiner={combiner}" in names
     assert {"capo (recipe, adam model)", "minirl N=2", "minirl N=4", "minirl N=8"} <= names
-    assert {"moe grpo replay=R2", "moe grpo replay=R3", "grpo+kl (micro-batch 8)"} <= names
+    assert {"moe grpo replay=R2", "moe grpo replay=R3", "grpo+kl (micro-batch 8)", "grpo (control)"} <= names
 
 
 # ----------------------------------------------------------------------------- overhead: smoke run
