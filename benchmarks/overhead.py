@@ -15,8 +15,9 @@ fixed seed (so the advantages are not all zero on a random model) and its advant
 Every configuration is a real ``Trainer`` built from a ``TrainConfig`` (registry, setup helpers and updater
 exactly as in training) on one shared model. Before every timed call the model weights are restored to the
 initial ones, the optimizer to the same freshly initialised AdamW state and a CAPO filter to its state after
-warm-up, so each call does the same work. Warm-up calls first, then repeats interleaved round-robin (the
-start rotates each round) so drift hits every configuration alike; the median is reported.
+warm-up, so each call does the same work. Warm-up calls first, then rounds in which every configuration
+runs once, in a fresh (seeded) random order, so drift and cache effects hit every configuration alike; the
+median is reported.
 
 Memory: on CUDA, ``torch.cuda.max_memory_allocated`` during the call minus the memory allocated just before
 it (the step's transient memory: activations, gradients, combiner buffers, π_old / π_ref forwards; the
@@ -31,6 +32,7 @@ import copy
 import dataclasses
 import os
 import platform
+import random
 import statistics
 import sys
 import tempfile
@@ -393,9 +395,11 @@ def run(args, shape: Shape, info: dict) -> list[Case]:
                     runners.remove(r)
         for r in runners:
             r.keep_filter_state()
+        order = random.Random(args.seed)
         for rep in range(args.repeats):
-            start = rep % max(1, len(runners))
-            for r in runners[start:] + runners[:start]:
+            # A fresh random order each round: a fixed ring would always put the same configuration right after
+            # the switch between the dense and the MoE model (cold caches), biasing its time.
+            for r in order.sample(runners, len(runners)):
                 r.run_once(record=True)
             print(f"[overhead] round {rep + 1}/{args.repeats} done", file=sys.stderr)
     return cases
@@ -405,7 +409,7 @@ def run(args, shape: Shape, info: dict) -> list[Case]:
 
 
 def paired_ratios(case: Case, ref: Case) -> list[float]:
-    """Per-round ratios: round r of every configuration ran within one round-robin pass, close in time."""
+    """Per-round ratios: round r of every configuration ran within one pass over all of them, close in time."""
     return [t / r for t, r in zip(case.times, ref.times)]
 
 
