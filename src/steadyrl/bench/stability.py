@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from steadyrl._io import atomic_write_text
 from steadyrl.config import ConfigError
 
 QUICK_METHODS = ("grpo", "grpo_guard", "capo", "minirl", "dppo_binary_tv", "cispo", "lco_kld")
@@ -283,11 +284,7 @@ def machine_info() -> dict[str, Any]:
 
 
 def write_results(out: Path, rows: list[dict[str, Any]]) -> Path:
-    path = out / "results.jsonl"
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(json.dumps(_json_safe(r)) + "\n" for r in rows))
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(out / "results.jsonl", "".join(json.dumps(_json_safe(r)) + "\n" for r in rows))
 
 
 def run_stability(spec: BenchSpec, *, command: str | None = None, log=print) -> dict[str, Any]:

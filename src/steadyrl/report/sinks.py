@@ -23,6 +23,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from steadyrl._io import atomic_write_text
+
 METRICS_FILE = "metrics.jsonl"
 TB_DIR = "tb"
 
@@ -40,16 +42,6 @@ def _to_float(name: str, value: Any) -> float:
 
 def _json_value(x: float) -> float | None:
     return x if math.isfinite(x) else None
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":  # directories cannot be opened for fsync on Windows
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _parse_lines(text: str, path: Path) -> list[dict[str, Any]]:
@@ -86,16 +78,6 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             if value is None:
                 row[key] = float("nan")
     return rows
-
-
-def _rewrite_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".tmp-{path.name}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
 
 
 class MetricLogger:
@@ -156,10 +138,10 @@ class MetricLogger:
             rows = [row for row in rows if int(row["step"]) <= resume_step]
             walls = [row["wall_s"] for row in rows if isinstance(row.get("wall_s"), int | float)]
             self._wall_offset = max(walls, default=0.0)
-            _rewrite_atomically(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
         elif text and not text.endswith("\n"):
             # Appending to a cut-off line would glue two rows into one corrupt line.
-            _rewrite_atomically(self.path, "".join(json.dumps(row) + "\n" for row in rows))
+            atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
     def _open_tensorboard(self, resume_step: int | None):
         global _warned_no_tensorboard

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from steadyrl.models.routing import supported_moe_layers
 from steadyrl.types import RolloutBatch
 
 
@@ -45,6 +47,39 @@ class RolloutBackend(Protocol):
     def sync_weights(self) -> None:
         """Make the sampler use the policy's current parameters (called after every optimizer step)."""
         ...
+
+
+class SamplerCopyMixin:
+    """What both backends share: the policy, its sampler (a separate copy in ``sampler_dtype`` when that differs
+    from the policy's dtype, so the train-inference gap is real), and MoE routing recording."""
+
+    def _init_sampler(
+        self,
+        model: torch.nn.Module,
+        pad_token_id: int,
+        eos_token_id: int | list[int],
+        sampler_dtype: torch.dtype | None,
+        record_routing: bool | None,
+    ) -> None:
+        self.policy = model
+        self.pad_token_id = pad_token_id
+        self.eos_token_id = eos_token_id
+        param_dtype = next(model.parameters()).dtype
+        self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
+        self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
+        if self.separate_sampler:
+            self.sampler.requires_grad_(False)
+        if record_routing is None:
+            record_routing = bool(supported_moe_layers(self.sampler, strict=False))
+        self.record_routing = record_routing
+
+    @torch.no_grad()
+    def sync_weights(self) -> None:
+        """Copy the policy's current parameters into the low-precision sampler (no-op when it is the policy)."""
+        if not self.separate_sampler:
+            return
+        for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
+            dst.copy_(src)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

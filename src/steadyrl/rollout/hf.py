@@ -9,16 +9,15 @@ log-softmax of each step: μ is then exactly the distribution the token was draw
 from __future__ import annotations
 
 import contextlib
-import copy
 
 import torch
 from torch import Tensor
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
-from steadyrl.models.routing import RoutingRecorder, supported_moe_layers
+from steadyrl.models.routing import RoutingRecorder
 from steadyrl.ops.masking import masked_fill_zero, response_mask_from_eos
-from steadyrl.rollout.base import SamplingParams
+from steadyrl.rollout.base import SamplerCopyMixin, SamplingParams
 from steadyrl.types import RolloutBatch
 
 
@@ -42,7 +41,7 @@ class _SampledLogprobRecorder(LogitsProcessor):
         return torch.stack(self.logprobs, dim=1)
 
 
-class HFRolloutBackend:
+class HFRolloutBackend(SamplerCopyMixin):
     """RolloutBackend over ``model.generate``.
 
     ``sampler_dtype`` (e.g. torch.bfloat16) samples with a separate copy of the policy in that dtype, kept in
@@ -61,24 +60,7 @@ class HFRolloutBackend:
         sampler_dtype: torch.dtype | None = None,
         record_routing: bool | None = None,
     ) -> None:
-        self.policy = model
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
-        param_dtype = next(model.parameters()).dtype
-        self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
-        self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
-        if self.separate_sampler:
-            self.sampler.requires_grad_(False)
-        if record_routing is None:
-            record_routing = bool(supported_moe_layers(self.sampler, strict=False))
-        self.record_routing = record_routing
-
-    @torch.no_grad()
-    def sync_weights(self) -> None:
-        if not self.separate_sampler:
-            return
-        for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
-            dst.copy_(src)
+        self._init_sampler(model, pad_token_id, eos_token_id, sampler_dtype, record_routing)
 
     @torch.no_grad()
     def generate(

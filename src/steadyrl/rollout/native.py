@@ -32,7 +32,6 @@ between calls with its length rounded up to ``cache_bucket`` so that a new promp
 from __future__ import annotations
 
 import contextlib
-import copy
 import inspect
 import math
 import warnings
@@ -43,9 +42,9 @@ from torch import Tensor
 from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_masks_for_generate
 
-from steadyrl.models.routing import RoutingRecorder, supported_moe_layers
+from steadyrl.models.routing import RoutingRecorder
 from steadyrl.ops.masking import masked_fill_zero, response_mask_from_eos
-from steadyrl.rollout.base import SamplingParams, position_ids_from_mask
+from steadyrl.rollout.base import SamplerCopyMixin, SamplingParams, position_ids_from_mask
 from steadyrl.types import RolloutBatch
 
 
@@ -242,7 +241,7 @@ class _LlamaFamilyDecodeStep:
         return _linear(self.model.lm_head, hidden[:, -1]).to(dtype=torch.float32, copy=True)
 
 
-class NativeRolloutBackend:
+class NativeRolloutBackend(SamplerCopyMixin):
     """RolloutBackend with its own decode loop over a static KV cache.
 
     Arguments as ``HFRolloutBackend``: ``sampler_dtype`` samples with a separate copy of the policy in that
@@ -275,17 +274,7 @@ class NativeRolloutBackend:
     ) -> None:
         if stop_check_every < 1 or cache_bucket < 1:
             raise ValueError("stop_check_every and cache_bucket must be >= 1.")
-        self.policy = model
-        self.pad_token_id = pad_token_id
-        self.eos_token_id = eos_token_id
-        param_dtype = next(model.parameters()).dtype
-        self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
-        self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
-        if self.separate_sampler:
-            self.sampler.requires_grad_(False)
-        if record_routing is None:
-            record_routing = bool(supported_moe_layers(self.sampler, strict=False))
-        self.record_routing = record_routing
+        self._init_sampler(model, pad_token_id, eos_token_id, sampler_dtype, record_routing)
         supported = _LlamaFamilyDecodeStep.supports(self.sampler)
         if fused and not supported:
             raise ValueError(
@@ -303,13 +292,6 @@ class NativeRolloutBackend:
         self._compiled_step = None
         self._kept_cache: tuple[tuple, object] | None = None  # (shape key, StaticCache or K/V buffer lists)
         self._warned_compile = False
-
-    @torch.no_grad()
-    def sync_weights(self) -> None:
-        if not self.separate_sampler:
-            return
-        for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
-            dst.copy_(src)
 
     def _hf_forward(
         self, step, input_ids: Tensor, attention_mask, position_ids: Tensor, cache: StaticCache

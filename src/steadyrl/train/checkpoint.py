@@ -39,21 +39,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from steadyrl._io import fsync_dir
+
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d{8,})")
-
-
-def _fsync_dir(path: Path) -> None:
-    if os.name == "nt":
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _save_synced(obj: Any, path: Path) -> None:
@@ -219,7 +211,7 @@ def save_checkpoint(
     # meta.json last: a directory that has it is complete.
     meta = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
     _write_text_synced(json.dumps(meta, indent=1) + "\n", tmp / META_FILE)
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
 
     if final.exists():  # re-saving a step: move the old copy aside (a .tmp-* name, so it is cleaned later)
         old = root / f".tmp-old-{name}"
@@ -228,12 +220,12 @@ def save_checkpoint(
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(root)
+    fsync_dir(root)
 
     latest_tmp = root / f".tmp-{LATEST_FILE}"
     _write_text_synced(name + "\n", latest_tmp)
     os.replace(latest_tmp, root / LATEST_FILE)
-    _fsync_dir(root)
+    fsync_dir(root)
 
     if keep_last is not None:
         older = [(s, p) for s, p in list_checkpoints(run_dir) if s <= step]
@@ -304,12 +296,12 @@ def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Pat
         if file.is_file():
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if out_dir.exists():
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old)
     else:
         os.replace(tmp, out_dir)
-    _fsync_dir(out_dir.parent)
+    fsync_dir(out_dir.parent)
     return out_dir

@@ -11,13 +11,13 @@ that can be validated (config keys, registry names, batch arithmetic, model path
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import torch
 
 from steadyrl import registry
+from steadyrl._io import atomic_write_text
 from steadyrl.config import TrainConfig, dump_config
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.loading import check_tokenizer_fits_model
@@ -302,9 +302,7 @@ class Trainer:
         if self.info.is_main:
             if self.cfg.checkpoint.save_final_model:
                 save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
-            tmp = self.run_dir / "summary.json.tmp"
-            tmp.write_text(json.dumps(summary, indent=2))
-            os.replace(tmp, self.run_dir / "summary.json")
+            atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
             if self.cfg.logging.report:
                 make_report(self.run_dir)
