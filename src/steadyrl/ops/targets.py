@@ -28,6 +28,8 @@ distributions. Gradient w.r.t. the logits of the binary part: π_θ − π'' whe
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -130,6 +132,22 @@ def _logit_shift_residual(inputs: LossInputs, target: str, rho_pos: float, rho_n
     return masked_fill_zero(moved - shift, mask), p_target
 
 
+def _logit_shift_loss(
+    inputs: LossInputs,
+    per_token_fn,
+    name: str,
+    target: str,
+    rho_pos: float,
+    rho_neg: float,
+    beta: float,
+    scale_by_abs_advantage: bool | None,
+) -> LossResult:
+    residual, p_target = _logit_shift_residual(inputs, target, rho_pos, rho_neg, beta)
+    per_token = per_token_fn(residual)
+    loss = masked_fill_zero(_weight(inputs, target, scale_by_abs_advantage) * per_token, inputs.response_mask)
+    return LossResult(loss, _metrics(inputs, p_target, per_token, name))
+
+
 def lco_mse_loss(
     inputs: LossInputs,
     *,
@@ -144,10 +162,7 @@ def lco_mse_loss(
     Only the sampled logit has a target; on-policy the other logits' regression terms are exactly 0 with 0
     gradient, off-policy they are omitted (their old values would need B×T×V memory) [INF].
     """
-    residual, p_target = _logit_shift_residual(inputs, target, rho_pos, rho_neg, beta)
-    per_token = 0.5 * residual**2
-    loss = masked_fill_zero(_weight(inputs, target, scale_by_abs_advantage) * per_token, inputs.response_mask)
-    return LossResult(loss, _metrics(inputs, p_target, per_token, "mse"))
+    return _logit_shift_loss(inputs, lambda r: 0.5 * r**2, "mse", target, rho_pos, rho_neg, beta, scale_by_abs_advantage)
 
 
 def lco_lch_loss(
@@ -160,8 +175,10 @@ def lco_lch_loss(
     scale_by_abs_advantage: bool | None = None,
 ) -> LossResult:
     """LCO-LCH: log cosh((z_θ,a − z_old,a) − Δz), robust to outlying shifts (computed stably)."""
-    residual, p_target = _logit_shift_residual(inputs, target, rho_pos, rho_neg, beta)
-    a = residual.abs()
-    per_token = a + torch.log1p(torch.exp(-2 * a)) - torch.log(torch.tensor(2.0, dtype=a.dtype, device=a.device))
-    loss = masked_fill_zero(_weight(inputs, target, scale_by_abs_advantage) * per_token, inputs.response_mask)
-    return LossResult(loss, _metrics(inputs, p_target, per_token, "lch"))
+    return _logit_shift_loss(inputs, _log_cosh, "lch", target, rho_pos, rho_neg, beta, scale_by_abs_advantage)
+
+
+def _log_cosh(x: Tensor) -> Tensor:
+    """log cosh(x) = |x| + log(1 + e^{−2|x|}) − log 2, without overflow."""
+    a = x.abs()
+    return a + torch.log1p(torch.exp(-2 * a)) - math.log(2.0)
