@@ -180,12 +180,12 @@ class GuardConfig:
     """Steps averaged for the reward-drop signal."""
     reward_drop: float = 0.2
     """Fire when the reward_window mean reward falls this far (reward units) below its best so far."""
-    grad_spike: float = 5.0
-    """Fire when grad/norm exceeds this multiple of its running median."""
+    grad_spike: float = 10.0
+    """Fire when grad/norm exceeds this multiple of its running median (stable lab runs reach 7x)."""
     entropy_rise: float = 1.0
     """Fire when the entropy's fitted relative change across the window exceeds +entropy_rise ..."""
     entropy_fall: float = 0.8
-    """... or falls below −entropy_fall."""
+    """... or falls below −entropy_fall while the reward is below its best (else it is convergence)."""
     ess_drop: float = 0.5
     """Fire when mismatch/is_ess falls below this fraction of its running median."""
     kl_spike: float = 10.0

@@ -149,12 +149,12 @@ def test_mean_fractions_by_hand():
 
 
 def test_cell_metrics_of_a_run():
-    rows = rows_from([0.52, 0.6, 0.7], guard__rollbacks=[0.0] * 6 + [1.0] * 4, guard__lr_scale=[1.0] * 6 + [0.5] * 4)
+    rows = rows_from([0.52, 0.6, 0.75], guard__rollbacks=[0.0] * 6 + [1.0] * 4, guard__lr_scale=[1.0] * 6 + [0.5] * 4)
     m = cell_metrics(rows, steps=10, completions_per_step=256)
     assert m["collapsed"] is False and m["dipped"] is False
-    assert (m["start_acc"], m["final_acc"], m["best_acc"]) == (0.52, 0.7, 0.7)
-    assert m["target_acc"] == pytest.approx(0.67)
-    assert m["completions_to_target"] == 10 * 256  # eval at step 10 is the first ≥ 0.67
+    assert (m["start_acc"], m["final_acc"], m["best_acc"]) == (0.52, 0.75, 0.75)
+    assert m["target_acc"] == pytest.approx(0.72)  # 0.52 + 0.2
+    assert m["completions_to_target"] == 10 * 256  # eval at step 10 is the first ≥ 0.72
     assert m["roughness"] == 0.0  # reward/mean is constant
     assert m["rollbacks"] == 1 and m["lr_scale"] == 0.5 and m["steps_done"] == 10
     assert m["curve"]["eval_steps"] == [0, 5, 10] and len(m["curve"]["reward"]) == 10

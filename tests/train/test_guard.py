@@ -178,6 +178,15 @@ def test_entropy_crash_fires_and_slow_decline_does_not():
     assert guard.rollbacks == 1
 
 
+def test_entropy_falling_while_the_reward_sets_new_highs_is_convergence():
+    rng = random.Random(8)
+    guard = StabilityGuard(GuardConfig(window=8, entropy_fall=0.8))
+    stream(guard, [healthy(rng) for _ in range(10)])
+    # entropy 0.185 → 0.035 as before, but the reward climbs 0.7 → 0.94: every window mean is a new best
+    sharpening = [healthy(rng, **{"policy/entropy": 0.21 - 0.025 * i, "reward/mean": 0.66 + 0.04 * i}) for i in range(1, 8)]
+    assert "rollback" not in stream(guard, sharpening, start=11)
+
+
 def test_entropy_blow_up_fires():
     rng = random.Random(5)
     guard = StabilityGuard(GuardConfig(window=6, entropy_rise=1.0))
@@ -256,6 +265,26 @@ def test_rollback_restores_the_snapshot_and_cuts_the_lr(tmp_path):
     events = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["snapshot", "rollback"]
     assert events[1]["restored_step"] == 1 and events[1]["reasons"] == ["nonfinite grad/norm"]
+
+
+def test_the_first_healthy_step_after_the_cooldown_snapshots(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    updater = _Updater(losses.ppo_clip_loss)
+    guard = StabilityGuard(GuardConfig(cooldown=3, snapshot_every=5))
+    guard.bind(updater, model=model, optimizer=opt)  # snapshot of step 0
+    kw = {"model": model, "optimizer": opt, "scheduler": None, "updater": updater}
+    rng = random.Random(9)
+    guard.apply(guard.observe(1, healthy(rng)), **kw)
+    guard.apply(guard.observe(2, healthy(rng, **{"reward/mean": math.nan})), **kw)  # rollback to 0, cooldown 3..5
+    assert guard.rollbacks == 1 and [s.step for s in guard.snapshots] == [0]
+    kinds = []
+    for step in range(3, 8):
+        action = guard.observe(step, healthy(rng))
+        guard.apply(action, **kw)
+        kinds.append(action.kind)
+    assert kinds == ["none", "none", "none", "snapshot", "none"]  # steps 3-5 cool down, step 6 snapshots
+    assert [s.step for s in guard.snapshots] == [0, 6]
 
 
 def test_state_dict_round_trip_through_torch_save(tmp_path):

@@ -60,8 +60,9 @@ class CollapseCriteria:
     """Fraction of RL steps whose optimizer step was skipped (non-finite gradient)."""
     window: int = 5
     """Training rows averaged for the first / last window."""
-    target_gain: float = 0.15
-    """Sample-efficiency target: start accuracy + target_gain."""
+    target_gain: float = 0.2
+    """Sample-efficiency target: start accuracy + target_gain (0.51 → 0.71 on the embedded model, whose stable
+    runs end near 0.85: a target +0.15 was met at the first eval by nearly every stable run)."""
 
 
 @dataclass(frozen=True)

@@ -192,7 +192,7 @@ def plot_heatmap(rows: Sequence[dict[str, Any]], path: Path) -> Path:
     ax.set_xticks(range(len(lrs)), [f"{lr:g}" for lr in lrs])
     ax.set_yticks(range(len(methods)), methods)
     ax.set_xlabel("learning rate")
-    ax.set_title("Final held-out accuracy (mean over seeds); ✗ k/n collapsed, hatched = most seeds", fontsize=9)
+    ax.set_title("Final held-out accuracy, mean over seeds\n✗ k/n: seeds collapsed (hatched: most); ↺: guard rollbacks", fontsize=8.5)
     fig.colorbar(image, ax=ax, fraction=0.04, pad=0.02)
     fig.tight_layout()
     fig.savefig(path)
@@ -304,7 +304,8 @@ def _run_facts(meta: dict[str, Any], rows: Sequence[dict[str, Any]]) -> list[str
                      f"{machine.get('platform')}" + (f"; load average at start {load[0]:.1f}" if load else ""))
     if rows:
         r = rows[0]
-        facts.append(f"start accuracy {_fmt(r.get('start_acc'))}; target (start + 0.15) {_fmt(r.get('target_acc'))}; "
+        gain = _num(r.get("target_acc")) - _num(r.get("start_acc"))
+        facts.append(f"start accuracy {_fmt(r.get('start_acc'))}; target (start + {_fmt(gain, 2)}) {_fmt(r.get('target_acc'))}; "
                      f"{r.get('completions_per_step', '?')} completions per RL step")
     return facts
 

@@ -40,7 +40,7 @@ QUICK_LRS = (3e-4, 1e-3, 3e-3)
 FULL_LRS = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2)
 # Cells that cost more per step start first, so the pool does not end waiting on one slow cell.
 _COST = {"pcr": 4.0, "minirl": 2.0, "capo": 2.0}
-# Overrides every quick cell gets: fewer steps, a 100-prompt greedy eval every 5 steps, no extra outputs.
+# Overrides every quick cell gets: a 100-prompt greedy-only eval.
 QUICK_OVERRIDES = ("eval.num_prompts=100", "eval.pass_k=0", "eval.greedy=true")
 COMMON_OVERRIDES = (
     "logging.progress=false",
@@ -65,7 +65,8 @@ class BenchSpec:
     device: str | None = None
     """run.device for every cell (None: the recipes' auto; --quick uses cpu)."""
     configs_dir: str | None = None
-    eval_every: int = 5
+    eval_every: int = 2
+    """Held-out eval interval in RL steps: the resolution of completions-to-target (2 × 256 = 512)."""
     extra: tuple[str, ...] = ()
     """More ``key=value`` overrides for every cell (``--set``)."""
     force: bool = False
@@ -305,6 +306,8 @@ def run_stability(spec: BenchSpec, *, command: str | None = None, log=print) -> 
     log(f"stability map: {len(spec.methods)} methods x {len(spec.lrs)} LRs x {len(spec.seeds)} seeds = {len(cells)} "
         f"cells, {spec.steps} steps each, {spec.workers} worker(s) -> {out}")
     rows = run_matrix(cells, spec.workers, force=spec.force, log=log)
+    order = {m: i for i, m in enumerate(spec.methods)}  # the report lists methods as asked, not by cost
+    rows.sort(key=lambda r: (order.get(r["method"], len(order)), float(r["lr"]), int(r["seed"])))
     write_results(out, rows)
     meta["train_wall_s"] = round(time.perf_counter() - started, 1)
     paths = write_report(out, rows, meta)  # the report's own time is in wall_s below, not in its text

@@ -12,7 +12,8 @@ Signals (each fires on its own; thresholds in config.GuardConfig, a threshold of
     reward_drop   mean of the last reward_window rewards < best such mean − reward_drop
     grad_spike    grad/norm > grad_spike × median of the last ``window`` healthy grad norms
     entropy       least-squares slope b of policy/entropy over the last ``window`` steps, as a relative change
-                  across the window, b·(n − 1) / mean(H), > entropy_rise or < −entropy_fall
+                  across the window, b·(n − 1) / mean(H), > entropy_rise, or < −entropy_fall while the reward
+                  mean is below its best (entropy falling as the reward sets new highs is convergence)
     ess_drop      mismatch/is_ess < ess_drop × its running median
     kl_spike      mismatch/kl_k3 > kl_spike × its running median and > kl_min
 
@@ -174,12 +175,13 @@ class StabilityGuard:
         if _finite(skipped) and skipped > self.skipped_seen:
             fired.append(f"skipped steps {int(self.skipped_seen)} -> {int(skipped)}")
         reward = metrics.get("reward/mean")
-        if c.reward_drop > 0 and _finite(reward) and len(self.rewards) >= c.reward_window - 1:
+        reward_mean = None
+        if _finite(reward) and len(self.rewards) >= c.reward_window - 1:
             window = [*self.rewards[len(self.rewards) - c.reward_window + 1 :], float(reward)]
-            mean = sum(window) / len(window)
-            seen.update({"reward_mean": mean, "reward_best": self.best_reward})
-            if mean < self.best_reward - c.reward_drop:
-                fired.append(f"reward_drop {mean:.3f} < best {self.best_reward:.3f} - {c.reward_drop}")
+            reward_mean = sum(window) / len(window)
+            seen.update({"reward_mean": reward_mean, "reward_best": self.best_reward})
+            if c.reward_drop > 0 and reward_mean < self.best_reward - c.reward_drop:
+                fired.append(f"reward_drop {reward_mean:.3f} < best {self.best_reward:.3f} - {c.reward_drop}")
         grad = metrics.get("grad/norm")
         if c.grad_spike > 0 and _finite(grad) and len(h["grad"]) >= c.min_history:
             median = _median(h["grad"][-c.window :])
@@ -192,7 +194,8 @@ class StabilityGuard:
             seen["entropy_rel_change"] = change
             if c.entropy_rise > 0 and change > c.entropy_rise:
                 fired.append(f"entropy rising {change:+.2f} over {c.window} steps > {c.entropy_rise}")
-            if c.entropy_fall > 0 and change < -c.entropy_fall:
+            improving = reward_mean is not None and reward_mean >= self.best_reward
+            if c.entropy_fall > 0 and change < -c.entropy_fall and not improving:
                 fired.append(f"entropy falling {change:+.2f} over {c.window} steps < -{c.entropy_fall}")
         ess = metrics.get("mismatch/is_ess")
         if c.ess_drop > 0 and _finite(ess) and len(h["ess"]) >= c.min_history:
@@ -307,7 +310,8 @@ class StabilityGuard:
         self.rewards = []
         self.history = {name: [] for name in self.history}
         self.cooldown_until = action.step + c.cooldown + 1
-        self.healthy_since_snapshot = 0
+        # the first healthy step after the cooldown snapshots the retry, so a later rollback need not go this far back
+        self.healthy_since_snapshot = max(c.snapshot_every - 1, 0)
         self._log(
             {
                 "event": "rollback",
