@@ -29,7 +29,7 @@ def rows():
         cell("grpo", 3e-4, 0, 0.70, collapsed=False, to_target=2560),
         cell("grpo", 3e-4, 1, 0.66, collapsed=False, to_target=3840),
         cell("grpo", 3e-3, 0, 0.00, collapsed=True),
-        cell("grpo", 3e-3, 1, 0.02, collapsed=True),
+        cell("grpo", 3e-3, 1, 0.02, collapsed=True, to_target=512),  # met the target, then collapsed: not counted
         # guard: one false alarm at 3e-4; holds at 3e-3 in one seed of two
         cell("grpo_guard", 3e-4, 0, 0.70, collapsed=False, to_target=2560, rollbacks=1),
         cell("grpo_guard", 3e-4, 1, 0.68, collapsed=False, to_target=2560),
@@ -50,7 +50,7 @@ def test_aggregate_by_hand(rows):
     assert g["final_mean"] == pytest.approx(0.68)  # (0.70 + 0.66) / 2
     assert (g["final_min"], g["final_max"]) == (0.66, 0.70)
     assert g["completions_median"] == 3200  # median(2560, 3840)
-    assert agg[("grpo", 3e-3)]["collapsed"] == 2
+    assert agg[("grpo", 3e-3)]["collapsed"] == 2 and agg[("grpo", 3e-3)]["completions_median"] is None
     c = agg[("capo", 3e-3)]  # the error cell is not judged
     assert (c["n"], c["judged"], c["errors"], c["collapsed"]) == (2, 1, 1, 0)
     assert c["final_mean"] == pytest.approx(0.75) and c["completions_median"] == 1280

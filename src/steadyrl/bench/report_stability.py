@@ -39,7 +39,8 @@ def _ordered(rows: Sequence[dict[str, Any]], key: str) -> list[Any]:
 
 
 def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[str, Any]]:
-    """(method, lr) → seeds, collapsed k, errors, final / best accuracy, completions to target, roughness ..."""
+    """(method, lr) → seeds, collapsed k, errors, final / best accuracy, completions to target (over the runs
+    that did not collapse), roughness ..."""
     groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
     for row in rows:
         groups.setdefault((row["method"], float(row["lr"])), []).append(row)
@@ -48,7 +49,8 @@ def aggregate(rows: Sequence[dict[str, Any]]) -> dict[tuple[str, float], dict[st
         judged = [r for r in cell_rows if r.get("collapsed") is not None]
         finals = [_num(r.get("final_acc")) for r in judged]
         finals = [v for v in finals if not math.isnan(v)]
-        reached = [r["completions_to_target"] for r in judged if r.get("completions_to_target") is not None]
+        # a run that met the target and then collapsed did not reach it in any useful sense
+        reached = [r["completions_to_target"] for r in judged if r.get("completions_to_target") is not None and not r.get("collapsed")]
 
         def mean_of(name: str, rs=judged) -> float:
             values = [_num(r.get(name)) for r in rs]
