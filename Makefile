@@ -26,6 +26,9 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
+bench-stability: setup
+	$(BIN)/steadyrl bench stability --quick
+
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -29,6 +30,10 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _packaged_config("quickstart.yaml")
     overrides = [f"run.output_dir={args.out}"] + list(args.set or [])
     cfg = load_config(path, overrides)
+    out = Path(cfg.run.output_dir)
+    if (out / "config.yaml").is_file():  # the demo's own directory: each `make demo` is a fresh run
+        print(f"replacing the previous quickstart run in {out}")
+        shutil.rmtree(out)
     print(f"steadyrl quickstart: GRPO on the embedded tiny model ({cfg.model.name_or_path}), task {cfg.task.name}")
     print(f"config {path}; run directory {cfg.run.output_dir}")
     summary = Trainer(cfg).train()

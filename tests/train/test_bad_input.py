@@ -298,3 +298,13 @@ def test_batch_arithmetic_that_works(tiny_config):
 
 def test_batch_arithmetic_is_checked_in_init(tiny_config):
     _fails_in_init(tiny_config("optim.mini_batches=5"), ConfigError, "optim.mini_batches=5", "choose a divisor of 16")
+
+
+def test_reusing_a_run_directory_without_resume_is_refused(tiny_config, tmp_path):
+    # A finished run, then a second one in the same directory with run.resume=false: refused before any
+    # rollout, and the first run's files are untouched.
+    out = tmp_path / "shared"
+    Trainer(tiny_config(f"run.output_dir={out}"), task=SevensTask()).train()
+    before = (out / "metrics.jsonl").read_text()
+    _fails_in_init(tiny_config(f"run.output_dir={out}", "run.resume=false"), ConfigError, "already holds a run")
+    assert (out / "metrics.jsonl").read_text() == before

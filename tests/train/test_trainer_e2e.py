@@ -80,3 +80,14 @@ def test_resume_is_exact(tiny_config, tmp_path, extra):
     assert comparable(read_metrics(tmp_path / "straight")) == comparable(read_metrics(tmp_path / "resumed"))
     for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_rows_of_an_attempt_without_checkpoint_are_replaced(tiny_config, tmp_path):
+    # An earlier attempt crashed before its first checkpoint: its rows must not mix with the new run's.
+    out = tmp_path / "crashed"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text("".join(f'{{"step": {s}, "reward/mean": 9.0}}\n' for s in range(5)))
+    Trainer(tiny_config(f"run.output_dir={out}"), task=SevensTask()).train()
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["reward/mean"] != 9.0 for r in rows)

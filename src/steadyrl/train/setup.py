@@ -78,6 +78,18 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
         raise ConfigError(f"kl.reference={cfg.kl.reference!r}; valid: initial, old.")
 
 
+def validate_run_dir(cfg: TrainConfig) -> None:
+    """Never mix two runs in one directory: without resume, an existing run's directory is an error."""
+    run_dir = Path(cfg.run.output_dir)
+    if cfg.run.resume or not run_dir.is_dir():
+        return
+    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+        raise ConfigError(
+            f"run.output_dir {run_dir} already holds a run; set run.resume=true to continue it, or choose a new "
+            "run.output_dir (nothing was overwritten)."
+        )
+
+
 def resolve_methods(cfg: TrainConfig) -> dict:
     """Registry lookups with hyper-parameters bound; unknown names / keys raise ConfigError here."""
     kl = registry.resolve("kl", cfg.kl.estimator)  # checked even at coef 0: a typo must not wait until KL is on

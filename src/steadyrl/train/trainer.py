@@ -45,6 +45,7 @@ from steadyrl.train.setup import (
     resolve_methods,
     resolve_model_path,
     validate_batch_arithmetic,
+    validate_run_dir,
 )
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
 
@@ -54,6 +55,7 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.run.device if cfg.run.device != "auto" else _auto_device())
         validate_batch_arithmetic(cfg, self.info)
+        validate_run_dir(cfg)
         self.methods = resolve_methods(cfg)
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
@@ -168,7 +170,9 @@ class Trainer:
             tensorboard=self.cfg.logging.tensorboard,
             wandb={"project": self.cfg.logging.wandb_project} if self.cfg.logging.wandb_project else None,
             enabled=self.info.is_main,
-            resume_step=self.start_step if ckpt is not None else None,
+            # No checkpoint: the run starts at step 0, so rows of an earlier attempt that crashed before its
+            # first checkpoint are dropped instead of mixed with the new ones.
+            resume_step=self.start_step if ckpt is not None else -1,
         )
 
     # ------------------------------------------------------------------ the loop
