@@ -145,6 +145,9 @@ def test_throughput_smoke_runs_both_sides(tmp_path):
     for name, cells in rows.items():
         step, per_s, mean_len = float(cells[1]), float(cells[3]), float(cells[6])
         assert step > 0 and float(cells[2]) > 0
-        assert per_s == pytest.approx(batch / step, rel=0.02, abs=0.1), name  # completions/s = B / step time
+        # completions/s = B / step time; the table rounds the step time to 3 decimals (±0.0005 s), which
+        # on a fast smoke step is more than 2 % of it.
+        rel = max(0.02, 0.0006 / step)
+        assert per_s == pytest.approx(batch / step, rel=rel, abs=0.1), name
         assert 1.0 <= mean_len <= throughput.SETTINGS["smoke"].new_tokens, name
     assert re.search(r"up to 4 new tokens, micro-batch 8", text)
