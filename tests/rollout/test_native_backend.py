@@ -25,7 +25,7 @@ from steadyrl.rollout import (
     left_pad,
 )
 from steadyrl.rollout.base import position_ids_from_mask
-from steadyrl.rollout.native import sampling_logprobs
+from steadyrl.rollout.sampling import sampling_logprobs
 
 PAD, EOS, VOCAB = 0, 1, 12
 

@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from steadyrl.rollout.base import SamplingParams
-from steadyrl.rollout.native import sample_categorical, sampling_logprobs, top_k_filter, top_p_filter
+from steadyrl.rollout.sampling import sample_categorical, sampling_logprobs, top_k_filter, top_p_filter
 
 # ------------------------------------------------------------------ plain-loop references (definitions)
 

@@ -18,7 +18,7 @@ finished; the "all finished" flag is read every step on CPU (free) and every ``s
 CUDA (a host sync). The output is trimmed to the longest response, so its shape equals the HF backend's.
 
 Two decode paths:
-  * fused (dense Llama / Qwen2 with SDPA, the default where supported): ``_LlamaFamilyDecodeStep`` runs the
+  * fused (dense Llama / Qwen2 with SDPA, the default where supported): ``LlamaFamilyDecodeStep`` runs the
     decoder op for op from the modules' weights, attends only over the slots written so far, and the prefill
     runs each distinct prompt once (GRPO batches repeat every prompt G times);
   * HF forward (any other model, e.g. MoE, eager attention, LoRA-wrapped, hooked): the model's own forward
@@ -33,11 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import math
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from transformers import DynamicCache, StaticCache
 from transformers.masking_utils import create_masks_for_generate
@@ -45,200 +43,15 @@ from transformers.masking_utils import create_masks_for_generate
 from steadyrl.models.routing import RoutingRecorder
 from steadyrl.ops.masking import masked_fill_zero, response_mask_from_eos
 from steadyrl.rollout.base import SamplerCopyMixin, SamplingParams, position_ids_from_mask
+from steadyrl.rollout.fused_decode import LlamaFamilyDecodeStep, plain_sdpa_causal
+from steadyrl.rollout.sampling import sample_categorical, sampling_logprobs
 from steadyrl.types import RolloutBatch
-
-
-def top_k_filter(scores: Tensor, top_k: int) -> Tensor:  # scores: (B, V) -> (B, V)
-    """−∞ outside the ``top_k`` largest scores; every score equal to the k-th largest is kept.
-
-    Same as ``transformers.TopKLogitsWarper(top_k)``: keep z_v iff z_v ≥ (k-th largest z).
-    """
-    k = min(max(top_k, 1), scores.shape[-1])
-    kth_largest = torch.topk(scores, k, dim=-1).values[..., -1:]
-    return scores.masked_fill(scores < kth_largest, -math.inf)
-
-
-def top_p_filter(scores: Tensor, top_p: float) -> Tensor:  # scores: (B, V) -> (B, V)
-    """Nucleus filter, as ``transformers.TopPLogitsWarper(top_p)``.
-
-    Sort ascending, c_i = Σ_{j ≤ i} softmax(z)_(j); drop tokens with c_i ≤ 1 − p, always keep the largest one.
-    """
-    sorted_scores, sorted_index = torch.sort(scores, descending=False, dim=-1)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    sorted_drop = cumulative <= (1 - top_p)
-    sorted_drop[..., -1:] = False
-    drop = sorted_drop.scatter(-1, sorted_index, sorted_drop)
-    return scores.masked_fill(drop, -math.inf)
-
-
-def sampling_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:  # logits: (B, V) -> (B, V) fp32
-    """log μ over the vocabulary: log softmax of the processed scores (temperature, then top-k, then top-p).
-
-    Greedy decoding (temperature 0) returns the temperature-1 log-probs, as the protocol asks.
-    """
-    scores = logits.float()
-    if not params.greedy:
-        if params.temperature != 1.0:
-            scores = scores / params.temperature
-        if params.top_k:
-            scores = top_k_filter(scores, params.top_k)
-        if params.top_p < 1.0:
-            scores = top_p_filter(scores, params.top_p)
-    return torch.log_softmax(scores, dim=-1)
-
-
-def sample_categorical(
-    probs: Tensor,  # (B, V) non-negative, rows need not sum to 1
-    generator: torch.Generator | None = None,
-) -> Tensor:  # (B,) long
-    """One draw per row from P(v) = probs_v / Σ probs, by inverting the CDF: the first v with F_v > u · F_V.
-
-    F is accumulated in fp64, so each token's effective probability is off by at most one fp64 rounding
-    (≈ 1e-16; in fp32 every token below ≈ 3e-8 would be rounded away, up to ~1e-4 of the mass of a 150k
-    vocabulary); zero-probability tokens are never drawn. B random numbers per step instead of
-    ``torch.multinomial``'s per-row pass over the vocabulary: 2x faster on CPU at V = 1024, no host sync on
-    CUDA. Reproducible from ``generator``.
-    """
-    cdf = probs.double().cumsum(dim=-1)
-    total = cdf[:, -1:]
-    uniform = torch.rand(total.shape, generator=generator, device=probs.device, dtype=cdf.dtype)
-    # u · F_V can round up to F_V itself; the largest float below it keeps the draw on a positive-mass token
-    threshold = torch.minimum(uniform * total, torch.nextafter(total, torch.zeros_like(total)))
-    return torch.searchsorted(cdf, threshold, right=True).squeeze(1)
-
-
-def _plain_sdpa_causal(config) -> bool:
-    """True when every layer is full causal attention through SDPA: the mask is then a (B, 1, 1, L) bool view."""
-    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
-    return (
-        config._attn_implementation == "sdpa"
-        and layer_types == {"full_attention"}
-        and getattr(config, "sliding_window", None) is None
-        and getattr(config, "attention_chunk_size", None) is None
-    )
 
 
 def _logits_kwarg(model: torch.nn.Module) -> str | None:
     """The forward argument that restricts the LM head to the last position, if the model has one."""
     names = inspect.signature(model.forward).parameters
     return next((name for name in ("logits_to_keep", "num_logits_to_keep") if name in names), None)
-
-
-def _rms_norm(norm: torch.nn.Module, hidden: Tensor) -> Tensor:
-    """LlamaRMSNorm / Qwen2RMSNorm, op for op (fp32 statistics, weight applied in the input dtype)."""
-    input_dtype = hidden.dtype
-    hidden = hidden.to(torch.float32)
-    hidden = hidden * torch.rsqrt(hidden.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
-    return norm.weight * hidden.to(input_dtype)
-
-
-def _rotate_half(x: Tensor) -> Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _linear(layer: torch.nn.Linear, x: Tensor) -> Tensor:
-    return F.linear(x, layer.weight, layer.bias)
-
-
-class _LlamaFamilyDecodeStep:
-    """One decode token through a dense Llama / Qwen2 decoder, from the HF modules' own weights.
-
-    The same operations in the same order as the transformers modules (RMSNorm in fp32, the model's rotary
-    module, SDPA over the KV heads with the query heads packed as HF's ``pack_gqa`` does), without their
-    per-call machinery. Reads and writes the backend's static K/V buffers, (B, H_kv, L, D) per layer. Used only
-    when ``supports(model)``: exact ``nn.Linear`` / ``nn.Embedding`` modules (no LoRA or quantised wrappers), no
-    hooks (they would not run), plain causal SDPA.
-    """
-
-    MODEL_TYPES = ("llama", "qwen2")
-
-    @classmethod
-    def supports(cls, model: torch.nn.Module) -> bool:
-        config = model.config
-        base = getattr(model, "model", None)
-        if config.model_type not in cls.MODEL_TYPES or not _plain_sdpa_causal(config) or base is None:
-            return False
-        if (
-            type(getattr(model, "lm_head", None)) is not torch.nn.Linear
-            or type(base.embed_tokens) is not torch.nn.Embedding
-        ):
-            return False
-        if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
-            return False
-        if any(m._forward_hooks or m._forward_pre_hooks for m in model.modules()):
-            return False
-        for layer in base.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            linears = [
-                attn.q_proj,
-                attn.k_proj,
-                attn.v_proj,
-                attn.o_proj,
-                mlp.gate_proj,
-                mlp.up_proj,
-                mlp.down_proj,
-            ]
-            if any(type(m) is not torch.nn.Linear for m in linears):
-                return False
-            norms = [layer.input_layernorm, layer.post_attention_layernorm]
-            if not all(
-                type(n).__name__.endswith("RMSNorm") and hasattr(n, "variance_epsilon") for n in norms
-            ):
-                return False
-        return True
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.model = model
-        self.base = model.model
-        self.layers = list(self.base.layers)
-
-    def __call__(
-        self,
-        token: Tensor,  # (B, 1) long
-        position: Tensor,  # (B, 1) long
-        visible: Tensor,  # (B, L) bool, the cache slots the token attends to (its own slot included)
-        slot: Tensor,  # (1,) long, the cache slot this token's K/V go to
-        keys: list[Tensor],  # per layer (B, H_kv, L, D)
-        values: list[Tensor],  # per layer (B, H_kv, L, D)
-        kv_len: int | None = None,  # attend over slots [0, kv_len) only (eager); None = all L (CUDA graphs)
-    ) -> Tensor:  # (B, V) fp32 logits
-        batch = token.shape[0]
-        hidden = self.base.embed_tokens(token)
-        cos, sin = self.base.rotary_emb(hidden, position)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        mask = visible[:, None, None, :kv_len]
-        for index, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            residual = hidden
-            hidden = _rms_norm(layer.input_layernorm, hidden)
-            query = _linear(attn.q_proj, hidden).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            key = _linear(attn.k_proj, hidden).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            value = _linear(attn.v_proj, hidden).view(batch, 1, -1, attn.head_dim).transpose(1, 2)
-            query = (query * cos) + (_rotate_half(query) * sin)
-            key = (key * cos) + (_rotate_half(key) * sin)
-            layer_keys, layer_values = keys[index], values[index]
-            layer_keys.index_copy_(2, slot, key)
-            layer_values.index_copy_(2, slot, value)
-            # HF's pack_gqa: the query heads sharing a KV head become that head's query rows
-            packed = query.reshape(batch, layer_keys.shape[1], -1, attn.head_dim)
-            out = F.scaled_dot_product_attention(
-                packed,
-                layer_keys[:, :, :kv_len],
-                layer_values[:, :, :kv_len],
-                attn_mask=mask,
-                scale=attn.scaling,
-            )
-            out = out.reshape(batch, -1, 1, attn.head_dim).transpose(1, 2).reshape(batch, 1, -1).contiguous()
-            hidden = residual + _linear(attn.o_proj, out)
-            residual = hidden
-            hidden = _rms_norm(layer.post_attention_layernorm, hidden)
-            mlp = layer.mlp
-            hidden = residual + _linear(
-                mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, hidden)) * _linear(mlp.up_proj, hidden)
-            )
-        hidden = _rms_norm(self.base.norm, hidden)
-        return _linear(self.model.lm_head, hidden[:, -1]).to(dtype=torch.float32, copy=True)
 
 
 class NativeRolloutBackend(SamplerCopyMixin):
@@ -248,7 +61,7 @@ class NativeRolloutBackend(SamplerCopyMixin):
     dtype, refreshed by ``sync_weights``; ``record_routing`` (default: whenever the sampler is a supported MoE
     model) fills ``routed_experts`` for prompt + completion (R3). Plus:
 
-    fused: decode with the op-for-op Llama / Qwen2 step (``_LlamaFamilyDecodeStep``) instead of the HF
+    fused: decode with the op-for-op Llama / Qwen2 step (``LlamaFamilyDecodeStep``) instead of the HF
         forward. None (default) = whenever the model supports it; True = require it; False = HF forward.
     compile: on CUDA, compile the single-token decode step with ``torch.compile(mode="reduce-overhead")``
         (CUDA graphs over the static cache); ignored, with a warning, on other devices and while recording
@@ -275,20 +88,20 @@ class NativeRolloutBackend(SamplerCopyMixin):
         if stop_check_every < 1 or cache_bucket < 1:
             raise ValueError("stop_check_every and cache_bucket must be >= 1.")
         self._init_sampler(model, pad_token_id, eos_token_id, sampler_dtype, record_routing)
-        supported = _LlamaFamilyDecodeStep.supports(self.sampler)
+        supported = LlamaFamilyDecodeStep.supports(self.sampler)
         if fused and not supported:
             raise ValueError(
-                f"fused decoding needs a dense {'/'.join(_LlamaFamilyDecodeStep.MODEL_TYPES)} model with plain "
+                f"fused decoding needs a dense {'/'.join(LlamaFamilyDecodeStep.MODEL_TYPES)} model with plain "
                 "nn.Linear layers, no hooks and SDPA attention; pass fused=None or False to use the HF forward."
             )
         self.fused = supported if fused is None else fused
-        self._fused_step = _LlamaFamilyDecodeStep(self.sampler) if self.fused else None
+        self._fused_step = LlamaFamilyDecodeStep(self.sampler) if self.fused else None
         self.compile = compile
         self.stop_check_every = stop_check_every
         self.cache_bucket = cache_bucket
         self._logits_kwarg = _logits_kwarg(self.sampler)
         self._make_masks = getattr(self.sampler, "create_masks_for_generate", create_masks_for_generate)
-        self._own_mask = _plain_sdpa_causal(self.sampler.config)
+        self._own_mask = plain_sdpa_causal(self.sampler.config)
         self._compiled_step = None
         self._kept_cache: tuple[tuple, object] | None = None  # (shape key, StaticCache or K/V buffer lists)
         self._warned_compile = False
