@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from steadyrl import registry
 from steadyrl._io import atomic_write_text
 from steadyrl.config import TrainConfig, dump_config
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
@@ -94,12 +93,9 @@ class Trainer:
             aggregation_fn=self.methods["aggregation"],
             correction_fn=self.methods["correction"],
             kl_fn=self.methods["kl"],
-            combiner=registry.build("combiner", cfg.combiner, model=self.model, distributed=self.info.enabled),
+            combiner=self.methods["combiner"](model=self.model, distributed=self.info.enabled),
             settings=settings,
-            token_filters=[
-                registry.build("token_filter", spec, model=self.model, distributed=self.info.enabled)
-                for spec in cfg.token_filters
-            ],
+            token_filters=[make(model=self.model, distributed=self.info.enabled) for make in self.methods["token_filters"]],
             aux_terms=self.retention.aux_terms if self.retention else None,
             distributed=self.info.enabled,
         )
