@@ -30,8 +30,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import os
-import platform
 import random
 import statistics
 import sys
@@ -45,6 +43,7 @@ from pathlib import Path
 import torch
 
 from steadyrl import registry
+from steadyrl.bench.machine import device_line
 from steadyrl.config import ConfigError, load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
@@ -442,23 +441,6 @@ def table(cases: list[Case]) -> str:
             f"| {memory} | {mem_ratio} |"
         )
     return "\n".join(lines)
-
-
-def device_line(device: str) -> str:
-    torch_info = f"torch {torch.__version__}, {torch.get_num_threads()} threads"
-    if device == "cuda":
-        return f"{torch.cuda.get_device_name()} ({torch_info}, CUDA {torch.version.cuda})"
-    return f"CPU {cpu_name()} ({os.cpu_count()} cores), {torch_info}"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
