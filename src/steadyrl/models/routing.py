@@ -179,7 +179,27 @@ def routed_positions_mask(
     return torch.cat([prompt_mask.bool(), feeds_next.bool()], dim=1)
 
 
-class RoutingRecorder:
+class _RouterHooks:
+    """A context manager that puts ``self._hook(layer)`` as a forward hook on every router, and removes them."""
+
+    routers: list[nn.Module]
+    _handles: list
+
+    def _hook(self, layer: int):
+        raise NotImplementedError
+
+    def __enter__(self):
+        for layer, router in enumerate(self.routers):
+            self._handles.append(router.register_forward_hook(self._hook(layer)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+class RoutingRecorder(_RouterHooks):
     """Records every forward call's top-k expert indices at every MoE layer of ``model``.
 
         with RoutingRecorder(model) as recorder:
@@ -195,16 +215,6 @@ class RoutingRecorder:
         self.routers = supported_moe_layers(model)
         self.calls: list[list[Tensor]] = [[] for _ in self.routers]
         self._handles: list = []
-
-    def __enter__(self) -> RoutingRecorder:
-        for layer, router in enumerate(self.routers):
-            self._handles.append(router.register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _hook(self, layer: int):
         def record(module: nn.Module, args, output) -> None:
@@ -228,7 +238,7 @@ class RoutingRecorder:
         return routed
 
 
-class RoutingReplayer:
+class RoutingReplayer(_RouterHooks):
     """Makes every MoE router of ``model`` use recorded experts, with differentiable gate weights.
 
         with RoutingReplayer(model, routed_experts):   # (B, S, L, k), aligned with the forward's (B, S) tokens
@@ -266,16 +276,6 @@ class RoutingReplayer:
         self.routed_experts = routed_experts
         self.rule = rule
         self._handles: list = []
-
-    def __enter__(self) -> RoutingReplayer:
-        for layer, router in enumerate(self.routers):
-            self._handles.append(router.register_forward_hook(self._hook(layer)))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
 
     def _hook(self, layer: int):
         def replay(router: nn.Module, args, output):
