@@ -44,14 +44,14 @@ import torch
 
 from steadyrl import registry
 from steadyrl.bench.machine import device_line
-from steadyrl.config import ConfigError, load_config
+from steadyrl.config import load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.ops.masking import masked_fill_zero
 from steadyrl.tasks import build_task
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.checkpoint import save_pretrained_atomic
-from steadyrl.train.setup import resolve_model_path
+from steadyrl.train.setup import embedded_available, resolve_model_path
 from steadyrl.train.trainer import Trainer
 
 # CAPO with the thresholds of configs/capo.yaml (the official recipe), adam optimizer model.
@@ -157,14 +157,6 @@ def build_cases(shape: Shape) -> list[Case]:
 
 
 # ----------------------------------------------------------------------------- models and the batch
-
-
-def embedded_available() -> bool:
-    try:
-        resolve_model_path("embedded:tiny-adder")
-        return True
-    except ConfigError:
-        return False
 
 
 def use_embedded(args) -> bool:

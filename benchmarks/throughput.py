@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from steadyrl.bench.machine import device_line
-from steadyrl.config import ConfigError, load_config
+from steadyrl.config import load_config
 from steadyrl.models import (
     build_char_tokenizer,
     build_tiny_model,
@@ -54,7 +54,7 @@ from steadyrl.models import (
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.tasks import Prompt, build_task
 from steadyrl.train.checkpoint import save_pretrained_atomic
-from steadyrl.train.setup import resolve_model_path
+from steadyrl.train.setup import embedded_available, resolve_model_path
 from steadyrl.train.trainer import Trainer
 
 
@@ -114,14 +114,6 @@ class SideResult:
 
 
 # ----------------------------------------------------------------------------- shared set-up
-
-
-def embedded_available() -> bool:
-    try:
-        resolve_model_path("embedded:tiny-adder")
-        return True
-    except ConfigError:
-        return False
 
 
 def use_embedded(args) -> bool:

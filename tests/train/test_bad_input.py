@@ -308,3 +308,10 @@ def test_reusing_a_run_directory_without_resume_is_refused(tiny_config, tmp_path
     before = (out / "metrics.jsonl").read_text()
     _fails_in_init(tiny_config(f"run.output_dir={out}", "run.resume=false"), ConfigError, "already holds a run")
     assert (out / "metrics.jsonl").read_text() == before
+
+
+def test_embedded_available_knows_the_shipped_models():
+    from steadyrl.train.setup import embedded_available
+
+    assert embedded_available("tiny-adder") and embedded_available("tiny-adder-moe")
+    assert not embedded_available("no-such")

@@ -44,6 +44,15 @@ def resolve_model_path(name_or_path: str) -> str:
     return str(path)
 
 
+def embedded_available(name: str = "tiny-adder") -> bool:
+    """Whether the package ships the embedded model ``name`` (benchmarks fall back to a random model)."""
+    try:
+        resolve_model_path(EMBEDDED_PREFIX + name)
+        return True
+    except ConfigError:
+        return False
+
+
 def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
     """Fail before any model is loaded when the batch cannot be split as asked."""
     r, o = cfg.rollout, cfg.optim
