@@ -1,21 +1,30 @@
-# steadyrl: `make demo` and `make test` work from a fresh clone with only Python installed.
+# steadyrl: `make demo` and `make test` work from a fresh clone with only Python (>= 3.11) installed.
+#
+# `make setup` installs the exact versions in requirements/lock.txt (a constraints file written by uv; see
+# README "Development"), so an upstream release cannot change what a fresh clone runs. torch is the one
+# package the lock leaves out: the venv keeps a torch that is already in it (a user's GPU build), and
+# otherwise gets TORCH_SPEC, the CPU build that lies on disk on our machines.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
-# The CPU build that lies on disk on our machines; a user's own torch (already in the venv) is kept.
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= dev,tasks
+LOCK   ?= requirements/lock.txt
+PIP     = $(BIN)/python -m pip -q --disable-pip-version-check
+# The newest versions pyproject.toml allows, for `make test-latest` (a separate venv; the lock is untouched).
+LATEST ?= .venv-latest
 
-.PHONY: setup demo test test-all lint bench-stability clean
+.PHONY: setup demo test test-all test-latest lock lint bench-stability clean
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e ".[$(EXTRAS)]"
-	touch $@
+	$(PIP) install -c $(LOCK) --upgrade pip
+	$(BIN)/python -c "import torch" 2>/dev/null || $(PIP) install -c $(LOCK) "$(TORCH_SPEC)"
+	$(PIP) install -c $(LOCK) -e ".[$(EXTRAS)]"
+	@touch $@
+	@echo "steadyrl is installed in $(VENV) (activate it with: source $(BIN)/activate)"
 
 demo: setup
 	$(BIN)/steadyrl quickstart
@@ -26,6 +35,28 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
+# Refresh the lock: newest versions within pyproject.toml's bounds, resolved for every platform and Python
+# the project supports, against TORCH_SPEC. Then run `make test` and commit requirements/lock.txt.
+lock: setup
+	$(PIP) install -c $(LOCK) uv
+	@printf '%s\n' "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
+	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --all-extras --universal --upgrade \
+		--constraint $(VENV)/torch-constraint.txt --no-emit-package torch \
+		--custom-compile-command "make lock" --quiet -o $(LOCK)
+
+# The suite against the newest releases the bounds allow (torch stays the installed build), so an upgrade
+# is a deliberate, tested step: if this passes, `make lock` and commit.
+test-latest:
+	$(PYTHON) -m venv $(LATEST)
+	$(LATEST)/bin/python -m pip -q --disable-pip-version-check install --upgrade pip
+	$(LATEST)/bin/python -c "import torch" 2>/dev/null || \
+		$(LATEST)/bin/python -m pip -q --disable-pip-version-check install "$(TORCH_SPEC)"
+	@$(LATEST)/bin/python -c "import torch; print('torch==' + torch.__version__)" > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/python -m pip -q --disable-pip-version-check install --upgrade --upgrade-strategy eager \
+		-c $(LATEST)/torch-pin.txt -e ".[$(EXTRAS)]"
+	$(LATEST)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(transformers|tokenizers|numpy)=='
+	$(LATEST)/bin/python -m pytest -q
+
 bench-stability: setup
 	$(BIN)/steadyrl bench stability --quick
 
@@ -33,4 +64,4 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST) runs .pytest_cache

@@ -100,6 +100,16 @@ def test_methods_markdown_has_one_row_per_name():
             assert any(row.startswith(f"| {family} (") and f"| `{name}` |" in row for row in rows), f"{family} {name}"
 
 
+def test_methods_cite_papers_and_existing_project_pages_not_design_sections():
+    code, out, _ = _run(["methods"])
+    assert code == 0
+    assert "§" not in out  # sections of an internal design document a user does not have
+    assert "[arXiv 2510.00819; docs/methods/capo.md]" in out
+    repo = Path(__file__).resolve().parents[1]
+    for page in set(re.findall(r"docs/[\w/.-]+\.md", out)):
+        assert (repo / page).is_file(), page
+
+
 def test_installed_console_script_runs():
     result = subprocess.run([_console_script(), "methods"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -5,21 +5,23 @@ from __future__ import annotations
 from steadyrl.registry import FAMILIES
 
 # Stabilisers that act outside the per-token loss (token filters, gradient combiners, model hooks).
-STABILISERS: list[tuple[str, str, str, str]] = [
+STABILISERS: list[tuple[str, str, str, str, str]] = [
     (
         "routing_replay",
         "model_hook",
         "MoE Routing Replay (config routing_replay): R2 replays π_old's experts, R3 the sampler's, in training",
-        "arXiv 2512.01374 + 2510.11370, §5",
+        "arXiv 2512.01374 + 2510.11370",
+        "docs/methods/routing-replay.md",
     ),
     (
         "stability_guard",
         "trainer_hook",
         "stability guard (config guard): on a collapse signal, roll back to an in-memory snapshot, cut the LR, tighten ε",
-        "steadyrl (docs/stability-lab.md)",
+        "steadyrl",
+        "docs/stability-lab.md",
     ),
 ]
-"""(name, layer, description, reference) rows, appended by the modules that implement them."""
+"""(name, layer, description, paper, project page) rows."""
 
 
 # Where each family is chosen in a config.
@@ -36,9 +38,17 @@ CONFIG_KEYS = {
 }
 
 
+def _source(reference: str, doc: str) -> str:
+    return f"{reference}; {doc}" if doc else reference
+
+
 def methods_table(markdown: bool = False) -> str:
-    rows = [(family, e.name, e.description, e.reference) for family, table in FAMILIES.items() for e in table.values()]
-    rows += [(layer, name, desc, ref) for name, layer, desc, ref in STABILISERS]
+    rows = [
+        (family, e.name, e.description, _source(e.reference, e.doc))
+        for family, table in FAMILIES.items()
+        for e in table.values()
+    ]
+    rows += [(layer, name, desc, _source(ref, doc)) for name, layer, desc, ref, doc in STABILISERS]
     if markdown:
         lines = ["| family (config key) | name | what it does | reference |", "|---|---|---|---|"]
         lines += [f"| {f} (`{CONFIG_KEYS.get(f, f)}`) | `{n}` | {d} | {r} |" for f, n, d, r in rows]

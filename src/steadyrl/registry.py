@@ -49,75 +49,80 @@ class Entry:
     fn: Callable[..., Any]
     description: str
     reference: str
-    """Paper (arXiv id) and methods.md section."""
+    """The paper (arXiv id) or other public source a user can read."""
+    doc: str = ""
+    """The project's own page for the method (under docs/methods/), where there is one."""
 
 
-def _e(name: str, fn: Callable[..., Any], description: str, reference: str) -> tuple[str, Entry]:
-    return name, Entry(name, fn, description, reference)
+def _e(name: str, fn: Callable[..., Any], description: str, reference: str, doc: str = "") -> tuple[str, Entry]:
+    return name, Entry(name, fn, description, reference, doc)
 
+
+# The sampler/trainer mismatch corrections come from two technical reports, not papers.
+_MISMATCH = "Yao et al. 2025 (fengyao.notion.site/off-policy-rl); Liu et al. 2025 'When Speed Kills Stability'"
 
 ADVANTAGES: dict[str, Entry] = dict(
     [
-        _e("grpo", advantages.grpo_advantages, "group mean/std normalised reward", "arXiv 2402.03300, §6.1"),
-        _e("dr_grpo", advantages.dr_grpo_advantages, "group-mean baseline, no std division", "arXiv 2503.20783, §6.2"),
-        _e("raw_reward", advantages.raw_reward_advantages, "the reward itself, no baseline (REINFORCE)", "arXiv 2510.00819, §4"),
+        _e("grpo", advantages.grpo_advantages, "group mean/std normalised reward", "arXiv 2402.03300"),
+        _e("dr_grpo", advantages.dr_grpo_advantages, "group-mean baseline, no std division", "arXiv 2503.20783"),
+        _e("raw_reward", advantages.raw_reward_advantages, "the reward itself, no baseline (REINFORCE)", "arXiv 2510.00819", "docs/methods/capo.md"),
         _e("rloo", advantages.rloo_advantages, "leave-one-out group baseline", "arXiv 2402.14740"),
         _e("batch_std", advantages.batch_std_advantages, "group mean baseline, batch std scale", "REINFORCE++ style"),
-        _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582, §6.13"),
-        _e("bnpo", advantages.bnpo_advantages, "Beta-density normalisation of pass rates", "arXiv 2506.02864, §6.14"),
+        _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582"),
+        _e("bnpo", advantages.bnpo_advantages, "Beta-density normalisation of pass rates", "arXiv 2506.02864"),
     ]
 )
 
 LOSSES: dict[str, Entry] = dict(
     [
-        _e("reinforce", losses.reinforce_loss, "on-policy REINFORCE −Â·log π", "§6.1 family"),
-        _e("ppo_clip", losses.ppo_clip_loss, "PPO/GRPO clipped surrogate, asymmetric ε, dual clip", "arXiv 2402.03300 / 2503.14476, §6.1, §6.3"),
-        _e("gspo", losses.gspo_loss, "sequence-level clipped ratio", "arXiv 2507.18071, §6.4"),
-        _e("gspo_token", losses.gspo_token_loss, "GSPO-token (per-token advantages)", "arXiv 2507.18071, §6.4"),
-        _e("cispo", losses.cispo_loss, "clipped detached IS weight, all tokens kept", "arXiv 2506.13585, §6.5"),
-        _e("steer", losses.steer_loss, "entropy-change token reweighting of dual-clip PPO", "arXiv 2510.10150, §6.15"),
-        _e("clip_cov", losses.clip_cov_loss, "covariance-selected gradient masking", "arXiv 2505.22617, §6.16"),
-        _e("kl_cov", losses.kl_cov_loss, "covariance-selected KL penalty", "arXiv 2505.22617, §6.16"),
-        _e("reinforce_is", losses_offpolicy.reinforce_is_loss, "MiniRL: truncated-IS REINFORCE + staleness mask", "arXiv 2512.01374, §5"),
-        _e("dppo_binary_tv", losses_offpolicy.dppo_binary_tv_loss, "DPPO binary-TV trust-region mask", "arXiv 2602.04879, §6.6"),
-        _e("dppo_binary_kl", losses_offpolicy.dppo_binary_kl_loss, "DPPO binary-KL trust-region mask", "arXiv 2602.04879, §6.6"),
-        _e("cpgd", losses_offpolicy.cpgd_loss, "clipped log-ratio PG + policy-drift KL", "arXiv 2505.12504, §6.9"),
-        _e("bapo", losses_offpolicy.bapo_loss, "adaptive asymmetric clip bounds", "arXiv 2510.18927, §6.8"),
-        _e("vespo", losses_offpolicy.vespo_loss, "soft sequence-weight kernel W^c1·exp(c2(1−W))", "arXiv 2602.10693, §6.10"),
-        _e("lco_kld", targets.lco_kld_loss, "LCO: KL to a one-logit-shifted target of π_old (logit-convex)", "arXiv 2603.00963, §3"),
-        _e("lco_mse", targets.lco_mse_loss, "LCO: squared error of the sampled-token logit shift", "arXiv 2603.00963, §3"),
-        _e("lco_lch", targets.lco_lch_loss, "LCO: log-cosh of the sampled-token logit shift", "arXiv 2603.00963, §3"),
-        _e("minpro", losses_offpolicy.minpro_loss, "prefix-min ratio weight (inferred reading)", "arXiv 2601.22718, §6.7"),
+        _e("reinforce", losses.reinforce_loss, "on-policy REINFORCE −Â·log π", "Williams 1992 (REINFORCE); arXiv 2402.03300"),
+        _e("ppo_clip", losses.ppo_clip_loss, "PPO/GRPO clipped surrogate, asymmetric ε, dual clip", "arXiv 2402.03300 / 2503.14476"),
+        _e("gspo", losses.gspo_loss, "sequence-level clipped ratio", "arXiv 2507.18071"),
+        _e("gspo_token", losses.gspo_token_loss, "GSPO-token (per-token advantages)", "arXiv 2507.18071"),
+        _e("cispo", losses.cispo_loss, "clipped detached IS weight, all tokens kept", "arXiv 2506.13585"),
+        _e("steer", losses.steer_loss, "entropy-change token reweighting of dual-clip PPO", "arXiv 2510.10150"),
+        _e("clip_cov", losses.clip_cov_loss, "covariance-selected gradient masking", "arXiv 2505.22617"),
+        _e("kl_cov", losses.kl_cov_loss, "covariance-selected KL penalty", "arXiv 2505.22617"),
+        _e("reinforce_is", losses_offpolicy.reinforce_is_loss, "MiniRL: truncated-IS REINFORCE + staleness mask", "arXiv 2512.01374", "docs/methods/minirl.md"),
+        _e("dppo_binary_tv", losses_offpolicy.dppo_binary_tv_loss, "DPPO binary-TV trust-region mask", "arXiv 2602.04879"),
+        _e("dppo_binary_kl", losses_offpolicy.dppo_binary_kl_loss, "DPPO binary-KL trust-region mask", "arXiv 2602.04879"),
+        _e("cpgd", losses_offpolicy.cpgd_loss, "clipped log-ratio PG + policy-drift KL", "arXiv 2505.12504"),
+        _e("bapo", losses_offpolicy.bapo_loss, "adaptive asymmetric clip bounds", "arXiv 2510.18927"),
+        _e("vespo", losses_offpolicy.vespo_loss, "soft sequence-weight kernel W^c1·exp(c2(1−W))", "arXiv 2602.10693"),
+        _e("lco_kld", targets.lco_kld_loss, "LCO: KL to a one-logit-shifted target of π_old (logit-convex)", "arXiv 2603.00963", "docs/methods/lco.md"),
+        _e("lco_mse", targets.lco_mse_loss, "LCO: squared error of the sampled-token logit shift", "arXiv 2603.00963", "docs/methods/lco.md"),
+        _e("lco_lch", targets.lco_lch_loss, "LCO: log-cosh of the sampled-token logit shift", "arXiv 2603.00963", "docs/methods/lco.md"),
+        _e("minpro", losses_offpolicy.minpro_loss, "prefix-min ratio weight (inferred reading)", "arXiv 2601.22718"),
     ]
 )
 
 CORRECTIONS: dict[str, Entry] = dict(
     [
-        _e("token_tis", correction.token_tis, "token truncated IS min(ρ, C)", "§6.23"),
-        _e("seq_tis", correction.seq_tis, "sequence truncated IS min(Πρ, C)", "§6.23"),
-        _e("token_mis", correction.token_mis, "token masked IS (reject outside [C_min, C_max])", "§6.23"),
-        _e("seq_mis", correction.seq_mis, "sequence masked IS", "§6.23"),
-        _e("icepop", correction.icepop, "token two-sided mask", "arXiv 2510.18855, §6.23"),
-        _e("geo_rs", correction.geo_rs, "geometric-mean ratio rejection of sequences", "§6.23"),
-        _e("geo_rs_k3", correction.geo_rs_k3, "reject sequences whose mean k3 mismatch exceeds a bound", "§6.23"),
-        _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "§6.23"),
+        _e("token_tis", correction.token_tis, "token truncated IS min(ρ, C)", _MISMATCH),
+        _e("seq_tis", correction.seq_tis, "sequence truncated IS min(Πρ, C)", _MISMATCH),
+        _e("token_mis", correction.token_mis, "token masked IS (reject outside [C_min, C_max])", _MISMATCH),
+        _e("seq_mis", correction.seq_mis, "sequence masked IS", _MISMATCH),
+        _e("icepop", correction.icepop, "token two-sided mask", "arXiv 2510.18855"),
+        _e("geo_rs", correction.geo_rs, "geometric-mean ratio rejection of sequences", _MISMATCH),
+        _e("geo_rs_k3", correction.geo_rs_k3, "reject sequences whose mean k3 mismatch exceeds a bound", _MISMATCH),
+        _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "DeepSeek-V3.2 technical report (2025)"),
     ]
 )
 
 AGGREGATIONS: dict[str, Entry] = dict(
     [
-        _e("token_mean", aggregation.token_mean, "Σℓ / global tokens (DAPO)", "arXiv 2503.14476, §6.3"),
-        _e("seq_mean_token_mean", aggregation.seq_mean_token_mean, "mean over sequences of per-sequence token means (GRPO)", "§6.1"),
-        _e("seq_mean_token_sum", aggregation.seq_mean_token_sum, "Σℓ / global sequences (no length normalisation; MiniRL)", "§5"),
-        _e("constant_norm", aggregation.constant_norm, "Σℓ / (sequences × L) (Dr.GRPO)", "arXiv 2503.20783, §6.2"),
+        _e("token_mean", aggregation.token_mean, "Σℓ / global tokens (DAPO)", "arXiv 2503.14476"),
+        _e("seq_mean_token_mean", aggregation.seq_mean_token_mean, "mean over sequences of per-sequence token means (GRPO)", "arXiv 2402.03300"),
+        _e("seq_mean_token_sum", aggregation.seq_mean_token_sum, "Σℓ / global sequences (no length normalisation; MiniRL)", "arXiv 2512.01374", "docs/methods/minirl.md"),
+        _e("constant_norm", aggregation.constant_norm, "Σℓ / (sequences × L) (Dr.GRPO)", "arXiv 2503.20783"),
     ]
 )
 
 KL_ESTIMATORS: dict[str, Entry] = dict(
     [
-        _e("kl_k1", kl.kl_k1, "log π − log π_ref", "Schulman 2020"),
-        _e("kl_k2", kl.kl_k2, "½ (log π − log π_ref)²", "Schulman 2020"),
-        _e("kl_k3", kl.kl_k3, "π_ref/π − log(π_ref/π) − 1, clamped", "Schulman 2020, §6.1"),
+        _e("kl_k1", kl.kl_k1, "log π − log π_ref", "Schulman 2020, joschu.net/blog/kl-approx.html"),
+        _e("kl_k2", kl.kl_k2, "½ (log π − log π_ref)²", "Schulman 2020, joschu.net/blog/kl-approx.html"),
+        _e("kl_k3", kl.kl_k3, "π_ref/π − log(π_ref/π) − 1, clamped", "Schulman 2020, joschu.net/blog/kl-approx.html"),
         _e("kl_k1_st", kl.kl_k1_st, "k1 value, k2 gradient (straight-through)", "verl 'k1+'"),
         _e("kl_k3_st", kl.kl_k3_st, "k3 value, k2 gradient (straight-through)", "verl 'low_var_kl+'"),
     ]
@@ -126,16 +131,16 @@ KL_ESTIMATORS: dict[str, Entry] = dict(
 # Stateful stabilisers are classes built once per run as ``cls(model=..., distributed=..., **hyper_parameters)``.
 TOKEN_FILTERS: dict[str, Entry] = dict(
     [
-        _e("capo", CapoFilter, "curvature-aware token mask (predicted Fisher / objective shift)", "arXiv 2510.00819, §4"),
+        _e("capo", CapoFilter, "curvature-aware token mask (predicted Fisher / objective shift)", "arXiv 2510.00819", "docs/methods/capo.md"),
     ]
 )
 
 COMBINERS: dict[str, Entry] = dict(
     [
         _e("sum", SumCombiner, "one backward of the summed loss terms (ordinary training)", "—"),
-        _e("pcr", PCRCombiner, "PCR: variance-weighted soft projection of plasticity vs stability, per MLP module", "arXiv 2602.06453, §2"),
-        _e("pcgrad", PCGradCombiner, "PCGrad: symmetric projection of conflicting plasticity / stability gradients", "arXiv 2001.06782, §2"),
-        _e("fixed_alpha", SoftProjectionCombiner, "soft projection with a constant α (PCR ablation)", "arXiv 2602.06453, §2"),
+        _e("pcr", PCRCombiner, "PCR: variance-weighted soft projection of plasticity vs stability, per MLP module", "arXiv 2602.06453", "docs/methods/pcr.md"),
+        _e("pcgrad", PCGradCombiner, "PCGrad: symmetric projection of conflicting plasticity / stability gradients", "arXiv 2001.06782", "docs/methods/pcr.md"),
+        _e("fixed_alpha", SoftProjectionCombiner, "soft projection with a constant α (PCR ablation)", "arXiv 2602.06453", "docs/methods/pcr.md"),
     ]
 )
 

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from steadyrl.config import ConfigError
 from steadyrl.models import build_tiny_model, tiny_model_config
+from steadyrl.models.loading import enable_activation_checkpointing
 from steadyrl.models.routing import (
     RoutingRecorder,
     RoutingReplayer,
@@ -270,7 +271,7 @@ def test_replay_under_activation_checkpointing_gives_the_plain_gradient():
     for checkpointing in (False, True):
         model = moe_model("qwen3_moe").train()
         if checkpointing:
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            enable_activation_checkpointing(model)
         with RoutingReplayer(model, routed):
             loss = -log_probs(model, ids).mean()
             loss.backward()  # the checkpointed routers run again here, still replaying

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 
+from extras import needs_tasks_extra
 from steadyrl.tasks import (
     TASKS,
     ArithmeticTask,
@@ -23,6 +24,7 @@ def test_names():
     assert sorted(TASKS) == ["arithmetic", "jsonl_math", "reasoning_gym"]
 
 
+@needs_tasks_extra
 def test_builds_each_task(tmp_path):
     arithmetic = build_task("arithmetic", max_digits=2, operations="+-", eval_size=10)
     assert isinstance(arithmetic, ArithmeticTask) and arithmetic.operations == ("+", "-")

@@ -12,6 +12,7 @@ import sys
 
 import pytest
 
+from extras import needs_tasks_extra_math
 from steadyrl.tasks import JsonlMathTask, Prompt, TaskError, write_sample_math_jsonl
 from steadyrl.tasks.jsonl_math import last_boxed, last_number
 
@@ -51,6 +52,7 @@ def test_sample_file(sample_path):
             assert row["answer"] == "\\frac{1}{2}" and numbers[1] == 2 * numbers[0]
 
 
+@needs_tasks_extra_math
 def test_split_sizes_disjoint_and_deterministic(task, sample_path):
     eval_prompts = task.eval_prompts()
     assert len(eval_prompts) == 2  # round(0.1 * 20)
@@ -65,6 +67,7 @@ def test_split_sizes_disjoint_and_deterministic(task, sample_path):
     assert first.text == json.loads(sample_path.read_text().splitlines()[0])["question"] + "\n"
 
 
+@needs_tasks_extra_math
 @pytest.mark.parametrize(
     "completion, expected",
     [
@@ -83,6 +86,7 @@ def test_reward_on_integer_answer(task, completion, expected):
     assert task.reward(prompt, completion) == expected
 
 
+@needs_tasks_extra_math
 def test_fractions_and_decimals_per_math_verify(task):
     # math-verify treats \frac{1}{2} and 0.5 as the same number, in both directions
     assert task.reward(half(), "\\boxed{0.5}") == 1.0
@@ -93,6 +97,7 @@ def test_fractions_and_decimals_per_math_verify(task):
     assert task.reward(Prompt(id="c", text="?", answer="1000"), "that is 1,000 coins") == 1.0
 
 
+@needs_tasks_extra_math
 def test_demonstration_scores_one(task):
     for prompt in task.eval_prompts() + task.sample("train", 18, seed=0):
         demo = task.demonstration(prompt, random.Random(0))
@@ -100,6 +105,7 @@ def test_demonstration_scores_one(task):
         assert task.reward(prompt, demo) == 1.0
 
 
+@needs_tasks_extra_math
 def test_extraction_modes(sample_path):
     boxed_only = JsonlMathTask(sample_path, answer_extraction="boxed")
     prompt = Prompt(id="t", text="?", answer="10")
@@ -121,6 +127,7 @@ def test_helpers_by_hand():
     assert last_number("none") is None
 
 
+@needs_tasks_extra_math
 def test_eval_path_and_custom_fields(tmp_path):
     train_path, eval_path = tmp_path / "train.jsonl", tmp_path / "eval.jsonl"
     train_path.write_text(
@@ -141,6 +148,7 @@ def test_eval_path_and_custom_fields(tmp_path):
     assert task.eval_prompts()[0].text == "Q: 3+3? A:"
 
 
+@needs_tasks_extra_math
 def test_file_errors(tmp_path):
     with pytest.raises(TaskError, match="does not exist"):
         JsonlMathTask(tmp_path / "missing.jsonl")
@@ -181,11 +189,13 @@ def test_bad_options(sample_path, kwargs, match):
         JsonlMathTask(sample_path, **kwargs)
 
 
+@needs_tasks_extra_math
 def test_unparsable_gold_answer(task):
     with pytest.raises(TaskError, match="cannot parse the gold answer"):
         task.reward(Prompt(id="g", text="?", answer="???"), "\\boxed{1}")
 
 
+@needs_tasks_extra_math
 def test_gold_is_read_as_one_expression(task):
     # a bare math_verify.parse("3\\sqrt{2}") extracts 3; the task boxes the gold so 3 is not accepted
     root = Prompt(id="r", text="?", answer="3\\sqrt{2}")

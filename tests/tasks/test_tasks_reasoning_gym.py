@@ -10,6 +10,7 @@ import sys
 
 import pytest
 
+from extras import needs_tasks_extra_gym
 from steadyrl.tasks import Prompt, ReasoningGymTask, TaskError
 
 
@@ -18,6 +19,7 @@ def task(request):
     return ReasoningGymTask(request.param, size=60, eval_size=20, seed=0)
 
 
+@needs_tasks_extra_gym
 def test_prompts_and_disjoint_eval(task):
     eval_prompts = task.eval_prompts()
     assert len(eval_prompts) == 20
@@ -34,6 +36,7 @@ def test_prompts_and_disjoint_eval(task):
     assert set(task.sample("eval", 30, seed=1)) <= set(eval_prompts)
 
 
+@needs_tasks_extra_gym
 def test_reward_and_demonstration(task):
     prompt = task.sample("train", 1, seed=0)[0]
     demo = task.demonstration(prompt, random.Random(0))
@@ -49,6 +52,7 @@ def test_reward_and_demonstration(task):
     assert task.reward(prompt, f"<answer>{wrong}</answer> no wait <answer>{prompt.answer}</answer>") == 1.0
 
 
+@needs_tasks_extra_gym
 def test_reward_via_id_when_meta_is_lost(task):
     prompt = task.eval_prompts()[3]
     bare = Prompt(id=prompt.id, text=prompt.text, answer=prompt.answer)
@@ -57,6 +61,7 @@ def test_reward_via_id_when_meta_is_lost(task):
         task.reward(Prompt(id="other/0", text="?", answer="1"), "<answer>1</answer>")
 
 
+@needs_tasks_extra_gym
 def test_no_answer_tag_and_template():
     task = ReasoningGymTask(
         "chain_sum", size=10, eval_size=5, answer_tag=None, prompt_template="Q: {question}\nA:"
@@ -67,6 +72,7 @@ def test_no_answer_tag_and_template():
     assert task.reward(prompt, f"  {prompt.answer}\n") == 1.0
 
 
+@needs_tasks_extra_gym
 def test_config_is_passed_and_seeds_differ():
     task = ReasoningGymTask(
         "chain_sum", size=20, eval_size=10, seed=3, config={"min_terms": 2, "max_terms": 2}
@@ -79,6 +85,7 @@ def test_config_is_passed_and_seeds_differ():
     assert [p.text for p in other.eval_prompts()] != [p.text for p in task.eval_prompts()]
 
 
+@needs_tasks_extra_gym
 def test_duplicates_with_eval_are_dropped():
     # one-digit two-term sums: a small space, so train and eval overlap and must be de-duplicated
     config = {"min_terms": 2, "max_terms": 2, "min_digits": 1, "max_digits": 1}
@@ -87,6 +94,7 @@ def test_duplicates_with_eval_are_dropped():
     assert not {p.text for p in task.eval_prompts()} & {p.text for p in task._train}
 
 
+@needs_tasks_extra_gym
 @pytest.mark.parametrize(
     "kwargs, match",
     [

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sevens_task import SevensTask
 
+from sevens_task import SevensTask
 from steadyrl.config import ConfigError
 from steadyrl.models import ModelLoadError, build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET

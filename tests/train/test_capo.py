@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sevens_task import SevensTask
 
+from sevens_task import SevensTask
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec, load_config
 from steadyrl.models import build_tiny_model, tiny_model_config

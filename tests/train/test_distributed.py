@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.multiprocessing as mp
-from sevens_task import SevensTask
 
+from sevens_task import SevensTask
 from steadyrl.config import load_config
 from steadyrl.train.combiners import SumCombiner
 from steadyrl.train.trainer import Trainer

@@ -12,8 +12,8 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from sevens_task import SevensTask
 
+from sevens_task import SevensTask
 from steadyrl.config import GuardConfig
 from steadyrl.ops import losses, losses_offpolicy, targets
 from steadyrl.report import read_metrics

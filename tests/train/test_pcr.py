@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from sevens_task import SevensTask
 from torch import nn
 
+from sevens_task import SevensTask
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec, load_config
 from steadyrl.models import load_model, load_tokenizer

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from sevens_task import SevensTask
 
+from sevens_task import SevensTask
 from steadyrl.config import ConfigError, load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.routing import RoutingRecorder, RoutingReplayer, supported_moe_layers

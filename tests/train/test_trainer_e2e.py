@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-from sevens_task import SevensTask
 
+from sevens_task import SevensTask
 from steadyrl.report import read_metrics
 from steadyrl.train.trainer import Trainer
 

@@ -145,13 +145,18 @@ def load_model(
         raise _fetch_error(name_or_path, "model", error) from error
     model = model.to(device)
     if gradient_checkpointing:
-        checkpoint_kwargs = {"use_reentrant": False}
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
-        model.config.use_cache = False  # the KV cache is useless during a checkpointed training forward
+        enable_activation_checkpointing(model)
     return model
+
+
+def enable_activation_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing under the name this transformers release uses."""
+    checkpoint_kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.23
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+    model.config.use_cache = False  # the KV cache is useless during a checkpointed training forward
 
 
 def load_tokenizer(

@@ -48,6 +48,11 @@ from steadyrl.rollout.sampling import sample_categorical, sampling_logprobs
 from steadyrl.types import RolloutBatch
 
 
+def _cache_kwarg(fn) -> str:
+    """The name under which ``fn`` takes a KV cache: ``cache`` (transformers >= 5.24) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"
+
+
 def _logits_kwarg(model: torch.nn.Module) -> str | None:
     """The forward argument that restricts the LM head to the last position, if the model has one."""
     names = inspect.signature(model.forward).parameters
@@ -101,6 +106,8 @@ class NativeRolloutBackend(SamplerCopyMixin):
         self.cache_bucket = cache_bucket
         self._logits_kwarg = _logits_kwarg(self.sampler)
         self._make_masks = getattr(self.sampler, "create_masks_for_generate", create_masks_for_generate)
+        self._forward_cache_kwarg = _cache_kwarg(self.sampler.forward)
+        self._mask_cache_kwarg = _cache_kwarg(self._make_masks)
         self._own_mask = plain_sdpa_causal(self.sampler.config)
         self._compiled_step = None
         self._kept_cache: tuple[tuple, object] | None = None  # (shape key, StaticCache or K/V buffer lists)
@@ -115,8 +122,8 @@ class NativeRolloutBackend(SamplerCopyMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=cache,
             use_cache=True,
+            **{self._forward_cache_kwarg: cache},
             **extra,
         )
         # a copy: under CUDA graphs the output buffer is overwritten by the next replay
@@ -287,8 +294,8 @@ class NativeRolloutBackend(SamplerCopyMixin):
                                 config=self.sampler.config,
                                 inputs_embeds=empty_embeds,
                                 attention_mask=padding_mask,
-                                past_key_values=cache,
                                 position_ids=next_position,
+                                **{self._mask_cache_kwarg: cache},
                             )
                         logits = self._hf_forward(step_fn, next_input, attention_mask, next_position, cache)
                     next_position += 1
