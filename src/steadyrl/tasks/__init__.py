@@ -8,7 +8,15 @@ only when built.
 from __future__ import annotations
 
 from steadyrl.tasks.arithmetic import ArithmeticTask, column_carries
-from steadyrl.tasks.base import Prompt, RewardError, Task, TaskError, score_completions
+from steadyrl.tasks.base import (
+    Prompt,
+    RewardError,
+    RewardScores,
+    Task,
+    TaskError,
+    score_completions,
+    score_rewards,
+)
 from steadyrl.tasks.jsonl_math import JsonlMathTask, write_sample_math_jsonl
 from steadyrl.tasks.reasoning_gym import ReasoningGymTask
 
@@ -18,9 +26,11 @@ __all__ = [
     "Prompt",
     "ReasoningGymTask",
     "RewardError",
+    "RewardScores",
     "Task",
     "TaskError",
     "column_carries",
     "score_completions",
+    "score_rewards",
     "write_sample_math_jsonl",
 ]

@@ -8,6 +8,16 @@ float tensor and makes every failure loud:
     the trainer counts and masks it (``AdvantageResult.sample_mask``), it is never silently treated as 0;
   * a reward function that raises, or returns something that is not a finite number, stops the run with a
     :class:`RewardError` naming the prompt, the completion and the original exception.
+
+Named reward components (GDPO, arXiv 2601.05242): ``task.reward`` may return a mapping of named numbers,
+e.g. ``{"correct": 1.0, "format": 0.1}``, instead of one number. :func:`score_rewards` then returns the
+components as columns of a (B, K) tensor and their sum as the reward (for metrics, evaluation and every
+estimator that takes one reward); an estimator registered with ``reads_components`` (gdpo) receives the
+columns. The column order is the task's optional ``reward_components`` attribute (a tuple of names), else
+the key order of the first mapping; every mapping of a batch must carry exactly those keys (a missing
+component is ``None`` / NaN, left out of that component's statistics), and one batch may not mix numbers and
+mappings. Declare ``reward_components`` when training on several processes, so every rank stacks the same
+columns.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from __future__ import annotations
 import math
 import numbers
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -62,8 +73,9 @@ class Task(Protocol):
         """The fixed held-out evaluation set."""
         ...
 
-    def reward(self, prompt: Prompt, completion: str) -> float | None:
-        """Reward of ``completion`` (decoded text after the prompt); None / NaN = could not be scored."""
+    def reward(self, prompt: Prompt, completion: str) -> float | None | Mapping[str, float | None]:
+        """Reward of ``completion`` (decoded text after the prompt); None / NaN = could not be scored.
+        A mapping of named numbers gives the reward's components (module docstring)."""
         ...
 
     def demonstration(self, prompt: Prompt, rng: random.Random) -> str:
@@ -117,22 +129,35 @@ def _as_reward(value: object) -> float | None:
     return None
 
 
-def score_completions(
-    task: Task,
-    prompts: list[Prompt],
-    completions: list[str],
-) -> Tensor:  # (B,) float32
-    """``task.reward`` of each (prompt, completion) pair as a float32 tensor, NaN where unscorable.
+@dataclass(frozen=True)
+class RewardScores:
+    """What :func:`score_rewards` returns for B completions."""
+
+    total: Tensor  # (B,) float32: the reward, or the sum of its components (NaN when every one is missing)
+    components: Tensor  # (B, K) float32: the named components; K = 1 (the total) for plain-number rewards
+    names: tuple[str, ...]  # the components' names in column order; () for plain-number rewards
+
+
+def score_completions(task: Task, prompts: list[Prompt], completions: list[str]) -> Tensor:  # (B,) float32
+    """``task.reward`` of each (prompt, completion) pair as a float32 tensor, NaN where unscorable; the sum of
+    the components for a task that returns named components (``score_rewards(...).total``).
 
     Raises:
       RewardError: the reward function raised, or returned a non-number or ±inf.
       ValueError: ``prompts`` and ``completions`` differ in length.
     """
+    return score_rewards(task, prompts, completions).total
+
+
+def score_rewards(task: Task, prompts: list[Prompt], completions: list[str]) -> RewardScores:
+    """Rewards and their named components (module docstring); errors as :func:`score_completions`."""
     if len(prompts) != len(completions):
         raise ValueError(
             f"got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion"
         )
-    rewards = []
+    names: tuple[str, ...] | None = getattr(task, "reward_components", None) or None
+    rows: list[list[float]] = []
+    named: bool | None = None
     for prompt, completion in zip(prompts, completions):
         where = (
             f"task {getattr(task, 'name', type(task).__name__)!r}, prompt id {prompt.id!r} "
@@ -145,11 +170,38 @@ def score_completions(
                 f"the reward function raised {type(error).__name__}: {error} -- for {where}. Fix the reward "
                 "function (return None or NaN for a completion it cannot score)."
             ) from error
-        reward = _as_reward(value)
-        if reward is None or math.isinf(reward):
+        is_mapping = isinstance(value, Mapping)
+        if named is not None and is_mapping != named:
             raise RewardError(
-                f"the reward function returned {value!r} ({type(value).__name__}) for {where}; fix the reward "
-                "function to return a finite float (or None / NaN when the completion cannot be scored)."
+                f"the reward function returned {value!r} for {where} after returning "
+                f"{'mappings' if named else 'numbers'} for earlier completions; return one kind for every completion."
             )
-        rewards.append(reward)
-    return torch.tensor(rewards, dtype=torch.float32)
+        named = is_mapping
+        if is_mapping:
+            names = names or tuple(str(k) for k in value)
+            if set(value) != set(names):
+                raise RewardError(
+                    f"the reward function returned components {sorted(map(str, value))} for {where}, expected "
+                    f"{list(names)}; return every component (None where it cannot be scored)."
+                )
+            rows.append([_checked_reward(value[name], where, f" (component {name!r})") for name in names])
+        else:
+            rows.append([_checked_reward(value, where, "")])
+    if not named:
+        total = torch.tensor([r[0] for r in rows], dtype=torch.float32)
+        return RewardScores(total, total[:, None], ())
+    components = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(names))
+    missing = torch.isnan(components)
+    total = torch.where(missing, 0.0, components).sum(dim=1)
+    total = torch.where(missing.all(dim=1), torch.full_like(total, math.nan), total)
+    return RewardScores(total, components, tuple(names))
+
+
+def _checked_reward(value: object, where: str, what: str) -> float:
+    reward = _as_reward(value)
+    if reward is None or math.isinf(reward):
+        raise RewardError(
+            f"the reward function returned {value!r} ({type(value).__name__}){what} for {where}; fix the reward "
+            "function to return a finite float (or None / NaN when the completion cannot be scored)."
+        )
+    return reward

@@ -3,6 +3,9 @@
 Every rank draws the same global prompt list for the step (seeded by the step number) and keeps its own slice
 of whole groups. Rewards are gathered from all ranks so that advantages, including estimators with
 batch-level statistics (batch std, BNPO), are computed on the global batch exactly as on one process.
+Two registry facts of the advantage estimator change this stage: ``reads_components`` (GDPO) gets the
+task's named reward components (B, K) instead of their sum; ``reads_old_statistics`` (the optimal token
+baseline) needs π_old's per-token statistics, so its advantages are left to the score stage (zeros here).
 """
 
 from __future__ import annotations
@@ -19,8 +22,9 @@ from steadyrl.rollout.base import RolloutBackend, SamplingParams
 from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.seeding import step_seed
-from steadyrl.tasks import Prompt, Task, score_completions
+from steadyrl.tasks import Prompt, Task, score_rewards
 from steadyrl.train.batch import ScoredBatch
+from steadyrl.types import AdvantageResult
 
 
 def gather_rewards(local: Tensor, info: DistInfo) -> Tensor:
@@ -83,9 +87,16 @@ class RolloutCollector:
         rollout = self.backend.generate(prompt_ids, prompt_mask, self.params, generator=generator)
         rollout_s = time.perf_counter() - start
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.response_mask, self.eos_ids)
-        rewards = score_completions(self.task, prompts, completions).to(self.device)  # (B,) NaN = unscorable
+        scores = score_rewards(self.task, prompts, completions)
+        rewards = scores.total.to(self.device)  # (B,) NaN = unscorable
         all_rewards = gather_rewards(rewards, self.info)  # estimators see the global batch, as on one process
-        adv = self.advantage_fn(all_rewards, self.group_size)
+        entry = getattr(self.advantage_fn, "entry", None)
+        if getattr(entry, "reads_old_statistics", False):  # computed by the score stage after π_old
+            adv = AdvantageResult(torch.zeros_like(all_rewards), torch.isfinite(all_rewards), {})
+        elif getattr(entry, "reads_components", False):
+            adv = self.advantage_fn(gather_rewards(scores.components.to(self.device), self.info), self.group_size)
+        else:
+            adv = self.advantage_fn(all_rewards, self.group_size)
         mine = slice(self.info.rank * len(prompts), (self.info.rank + 1) * len(prompts))
         advantages, sample_mask = adv.advantages[mine], adv.sample_mask[mine]
         if self.mask_truncated:
@@ -95,6 +106,9 @@ class RolloutCollector:
         advantages = masked_fill_zero(advantages.float(), rollout.response_mask).detach()
         batch = ScoredBatch(rollout, rewards=rewards, advantages=advantages, sample_mask=sample_mask)
         metrics = {**_reward_metrics(all_rewards), **adv.metrics, **_rollout_metrics(rollout)}
+        for k, name in enumerate(scores.names):  # per-component means over this rank's completions
+            column = scores.components[:, k].to(self.device)
+            metrics[f"reward/{name}"] = torch.where(torch.isfinite(column), column, 0.0).sum() / torch.isfinite(column).sum().clamp(min=1)
         return Collected(batch, prompts, completions, metrics, rollout_s)
 
 

@@ -32,6 +32,7 @@ class PolicyOutput:
     entropy: Tensor | None  # (B, T) detached full-vocabulary entropy
     hidden: Tensor | None  # (B, T, H) final hidden state predicting y_t (CAPO's features), when asked
     token_logits: Tensor | None = None  # (B, T) raw logit of y_t (LCO's logit regression)
+    sum_pi_squared: Tensor | None = None  # (B, T) Σ_v π_v², detached (the optimal token baseline's statistic)
 
 
 def model_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,6 +66,7 @@ def policy_forward(
     keep_hidden: bool = False,
     chunk_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
+    compute_sum_pi_squared: bool = False,
 ) -> PolicyOutput:
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
@@ -79,7 +81,7 @@ def policy_forward(
     prompt_len = batch.prompt_ids.shape[1]
     # hidden[t] predicts token t+1: completion token j is predicted at position prompt_len - 1 + j.
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]
-    logprobs, entropy, token_logits = logprobs_from_hidden(
+    logprobs, entropy, token_logits, *sum_pi_squared = logprobs_from_hidden(
         hidden,
         head.weight,
         batch.completion_ids,
@@ -88,8 +90,10 @@ def policy_forward(
         chunk_size=chunk_size,
         compute_entropy=compute_entropy,
         return_token_logits=True,
+        compute_sum_pi_squared=compute_sum_pi_squared,
     )
-    return PolicyOutput(logprobs, entropy, hidden if keep_hidden else None, token_logits)
+    kept = hidden if keep_hidden else None
+    return PolicyOutput(logprobs, entropy, kept, token_logits, sum_pi_squared[0] if sum_pi_squared else None)
 
 
 def routing(

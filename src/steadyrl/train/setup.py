@@ -85,6 +85,20 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
         raise ConfigError(f"kl.coef={cfg.kl.coef} is negative; use a coefficient >= 0 (0 turns the KL penalty off).")
 
 
+def validate_reward_components(cfg: TrainConfig, task) -> None:
+    """An estimator that reads named reward components (GDPO) with one weight per component: the task's
+    declared components must match the weights before the first rollout."""
+    weights = cfg.advantage.kwargs.get("weights")
+    names = getattr(task, "reward_components", None)
+    if not registry.lookup("advantage", cfg.advantage.name).reads_components or weights is None or not names:
+        return
+    if len(weights) != len(names):
+        raise ConfigError(
+            f"advantage.weights has {len(weights)} values but the task's reward has {len(names)} components "
+            f"({', '.join(names)}); give one weight per component, in that order."
+        )
+
+
 def validate_run_dir(cfg: TrainConfig) -> None:
     """Never mix two runs in one directory: without resume, an existing run's directory is an error."""
     run_dir = Path(cfg.run.output_dir)

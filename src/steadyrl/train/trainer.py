@@ -51,6 +51,7 @@ from steadyrl.train.setup import (
     resolve_methods,
     resolve_model_path,
     validate_batch_arithmetic,
+    validate_reward_components,
     validate_run_dir,
 )
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
@@ -69,6 +70,7 @@ class Trainer:
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
+        validate_reward_components(cfg, self.task)
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.model = model if model is not None else self._load_model(model_path)
@@ -103,13 +105,15 @@ class Trainer:
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
             device=self.device, mask_truncated=r.mask_truncated,
         )
+        token_advantage = self.methods["advantage"].entry.reads_old_statistics  # computed after π_old
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
             temperature=r.temperature, micro_batch_size=o.micro_batch_size, autocast_dtype=autocast,
             routing_replay=cfg.routing_replay,
             need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old"),
             kl_to=cfg.kl.reference if kl_on else None,
             routing_diagnostics=cfg.routing_diagnostics and bool(supported_moe_layers(self.model, strict=False)),
-        ))
+            group_size=r.group_size,
+        ), advantage=self.methods["advantage"] if token_advantage else None)
         context = {"model": self.model, "distributed": self.info.enabled,
                    "optimizer_defaults": {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}}
         self.updater = PolicyUpdater(
