@@ -91,6 +91,27 @@ class KLConfig:
 
 
 @dataclass(frozen=True)
+class EntropyConfig:
+    """Entropy bonus −c·H̄ in the loss (H̄ = mean per-token entropy of π_θ over the counted tokens) and
+    Skywork-OR1's adaptive coefficient (arXiv 2505.22312; TRL ``entropy_coef`` / ``use_adaptive_entropy``)."""
+
+    coef: float = 0.0
+    """c; with ``adaptive`` the starting value. 0 and not adaptive = off."""
+    adaptive: bool = False
+    """After every optimizer step: c += delta when that step's mean entropy ≤ target, else c −= delta (clamped to
+    [coef_min, coef_max]); the bonus applies only while the last measured entropy is ≤ target."""
+    target: float = 0.2
+    """Target mean per-token entropy in nats (TRL's default; set it near the entropy seen early in training)."""
+    delta: float = 0.005
+    coef_min: float = 0.0
+    coef_max: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef != 0.0 or self.adaptive
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     steps: int = 100
     """RL steps (rollout batches)."""
@@ -225,6 +246,8 @@ class TrainConfig:
     aggregation: MethodSpec = field(default_factory=lambda: MethodSpec("token_mean"))
     correction: MethodSpec | None = None
     kl: KLConfig = field(default_factory=KLConfig)
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    """Entropy bonus and its adaptive coefficient (Skywork-OR1); off by default."""
     retention: RetentionConfig | None = None
     """Retention set measured at every eval and, with coef > 0, trained on as an auxiliary loss (see RetentionConfig)."""
     token_filters: tuple[MethodSpec, ...] = ()

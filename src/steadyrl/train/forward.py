@@ -29,7 +29,7 @@ from steadyrl.types import RolloutBatch
 @dataclass
 class PolicyOutput:
     logprobs: Tensor  # (B, T) log π(y_t) at the sampling temperature
-    entropy: Tensor | None  # (B, T) detached full-vocabulary entropy
+    entropy: Tensor | None  # (B, T) full-vocabulary entropy, detached unless asked with its gradient
     hidden: Tensor | None  # (B, T, H) final hidden state predicting y_t (CAPO's features), when asked
     token_logits: Tensor | None = None  # (B, T) raw logit of y_t (LCO's logit regression)
     sum_pi_squared: Tensor | None = None  # (B, T) Σ_v π_v², detached (the optimal token baseline's statistic)
@@ -67,6 +67,7 @@ def policy_forward(
     chunk_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
     compute_sum_pi_squared: bool = False,
+    entropy_grad: bool = False,
 ) -> PolicyOutput:
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
@@ -91,6 +92,7 @@ def policy_forward(
         compute_entropy=compute_entropy,
         return_token_logits=True,
         compute_sum_pi_squared=compute_sum_pi_squared,
+        entropy_grad=entropy_grad,
     )
     kept = hidden if keep_hidden else None
     return PolicyOutput(logprobs, entropy, kept, token_logits, sum_pi_squared[0] if sum_pi_squared else None)

@@ -41,6 +41,7 @@ from steadyrl.runtime.checkpoint import (
 from steadyrl.runtime.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.runtime.seeding import step_seed
+from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
 from steadyrl.train.collect import RolloutCollector
@@ -67,6 +68,7 @@ class Trainer:
         validate_batch_arithmetic(cfg, self.info)
         validate_run_dir(cfg)
         self.methods = resolve_methods(cfg)
+        entropy_bonus = EntropyBonus(cfg.entropy) if cfg.entropy.enabled else None  # checks its settings
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
@@ -122,6 +124,7 @@ class Trainer:
             kl=self.methods["kl"], combiner=registry.build("combiner", cfg.combiner, **context), settings=settings,
             token_filters=[registry.build("token_filter", spec, **context) for spec in cfg.token_filters],
             aux_terms=self.retention.aux_terms if self.retention else (), distributed=self.info.enabled,
+            entropy_bonus=entropy_bonus,
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.start_step = 0

@@ -38,6 +38,7 @@ from steadyrl.registry import Method
 from steadyrl.runtime.distributed import all_reduce_sum
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.stabilisers.combiners import GradientCombiner
+from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.filters import TokenFilter
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.forward import policy_forward, routing
@@ -186,8 +187,10 @@ class PolicyUpdater:
         token_filters: Sequence[TokenFilter] = (),
         aux_terms: Sequence[AuxTerm] = (),
         distributed: bool = False,
+        entropy_bonus: EntropyBonus | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.entropy_bonus = entropy_bonus
         self.base_loss = self.loss = loss
         self.aggregation, self.correction, self.kl = aggregation, correction, kl
         self.combiner, self.settings = combiner, settings
@@ -214,12 +217,17 @@ class PolicyUpdater:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
+        state = {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
+        if self.entropy_bonus is not None:
+            state["entropy_bonus"] = self.entropy_bonus.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for f, s in zip(self.token_filters, state.get("token_filters", [])):
             f.load_state_dict(s)
         self.combiner.load_state_dict(state.get("combiner", {}))
+        if self.entropy_bonus is not None:
+            self.entropy_bonus.load_state_dict(state.get("entropy_bonus", {}))
 
     def set_trust_region_scale(self, scale: float) -> None:
         """Multiply the configured loss's trust-region widths by ``scale`` (the stability guard's lever)."""
@@ -256,12 +264,15 @@ class PolicyUpdater:
                 fwd = policy_forward(
                     self.model, micro.rollout, temperature=s.temperature, compute_entropy=True,
                     keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype,
+                    entropy_grad=self.entropy_bonus is not None,
                 )
                 step = micro_batch_terms(
                     micro.loss_inputs(fwd, self._reduce_sum), loss=self.loss, aggregation=self.aggregation,
                     counts=counts, correction=self.correction, token_filters=self.token_filters,
                     hidden=fwd.hidden, lr=lr, kl=self.kl, kl_coef=s.kl_coef,
                 )
+                if self.entropy_bonus is not None:  # −c·H̄ on the counted tokens (stabilisers/entropy.py)
+                    step.terms["entropy"] = self.entropy_bonus.term(fwd.entropy, step.mask, counts)
                 terms = step.terms if self.rejects_in_loop else {**step.terms, **self._aux(j, len(micro_batches))}
                 self.combiner.backward(terms)
             loss_total = loss_total + sum(t.detach() for t in terms.values())
@@ -270,6 +281,8 @@ class PolicyUpdater:
         if self.rejects_in_loop:
             loss_total = self._renormalise(counts, counted, loss_total, len(micro_batches))
         metrics = self.combiner.finalize(self.params)
+        if self.entropy_bonus is not None:
+            metrics.update(self.entropy_bonus.end_step(self._reduce_sum))
         norm, skipped = self._apply_gradient()
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
         acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
