@@ -43,7 +43,16 @@ class ModelConfig:
     attn_implementation: str | None = None
     """eager | sdpa | flash_attention_2; None lets transformers choose."""
     autocast_bf16: bool = False
-    """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``."""
+    """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``. The same as
+    ``autocast: bfloat16`` (kept for existing configs)."""
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
+    """Autocast dtype of the trainer's forwards (training, π_old, π_ref); master weights stay in ``dtype``.
+    float16 with fp32 weights is Precision-RL's fp16 training (arXiv 2510.26788; pair it with
+    ``rollout.sampler_dtype: float16``), with dynamic loss scaling (``optim.loss_scale``)."""
+    lm_head_fp32: bool = False
+    """FP32 LM head (ScaleRL arXiv 2510.13786; TRL ``cast_lm_head_to_fp32``): keep the head's weights in fp32
+    and compute its logits in fp32 in the sampler too (the trainer's log-prob pass always multiplies in fp32);
+    see models/precision.py. No effect on an fp32 model with an fp32 sampler."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +141,9 @@ class OptimConfig:
     """Passes over the rollout batch (PPO epochs)."""
     micro_batch_size: int = 64
     """Completions per forward/backward (gradient accumulation inside a mini-batch)."""
+    loss_scale: Literal["dynamic", "none"] = "dynamic"
+    """Loss scaling when the trainer computes in float16 (model.autocast or model.dtype float16): dynamic
+    (torch.amp's defaults: 2^16, halved on overflow, doubled after 2000 finite steps) or none."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from steadyrl.models.precision import body_dtype, cast_lm_head_to_fp32
 from steadyrl.models.routing import supported_moe_layers
 from steadyrl.types import RolloutBatch
 
@@ -64,11 +65,13 @@ class SamplerCopyMixin:
         self.policy = model
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
-        param_dtype = next(model.parameters()).dtype
+        param_dtype = body_dtype(model)
         self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
         self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
         if self.separate_sampler:
             self.sampler.requires_grad_(False)
+            if getattr(model, "lm_head_fp32", False):  # the copy samples from an fp32 head too
+                cast_lm_head_to_fp32(self.sampler)
         if record_routing is None:
             record_routing = bool(supported_moe_layers(self.sampler, strict=False))
         self.record_routing = record_routing

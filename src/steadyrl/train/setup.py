@@ -85,6 +85,22 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
         raise ConfigError(f"kl.coef={cfg.kl.coef} is negative; use a coefficient >= 0 (0 turns the KL penalty off).")
 
 
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The trainer's autocast dtype from ``model.autocast`` (or the older ``model.autocast_bf16``)."""
+    m = cfg.model
+    if m.autocast_bf16 and m.autocast not in ("none", "bfloat16"):
+        raise ConfigError(
+            f"model.autocast_bf16 is true but model.autocast is {m.autocast!r}; set only model.autocast."
+        )
+    name = "bfloat16" if m.autocast_bf16 else m.autocast
+    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def computes_in_float16(cfg: TrainConfig) -> bool:
+    """Whether the trainer's gradients pass through float16 (loss scaling applies)."""
+    return cfg.model.dtype == "float16" or autocast_dtype(cfg) == torch.float16
+
+
 def validate_reward_components(cfg: TrainConfig, task) -> None:
     """An estimator that reads named reward components (GDPO) with one weight per component: the task's
     declared components must match the weights before the first rollout."""

@@ -29,6 +29,7 @@ from steadyrl.config import TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.loading import check_tokenizer_fits_model
+from steadyrl.models.precision import DynamicLossScale, cast_lm_head_to_fp32
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report
 from steadyrl.rollout.base import SamplingParams
@@ -47,7 +48,9 @@ from steadyrl.stabilisers.retention import build_retention
 from steadyrl.train.collect import RolloutCollector
 from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
+    autocast_dtype,
     build_optimizer,
+    computes_in_float16,
     resolve_device,
     resolve_methods,
     resolve_model_path,
@@ -68,6 +71,7 @@ class Trainer:
         validate_batch_arithmetic(cfg, self.info)
         validate_run_dir(cfg)
         self.methods = resolve_methods(cfg)
+        autocast = autocast_dtype(cfg)
         entropy_bonus = EntropyBonus(cfg.entropy) if cfg.entropy.enabled else None  # checks its settings
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
@@ -76,6 +80,8 @@ class Trainer:
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.model = model if model is not None else self._load_model(model_path)
+        if cfg.model.lm_head_fp32:
+            cast_lm_head_to_fp32(self.model)
         check_tokenizer_fits_model(self.tokenizer, self.model, cfg.model.name_or_path)
         self.model.to(self.device).train()
         check_routing_replay(self.model, cfg.routing_replay)
@@ -84,8 +90,9 @@ class Trainer:
         if kl_on and cfg.kl.reference == "initial":
             # Loaded from the source, not copied, so a resumed run gets the same reference.
             ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
+            if cfg.model.lm_head_fp32:
+                cast_lm_head_to_fp32(ref_model)
         o, r = cfg.optim, cfg.rollout
-        autocast = torch.bfloat16 if cfg.model.autocast_bf16 else None
         settings = UpdateSettings(
             mini_batches=o.mini_batches, epochs=o.epochs, micro_batch_size=o.micro_batch_size, grad_clip=o.grad_clip,
             temperature=r.temperature, max_len=r.max_new_tokens, kl_coef=cfg.kl.coef, autocast_dtype=autocast,
@@ -125,6 +132,7 @@ class Trainer:
             token_filters=[registry.build("token_filter", spec, **context) for spec in cfg.token_filters],
             aux_terms=self.retention.aux_terms if self.retention else (), distributed=self.info.enabled,
             entropy_bonus=entropy_bonus,
+            loss_scale=DynamicLossScale() if computes_in_float16(cfg) and o.loss_scale == "dynamic" else None,
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.start_step = 0

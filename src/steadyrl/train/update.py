@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from steadyrl.config import ConfigError
+from steadyrl.models.precision import DynamicLossScale
 from steadyrl.ops.aggregation import global_counts
 from steadyrl.ops.correction import mismatch_metrics
 from steadyrl.ops.kl import kl_k3
@@ -188,9 +189,10 @@ class PolicyUpdater:
         aux_terms: Sequence[AuxTerm] = (),
         distributed: bool = False,
         entropy_bonus: EntropyBonus | None = None,
+        loss_scale: DynamicLossScale | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.entropy_bonus = entropy_bonus
+        self.entropy_bonus, self.loss_scale = entropy_bonus, loss_scale
         self.base_loss = self.loss = loss
         self.aggregation, self.correction, self.kl = aggregation, correction, kl
         self.combiner, self.settings = combiner, settings
@@ -220,6 +222,8 @@ class PolicyUpdater:
         state = {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
         if self.entropy_bonus is not None:
             state["entropy_bonus"] = self.entropy_bonus.state_dict()
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
         return state
 
     def load_state_dict(self, state: dict) -> None:
@@ -228,6 +232,8 @@ class PolicyUpdater:
         self.combiner.load_state_dict(state.get("combiner", {}))
         if self.entropy_bonus is not None:
             self.entropy_bonus.load_state_dict(state.get("entropy_bonus", {}))
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state.get("loss_scale", {}))
 
     def set_trust_region_scale(self, scale: float) -> None:
         """Multiply the configured loss's trust-region widths by ``scale`` (the stability guard's lever)."""
@@ -274,7 +280,7 @@ class PolicyUpdater:
                 if self.entropy_bonus is not None:  # −c·H̄ on the counted tokens (stabilisers/entropy.py)
                     step.terms["entropy"] = self.entropy_bonus.term(fwd.entropy, step.mask, counts)
                 terms = step.terms if self.rejects_in_loop else {**step.terms, **self._aux(j, len(micro_batches))}
-                self.combiner.backward(terms)
+                self.combiner.backward(self._scaled(terms))
             loss_total = loss_total + sum(t.detach() for t in terms.values())
             counted.append(step.mask)
             acc.add(step.metrics, micro.token_mask.sum())
@@ -283,6 +289,9 @@ class PolicyUpdater:
         metrics = self.combiner.finalize(self.params)
         if self.entropy_bonus is not None:
             metrics.update(self.entropy_bonus.end_step(self._reduce_sum))
+        if self.loss_scale is not None:  # fp16: back to the true gradient before clipping
+            metrics["train/loss_scale"] = torch.tensor(self.loss_scale.scale)
+            self.loss_scale.unscale_(self.params)
         norm, skipped = self._apply_gradient()
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
         acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
@@ -298,7 +307,7 @@ class PolicyUpdater:
         for j in range(n_micro):
             aux = self._aux(j, n_micro)
             if aux:
-                self.combiner.backward(aux)
+                self.combiner.backward(self._scaled(aux))
                 loss_total = loss_total + sum(t.detach() for t in aux.values())
         return loss_total
 
@@ -309,6 +318,8 @@ class PolicyUpdater:
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         skipped = not torch.isfinite(norm).item()
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite=not skipped)
         if not skipped:
             self.optimizer.step()
         for f in self.token_filters:
@@ -316,6 +327,10 @@ class PolicyUpdater:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm, int(skipped)
+
+    def _scaled(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The terms to backpropagate: multiplied by the fp16 loss scale when there is one."""
+        return terms if self.loss_scale is None else self.loss_scale.scaled(terms)
 
     def _aux(self, j: int, n: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
