@@ -121,6 +121,32 @@ class EntropyConfig:
 
 
 @dataclass(frozen=True)
+class VCPOConfig:
+    """VCPO's variance controls (arXiv 2602.17616; official mit-han-lab/vcpo; stabilisers/vcpo.py). Defaults are
+    the official recipe's (recipe/fully_async_policy/shell/vcpo/math/vcpo_k=10.sh)."""
+
+    ess_scaling: bool = True
+    """Scale each optimizer step's learning rate by min(1, ρ_ess/base_ess_ratio)^½ (sqrt) or ^1 (linear),
+    ρ_ess = (Σw)²/(N Σw²) of the mini-batch's sequence weights w = π_old(y)/μ(y)."""
+    scaling_rule: Literal["sqrt", "linear"] = "sqrt"
+    base_ess_ratio: float = 1.0
+    use_clipped: bool = False
+    """ESS of the weights clipped at is_threshold."""
+    is_threshold: float = 8.0
+    """C of the clipped sequence weights min(w, C) (the recipe's rollout_is_threshold)."""
+    baseline: bool = True
+    """Off-policy optimal baseline: needs every trajectory's gradient norm, one extra forward and backward per
+    completion (measured by benchmarks/overhead.py)."""
+    scope: Literal["group", "minibatch"] = "group"
+    """Baseline over each prompt's group (rewards) or over the mini-batch (the estimator's advantages)."""
+    use_is_weights: bool = True
+    use_clipped_is_ratios: bool = False
+    normalize_by_length: bool = False
+    norm_by_std: bool = True
+    """Group scope: divide (R − b) by the group's reward std (the recipe's setting; the framework default is false)."""
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     steps: int = 100
     """RL steps (rollout batches)."""
@@ -260,6 +286,9 @@ class TrainConfig:
     kl: KLConfig = field(default_factory=KLConfig)
     entropy: EntropyConfig = field(default_factory=EntropyConfig)
     """Entropy bonus and its adaptive coefficient (Skywork-OR1); off by default."""
+    vcpo: VCPOConfig | None = None
+    """VCPO's ESS-scaled learning rate and off-policy optimal baseline (VCPOConfig); None = off. ``--set
+    vcpo.baseline=true`` turns it on with defaults."""
     retention: RetentionConfig | None = None
     """Retention set measured at every eval and, with coef > 0, trained on as an auxiliary loss (see RetentionConfig)."""
     token_filters: tuple[MethodSpec, ...] = ()

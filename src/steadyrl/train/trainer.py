@@ -45,6 +45,7 @@ from steadyrl.runtime.seeding import step_seed
 from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
+from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.collect import RolloutCollector
 from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
@@ -73,6 +74,8 @@ class Trainer:
         self.methods = resolve_methods(cfg)
         autocast = autocast_dtype(cfg)
         entropy_bonus = EntropyBonus(cfg.entropy) if cfg.entropy.enabled else None  # checks its settings
+        rows_per_step = cfg.rollout.prompts_per_step // self.info.world_size * cfg.rollout.group_size // cfg.optim.mini_batches
+        vcpo = VCPO(cfg.vcpo, group_size=cfg.rollout.group_size, rows_per_step=rows_per_step) if cfg.vcpo else None
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
@@ -118,7 +121,7 @@ class Trainer:
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
             temperature=r.temperature, micro_batch_size=o.micro_batch_size, autocast_dtype=autocast,
             routing_replay=cfg.routing_replay,
-            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old"),
+            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old") or vcpo is not None,
             kl_to=cfg.kl.reference if kl_on else None,
             routing_diagnostics=cfg.routing_diagnostics and bool(supported_moe_layers(self.model, strict=False)),
             group_size=r.group_size,
@@ -133,6 +136,7 @@ class Trainer:
             aux_terms=self.retention.aux_terms if self.retention else (), distributed=self.info.enabled,
             entropy_bonus=entropy_bonus,
             loss_scale=DynamicLossScale() if computes_in_float16(cfg) and o.loss_scale == "dynamic" else None,
+            vcpo=vcpo,
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.start_step = 0

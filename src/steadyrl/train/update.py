@@ -41,8 +41,10 @@ from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.stabilisers.combiners import GradientCombiner
 from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.filters import TokenFilter
+from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.forward import policy_forward, routing
+from steadyrl.train.trajectory import trajectory_grad_sq_norms
 from steadyrl.types import GlobalCounts, LossInputs, Metrics
 
 AuxTerm = Callable[[int, int], dict[str, Tensor]]
@@ -190,9 +192,10 @@ class PolicyUpdater:
         distributed: bool = False,
         entropy_bonus: EntropyBonus | None = None,
         loss_scale: DynamicLossScale | None = None,
+        vcpo: VCPO | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
-        self.entropy_bonus, self.loss_scale = entropy_bonus, loss_scale
+        self.entropy_bonus, self.loss_scale, self.vcpo = entropy_bonus, loss_scale, vcpo
         self.base_loss = self.loss = loss
         self.aggregation, self.correction, self.kl = aggregation, correction, kl
         self.combiner, self.settings = combiner, settings
@@ -258,6 +261,10 @@ class PolicyUpdater:
 
     def _optimizer_step(self, mb: ScoredBatch, acc: MetricAccumulator) -> int:
         s = self.settings
+        lr_scale = None
+        if self.vcpo is not None:  # OPOB advantages from per-trajectory gradient norms; ESS learning rate
+            mb, lr_scale, vcpo_metrics = self.vcpo.prepare(mb, self._trajectory_norms, self._reduce_sum)
+            acc.add(vcpo_metrics, 1.0)
         counts = global_counts(mb.token_mask, s.max_len, self._reduce_sum)  # before in-loop rejections
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -292,7 +299,7 @@ class PolicyUpdater:
         if self.loss_scale is not None:  # fp16: back to the true gradient before clipping
             metrics["train/loss_scale"] = torch.tensor(self.loss_scale.scale)
             self.loss_scale.unscale_(self.params)
-        norm, skipped = self._apply_gradient()
+        norm, skipped = self._apply_gradient(lr_scale)
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
         acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
         return skipped
@@ -311,8 +318,9 @@ class PolicyUpdater:
                 loss_total = loss_total + sum(t.detach() for t in aux.values())
         return loss_total
 
-    def _apply_gradient(self) -> tuple[Tensor, int]:
-        """Clip, then step unless the gradient is non-finite (the step's one host sync); (norm, 1 if skipped)."""
+    def _apply_gradient(self, lr_scale: float | None = None) -> tuple[Tensor, int]:
+        """Clip, then step unless the gradient is non-finite (the step's one host sync), with the learning rate
+        multiplied by ``lr_scale`` for this step only (VCPO); (norm, 1 if skipped)."""
         if self.settings.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         else:
@@ -321,12 +329,20 @@ class PolicyUpdater:
         if self.loss_scale is not None:
             self.loss_scale.update(finite=not skipped)
         if not skipped:
+            base = [group["lr"] for group in self.optimizer.param_groups]
+            for group in self.optimizer.param_groups if lr_scale is not None else ():
+                group["lr"] = group["lr"] * lr_scale
             self.optimizer.step()
+            for group, lr in zip(self.optimizer.param_groups, base):
+                group["lr"] = lr
         for f in self.token_filters:
             (f.discard_step if skipped else f.after_step)()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm, int(skipped)
+
+    def _trajectory_norms(self, mb: ScoredBatch) -> tuple[Tensor, Tensor]:
+        return trajectory_grad_sq_norms(self, mb)
 
     def _scaled(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """The terms to backpropagate: multiplied by the fp16 loss scale when there is one."""
