@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 import pytest
-from sevens_task import SevensTask
 
+from sevens_task import SevensTask
 from steadyrl import registry
 from steadyrl.report import read_metrics
 from steadyrl.train.trainer import Trainer
