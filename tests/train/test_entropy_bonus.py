@@ -132,7 +132,7 @@ def test_the_trainer_applies_the_gradient_of_minus_c_times_the_mean_entropy(tiny
     expected = torch.autograd.grad(-coef * entropy[mask].mean(), params, allow_unused=True)
     seen = {}
 
-    def capture():
+    def capture(lr_scale=None):
         seen["grads"] = [p.grad.clone() if p.grad is not None else None for p in params]
         trainer.optimizer.zero_grad(set_to_none=True)
         return torch.tensor(0.0), 0

@@ -125,7 +125,7 @@ def _gradient(trainer, batch) -> list[torch.Tensor]:
     seen = {}
     params = trainer.updater.params
 
-    def capture():
+    def capture(lr_scale=None):
         seen["grads"] = [p.grad.clone() for p in params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         skipped = not torch.isfinite(norm).item()
