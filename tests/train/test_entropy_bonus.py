@@ -154,3 +154,14 @@ def test_the_controller_state_is_training_state(tiny_config):
     assert math.isfinite(state["last_entropy"].item())
     trainer.updater.load_state_dict({"entropy_bonus": {"coef": torch.tensor(0.5), "last_entropy": torch.tensor(1.0)}})
     assert trainer.updater.entropy_bonus.coef.item() == 0.5
+
+
+def test_a_resumed_run_restores_the_controller(tiny_config):
+    cfg = tiny_config("entropy.adaptive=true", "entropy.target=100.0", "checkpoint.every=1")
+    first = Trainer(cfg, task=SevensTask())
+    first.train(stop_after=1)
+    assert first.updater.entropy_bonus.coef.item() == pytest.approx(0.005)
+    second = Trainer(cfg, task=SevensTask())
+    assert second.start_step == 1
+    assert second.updater.entropy_bonus.coef.item() == pytest.approx(0.005)
+    assert second.updater.entropy_bonus.last_entropy.item() == pytest.approx(first.updater.entropy_bonus.last_entropy.item())

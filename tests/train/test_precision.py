@@ -173,3 +173,12 @@ def test_conflicting_autocast_settings_name_the_fix(tiny_config):
         Trainer(tiny_config("model.autocast_bf16=true", "model.autocast=float16"))
     with pytest.raises(ConfigError, match="valid: none, bfloat16, float16"):
         tiny_config("model.autocast=fp8")
+
+
+def test_a_resumed_run_restores_the_loss_scale(tiny_config):
+    cfg = tiny_config("model.autocast=float16", "checkpoint.every=1")
+    first = Trainer(cfg, task=SevensTask())
+    first.updater.loss_scale.scale = 1024.0
+    first.train(stop_after=1)
+    second = Trainer(cfg, task=SevensTask())
+    assert second.start_step == 1 and second.updater.loss_scale.state_dict() == first.updater.loss_scale.state_dict()

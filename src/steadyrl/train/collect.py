@@ -108,7 +108,8 @@ class RolloutCollector:
         metrics = {**_reward_metrics(all_rewards), **adv.metrics, **_rollout_metrics(rollout)}
         for k, name in enumerate(scores.names):  # per-component means over this rank's completions
             column = scores.components[:, k].to(self.device)
-            metrics[f"reward/{name}"] = torch.where(torch.isfinite(column), column, 0.0).sum() / torch.isfinite(column).sum().clamp(min=1)
+            finite = torch.isfinite(column)
+            metrics[f"reward/{name}"] = torch.where(finite, column, 0.0).sum() / finite.sum().clamp(min=1)
         return Collected(batch, prompts, completions, metrics, rollout_s)
 
 

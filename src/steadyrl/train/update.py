@@ -18,6 +18,12 @@ once every micro-batch is done the gradient of the terms that depend on those ma
 by D(before)/D(after), where every aggregation mode is Σ_rows(...)/D(counts) (``ops.aggregation``). The counts
 are ``ops.aggregation.global_counts`` of the step's final masks, summed over ranks: the same number however
 the batch is split.
+
+Optional parts of a step, each off unless configured: an entropy bonus term ``"entropy"`` whose coefficient
+a controller adapts after the step (stabilisers/entropy.py); the fp16 loss scale (terms × S before backward,
+gradients × 1/S before clipping; models/precision.py); VCPO, which before the micro-batches replaces the
+mini-batch's advantages by its optimal-baseline ones and scales this step's learning rate
+(stabilisers/vcpo.py, train/trajectory.py).
 """
 
 from __future__ import annotations
@@ -329,11 +335,13 @@ class PolicyUpdater:
         if self.loss_scale is not None:
             self.loss_scale.update(finite=not skipped)
         if not skipped:
-            base = [group["lr"] for group in self.optimizer.param_groups]
-            for group in self.optimizer.param_groups if lr_scale is not None else ():
-                group["lr"] = group["lr"] * lr_scale
+            groups = self.optimizer.param_groups
+            base = [group["lr"] for group in groups]
+            if lr_scale is not None:
+                for group in groups:
+                    group["lr"] = group["lr"] * lr_scale
             self.optimizer.step()
-            for group, lr in zip(self.optimizer.param_groups, base):
+            for group, lr in zip(groups, base):  # the schedule's learning rate, untouched
                 group["lr"] = lr
         for f in self.token_filters:
             (f.discard_step if skipped else f.after_step)()
