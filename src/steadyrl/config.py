@@ -35,7 +35,7 @@ class ModelConfig:
     name_or_path: str = "embedded:tiny-adder"
     """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Training precision of the weights."""
+    """Training precision of the weights (float16 weights cannot be trained with AdamW: use ``autocast``)."""
     pad_token: str | None = None
     """Token to use for padding when the tokenizer has none (e.g. its EOS token)."""
     gradient_checkpointing: bool = False
@@ -168,7 +168,7 @@ class OptimConfig:
     micro_batch_size: int = 64
     """Completions per forward/backward (gradient accumulation inside a mini-batch)."""
     loss_scale: Literal["dynamic", "none"] = "dynamic"
-    """Loss scaling when the trainer computes in float16 (model.autocast or model.dtype float16): dynamic
+    """Loss scaling when the trainer computes in float16 (model.autocast: float16): dynamic
     (torch.amp's defaults: 2^16, halved on overflow, doubled after 2000 finite steps) or none."""
 
 

@@ -173,6 +173,8 @@ def test_conflicting_autocast_settings_name_the_fix(tiny_config):
         Trainer(tiny_config("model.autocast_bf16=true", "model.autocast=float16"))
     with pytest.raises(ConfigError, match="valid: none, bfloat16, float16"):
         tiny_config("model.autocast=fp8")
+    with pytest.raises(ConfigError, match="set model.autocast=float16"):
+        Trainer(tiny_config("model.dtype=float16"))
 
 
 def test_a_resumed_run_restores_the_loss_scale(tiny_config):

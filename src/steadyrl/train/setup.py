@@ -96,9 +96,20 @@ def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
     return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
+def validate_precision(cfg: TrainConfig) -> None:
+    """fp16 *weights* cannot be trained with AdamW: its ε = 1e-8 is 0 in fp16, so the first step divides 0 by 0.
+    Precision-RL keeps fp32 master weights and computes in fp16."""
+    if cfg.model.dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16 makes AdamW's first step non-finite (ε = 1e-8 is 0 in fp16); for fp16 training keep "
+            "model.dtype=float32 and set model.autocast=float16 (with rollout.sampler_dtype=float16 for the sampler)."
+        )
+    autocast_dtype(cfg)  # a conflicting autocast setting fails here too
+
+
 def computes_in_float16(cfg: TrainConfig) -> bool:
     """Whether the trainer's gradients pass through float16 (loss scaling applies)."""
-    return cfg.model.dtype == "float16" or autocast_dtype(cfg) == torch.float16
+    return autocast_dtype(cfg) == torch.float16
 
 
 def validate_reward_components(cfg: TrainConfig, task) -> None:

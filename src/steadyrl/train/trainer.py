@@ -56,6 +56,7 @@ from steadyrl.train.setup import (
     resolve_methods,
     resolve_model_path,
     validate_batch_arithmetic,
+    validate_precision,
     validate_reward_components,
     validate_run_dir,
 )
@@ -70,6 +71,7 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.run.device if cfg.run.device != "auto" else _auto_device())
         validate_batch_arithmetic(cfg, self.info)
+        validate_precision(cfg)
         validate_run_dir(cfg)
         self.methods = resolve_methods(cfg)
         autocast = autocast_dtype(cfg)
