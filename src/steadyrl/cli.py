@@ -16,13 +16,20 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
     notes: list[str] = []
     cfg = load_config(args.config, args.set, notes=notes)  # before the heavy imports: an error is reported at once
-    for note in notes:
-        print(f"steadyrl: note: {note}", file=sys.stderr)
     from steadyrl.train.trainer import Trainer
 
-    summary = Trainer(cfg).train()
+    trainer = Trainer(cfg)  # validates every setting first: a note about a config that fails would be noise
+    for note in notes:
+        print(f"steadyrl: note: {note}", file=sys.stderr)
+    summary = trainer.train()
     _print_summary(summary, cfg.run.output_dir)
-    return 0
+    return _exit_code(summary)
+
+
+def _exit_code(summary: dict | None) -> int:
+    """3 when the run ended collapsed (the stability lab's verdict) or never scored a completion; else 0."""
+    verdict = (summary or {}).get("verdict") or {}
+    return 3 if verdict.get("collapsed") or verdict.get("unscorable") else 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -41,7 +48,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     print(f"config {path}; run directory {cfg.run.output_dir}")
     summary = Trainer(cfg).train()
     _print_summary(summary, cfg.run.output_dir)
-    return 0
+    return _exit_code(summary)
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
@@ -244,8 +251,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a person fixes by changing their input: printed as one line, without a traceback."""
     from steadyrl.models import ModelLoadError
     from steadyrl.tasks import RewardError, TaskError
+    from steadyrl.train.watch import TrainingFailed
 
-    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError, TrainingFailed)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -276,6 +276,17 @@ def load_checkpoint(
     return {"step": int(state["step"]), "extra": state["extra"]}
 
 
+EXPORT_MANIFEST = ".steadyrl-export"
+"""The file names an export wrote, so that the next export may replace exactly those and nothing else."""
+
+
+def _export_manifest(out_dir: Path) -> list[str]:
+    try:
+        return list(json.loads((out_dir / EXPORT_MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Path) -> Path:
     """Export a Hugging Face model (+ tokenizer) with ``save_pretrained`` into ``out_dir`` atomically.
 
@@ -300,8 +311,11 @@ def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Pat
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(tmp)
+    written = sorted(p.name for p in tmp.iterdir())
+    _write_text_synced(json.dumps({"written_by": "steadyrl", "files": written}) + "\n", tmp / EXPORT_MANIFEST)
     if out_dir.exists():
-        foreign = sorted({p.name for p in out_dir.iterdir()} - {p.name for p in tmp.iterdir()})
+        ours = set(written) | {EXPORT_MANIFEST} | set(_export_manifest(out_dir))
+        foreign = sorted({p.name for p in out_dir.iterdir()} - ours)
         if foreign:
             shutil.rmtree(tmp)
             raise ConfigError(

@@ -9,8 +9,8 @@ rules:
   on resume (``RESUMABLE``); otherwise the user is told what differs;
 * clearing a run (``steadyrl quickstart`` starts fresh each time) removes only the entries steadyrl writes.
 
-A directory written by steadyrl 0.1 (before the marker) is recognised by holding only steadyrl's entries and
-a ``config.yaml``, and adopted.
+A directory written by steadyrl 0.1 (before the marker) is recognised by holding only steadyrl's entries, and
+adopted.
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def inspect(path: str | Path) -> RunDir:
         return RunDir(path, "empty")
     if (path / MARKER).is_file():
         return RunDir(path, "steadyrl", foreign)
-    if not foreign and "config.yaml" in names:
+    if not foreign:  # only entries steadyrl writes: a run from before the marker, or an attempt cut short
         return RunDir(path, "legacy")
     return RunDir(path, "foreign", foreign)
 

@@ -30,7 +30,7 @@ from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.loading import check_tokenizer_fits_model
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
-from steadyrl.report import MetricLogger, ProgressBar, make_report
+from steadyrl.report import MetricLogger, ProgressBar, make_report, read_metrics
 from steadyrl.rollout.base import SamplingParams
 from steadyrl.runtime import rundir
 from steadyrl.runtime.checkpoint import (
@@ -55,6 +55,7 @@ from steadyrl.train.setup import (
     validate_run_dir,
 )
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
+from steadyrl.train.watch import RunWatch, TrainingFailed
 
 _OWN_FILES = ("model", "optimizer", "scheduler")
 """Training state with a file of its own in a checkpoint; the rest goes into its state.pt."""
@@ -126,6 +127,7 @@ class Trainer:
         """The run's record (never rewound by a rollback): skipped optimizer steps, first eval, wall time."""
         guard_log = self.run_dir / "guard.jsonl" if self.info.is_main else None
         self.guard = StabilityGuard(cfg.guard, log_path=guard_log) if cfg.guard is not None else None
+        self.watch = RunWatch()
         self._resume_or_start()
         if self.guard is not None:
             self.guard.bind(self.training_state(), start_step=self.start_step)
@@ -158,6 +160,7 @@ class Trainer:
                 if name not in _OWN_FILES:
                     obj.load_state_dict(extra.get(name, {}))
             self.progress.update(extra.get("progress", {}))
+            self.watch.load_state_dict(extra.get("watch", {}))
             if self.guard is not None:
                 self.guard.load_state_dict(extra.get("guard", {}))
         if self.info.is_main:
@@ -193,9 +196,17 @@ class Trainer:
             progress.write(_format_eval(0, last_eval))
         for step in range(self.start_step + 1, cfg.optim.steps + 1):
             metrics = self.rl_step(step)
-            if self.guard is not None:
-                metrics.update(self._apply_guard(step, metrics))
+            action = self.guard.observe(step, metrics) if self.guard is not None else None
+            if action is not None:
+                self.guard.apply(action)
+                metrics.update(self.guard.metrics())
             self.logger.log(step, metrics)
+            for line in self.watch.observe(step, metrics, action):  # skipped steps, rollbacks, alarms
+                progress.write(line)
+            if metrics.get("train/nonfinite_weights_max", 0.0) > 0 and getattr(action, "kind", None) != "rollback":
+                progress.close()
+                self.logger.close()
+                raise TrainingFailed(self._nonfinite_weights_message(step))
             progress.update(step, metrics)
             final = step == cfg.optim.steps
             if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or final):
@@ -239,10 +250,14 @@ class Trainer:
         metrics["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         return metrics
 
-    def _apply_guard(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
-        """Let the stability guard see the step's metrics and snapshot / roll back; returns its guard/* metrics."""
-        self.guard.apply(self.guard.observe(step, metrics))
-        return self.guard.metrics()
+    def _nonfinite_weights_message(self, step: int) -> str:
+        last = latest_checkpoint(self.run_dir)
+        resume = f"the last checkpoint is {last.name}" if last is not None else "there is no checkpoint yet"
+        return (
+            f"step {step}: an optimizer step made the weights non-finite (optim.lr={self.cfg.optim.lr}); lower "
+            "optim.lr, set optim.grad_clip, or turn on the stability guard (--set guard.max_rollbacks=3) to roll "
+            f"back instead; {resume}"
+        )
 
     def evaluate(self, step: int) -> dict[str, float]:
         prompts = self.task.eval_prompts()
@@ -269,6 +284,7 @@ class Trainer:
             state = self.training_state()
             extra = {name: obj.state_dict() for name, obj in state.items() if name not in _OWN_FILES}
             extra["progress"] = dict(self.progress)
+            extra["watch"] = self.watch.state_dict()
             if self.guard is not None:
                 extra["guard"] = self.guard.state_dict()
             save_checkpoint(
@@ -290,14 +306,29 @@ class Trainer:
             "world_size": self.info.world_size,
         }
         if self.info.is_main:
-            if self.cfg.checkpoint.save_final_model:
+            self.logger.flush()
+            verdict = self.watch.verdict(read_metrics(self.run_dir), self.cfg.optim.steps)
+            summary.update(verdict=verdict, warnings=list(self.watch.warnings))
+            failed = verdict["collapsed"] or verdict["unscorable"]
+            if self.cfg.checkpoint.save_final_model and not failed:
                 save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
+            _print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
             if self.cfg.logging.report:
                 make_report(self.run_dir)
         barrier()
         return summary
+
+
+def _print_warnings(summary: dict, exported: bool) -> None:
+    warnings, verdict = summary["warnings"], summary["verdict"]
+    if warnings:
+        shown = warnings[-10:]
+        print(f"\nwarnings ({len(warnings)}):" + "".join(f"\n  {w}" for w in shown), flush=True)
+    if verdict["collapsed"] or verdict["unscorable"]:
+        tail = "" if exported else "; the final model was not exported"
+        print(f"the run failed: {'; '.join(verdict['reasons'])}{tail}", flush=True)
 
 
 def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:

@@ -271,6 +271,7 @@ class PolicyUpdater:
             loss_total = self._renormalise(counts, counted, loss_total, len(micro_batches))
         metrics = self.combiner.finalize(self.params)
         norm, skipped = self._apply_gradient()
+        metrics["train/nonfinite_weights_max"] = self._weights_nonfinite()
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
         acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
         return skipped
@@ -303,6 +304,11 @@ class PolicyUpdater:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm, int(skipped)
+
+    def _weights_nonfinite(self) -> Tensor:
+        """1.0 when a parameter holds NaN / inf after the step (a finite gradient can still overflow a weight)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        return (~finite).float()
 
     def _aux(self, j: int, n: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
