@@ -49,7 +49,7 @@ class ModelConfig:
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "arithmetic"
-    """Registered task: arithmetic | reasoning_gym | jsonl_math."""
+    """Registered task: arithmetic | reasoning_gym | jsonl_math | python (your reward function and data)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the task's constructor (checked when the task is built)."""
 

@@ -8,7 +8,7 @@ batch-level statistics (batch std, BNPO), are computed on the global batch exact
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -16,7 +16,7 @@ from torch import Tensor
 
 from steadyrl.ops.masking import masked_fill_zero, masked_var
 from steadyrl.rollout.base import RolloutBackend, SamplingParams, left_pad
-from steadyrl.tasks import Prompt, Task, score_completions
+from steadyrl.tasks import Prompt, Task, score_batch
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.distributed import DistInfo
 
@@ -57,6 +57,7 @@ class Collected:
     completions: list[str]
     metrics: dict[str, Tensor]  # per-rank tensors, token-/sample-weighted means
     rollout_s: float
+    reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (B_local,) of multi-reward tasks
 
 
 class RolloutCollector:
@@ -103,7 +104,8 @@ class RolloutCollector:
         rollout = self.backend.generate(prompt_ids, prompt_mask, self.params, generator=generator)
         rollout_s = time.perf_counter() - start
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.response_mask, self.eos_ids)
-        local_rewards = score_completions(self.task, expanded, completions).to(self.device)
+        scores = score_batch(self.task, expanded, completions)
+        local_rewards = scores.rewards.to(self.device)
         rewards = gather_rewards(local_rewards, self.info)
         adv = self.advantage_fn(rewards, self.group_size)
         lo = self.info.rank * local_rewards.shape[0]
@@ -122,12 +124,14 @@ class RolloutCollector:
         }
         lengths = rollout.response_mask.sum(1).float()
         local_metrics = {
+            **{name: value.to(self.device) for name, value in scores.metrics.items()},
             "rollout/len_mean": lengths.mean(),
             "rollout/len_max": lengths.max(),
             "rollout/truncated_frac": rollout.truncated.float().mean(),
         }
         batch = ScoredBatch(rollout, rewards=local_rewards, advantages=advantages, sample_mask=sample_mask)
-        return Collected(batch, expanded, completions, {**metrics, **local_metrics}, rollout_s)
+        components = {name: value.to(self.device) for name, value in scores.components.items()}
+        return Collected(batch, expanded, completions, {**metrics, **local_metrics}, rollout_s, components)
 
 
 def _as_list(x: int | list[int] | None) -> list[int]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from steadyrl.rollout.base import RolloutBackend, SamplingParams
-from steadyrl.tasks import Prompt, Task, score_completions
+from steadyrl.tasks import Prompt, Task, score_batch
 from steadyrl.train.collect import decode_completions, encode_prompts
 from steadyrl.train.distributed import DistInfo, all_reduce_
 
@@ -42,7 +42,7 @@ def evaluate(
         ids, mask = encode_prompts(tokenizer, batch_prompts, device)
         out = backend.generate(ids, mask, params, generator=generator)
         texts = decode_completions(tokenizer, out.completion_ids, out.response_mask, eos_ids)
-        return score_completions(task, batch_prompts, texts), out.response_mask.sum(1).float().cpu()
+        return score_batch(task, batch_prompts, texts).rewards, out.response_mask.sum(1).float().cpu()
 
     if greedy:
         greedy_params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=0.0)
