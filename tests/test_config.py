@@ -21,7 +21,7 @@ from steadyrl.config import (
     load_config,
     to_dict,
 )
-from steadyrl.train.distributed import DistInfo
+from steadyrl.runtime.distributed import DistInfo
 from steadyrl.train.setup import resolve_methods, validate_batch_arithmetic
 
 REPO = Path(__file__).resolve().parents[1]

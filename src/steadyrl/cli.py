@@ -42,7 +42,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
-    from steadyrl.train.sft import WarmstartConfig, check_output_dir, warmstart
+    from steadyrl.warmstart import WarmstartConfig, check_output_dir, warmstart
 
     check_output_dir(args.out, args.overwrite)
     kwargs = {"output_dir": args.out, "seed": args.seed}
@@ -65,11 +65,10 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from steadyrl.evaluate import evaluate
     from steadyrl.models import load_model, load_tokenizer
-    from steadyrl.rollout import build_backend
+    from steadyrl.registry import build_backend, build_task
     from steadyrl.rollout.base import SamplingParams
-    from steadyrl.tasks import build_task
-    from steadyrl.train.evaluate import evaluate
     from steadyrl.train.setup import resolve_model_path
 
     task = build_task(args.task, **(_json_object(args.task_kwargs) if args.task_kwargs else {}))  # before loading

@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -34,8 +34,8 @@ class MethodSpec:
 class ModelConfig:
     name_or_path: str = "embedded:tiny-adder"
     """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
-    dtype: str = "float32"
-    """Training precision of the weights: float32 | bfloat16 | float16."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Training precision of the weights."""
     pad_token: str | None = None
     """Token to use for padding when the tokenizer has none (e.g. its EOS token)."""
     gradient_checkpointing: bool = False
@@ -53,11 +53,16 @@ class TaskConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the task's constructor (checked when the task is built)."""
 
+    @property
+    def spec(self) -> MethodSpec:
+        return MethodSpec(self.name, dict(self.kwargs))
+
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: str = "hf"
-    """hf (transformers generate) | native (steadyrl's static-cache sampler)."""
+    backend: MethodSpec = field(default_factory=lambda: MethodSpec("hf"))
+    """Registered rollout backend and its options: hf (transformers generate) | native (steadyrl's static-cache
+    sampler), e.g. ``{name: native, compile: true}``."""
     prompts_per_step: int = 32
     """P: prompts per RL step, summed over all ranks."""
     group_size: int = 8
@@ -81,7 +86,7 @@ class KLConfig:
     """β of the per-token KL penalty added to the loss (GRPO places it in the loss, not the reward)."""
     estimator: str = "kl_k3"
     """Registered KL estimator: kl_k1 | kl_k2 | kl_k3 | *_st (straight-through)."""
-    reference: str = "initial"
+    reference: Literal["initial", "old"] = "initial"
     """initial (frozen copy of the starting policy) | old (π_old of the current rollout batch)."""
 
 
@@ -95,7 +100,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     """Linear warm-up, counted in optimizer steps."""
-    schedule: str = "constant"
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
     """constant | cosine | linear (decay to min_lr_ratio * lr after warm-up)."""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -169,7 +174,7 @@ class RetentionConfig:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """The stability guard (steadyrl.train.guard, docs/stability-lab.md): when the step diagnostics predict a
+    """The stability guard (steadyrl.stabilisers.guard, docs/stability-lab.md): when the step diagnostics predict a
     collapse, roll back to an in-memory snapshot, cut the LR and tighten the trust region. 0 disables a signal."""
 
     window: int = 8
@@ -200,9 +205,8 @@ class GuardConfig:
     """Multiply the learning rate by this on every rollback (0.3: one rollback moves a collapsing LR of the lab's
     grid, 3e-3, to where plain GRPO degrades but holds, 9e-4; a second to where it is stable)."""
     clip_factor: float = 0.5
-    """Multiply the loss's trust-region widths (trust_region_keys) by this on every rollback; 1 leaves them."""
-    trust_region_keys: tuple[str, ...] = ("clip_low", "clip_high", "delta_low", "delta_high")
-    """Loss hyper-parameters scaled by clip_factor (those the loss has)."""
+    """Multiply the loss's trust-region widths by this on every rollback (which hyper-parameters those are is a
+    fact of each loss in the registry, e.g. PPO's clip_low / clip_high); 1 leaves them."""
     cooldown: int = 5
     """Steps after a rollback in which only non-finite values / skipped steps can fire."""
     max_rollbacks: int = 3
@@ -227,8 +231,11 @@ class TrainConfig:
     """Stabilisers that mask / reweight tokens from the training forward, e.g. [{name: capo, ...}]."""
     combiner: MethodSpec = field(default_factory=lambda: MethodSpec("sum"))
     """How the named loss terms become one gradient: sum | pcgrad | pcr | fixed_alpha."""
-    routing_replay: str = "none"
+    routing_replay: Literal["none", "R2", "R3"] = "none"
     """MoE Routing Replay: none | R2 (replay the old-log-prob forward's experts) | R3 (the sampler's)."""
+    routing_diagnostics: bool = True
+    """On MoE models, log routing agreement and the mismatch without replay (routing/*); costs one no-grad
+    forward per rollout batch unless a π_old forward without replay already runs."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -340,6 +347,11 @@ def _number_if_numeric(value: Any) -> Any:
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r}; valid: {', '.join(map(str, choices))}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:

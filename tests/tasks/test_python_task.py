@@ -11,7 +11,8 @@ import math
 import pytest
 import torch
 
-from steadyrl.tasks import PythonRewardTask, RewardError, Task, TaskError, build_task, score_batch
+from steadyrl.registry import build_task
+from steadyrl.tasks import PythonRewardTask, RewardError, Task, TaskError, score_batch
 
 REWARDS = '''
 import time
@@ -199,5 +200,5 @@ def test_build_task_from_config_kwargs(files):
         answer_field="solution",
     )
     assert isinstance(task, PythonRewardTask) and len(task.eval_prompts()) == 1
-    with pytest.raises(TaskError, match=r"task 'python' needs \['reward', 'data'\]"):
+    with pytest.raises(TaskError, match=r"task 'python' needs 'reward', 'data'"):
         build_task("python")

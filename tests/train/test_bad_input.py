@@ -22,9 +22,9 @@ from steadyrl.config import ConfigError
 from steadyrl.models import ModelLoadError, build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.report import read_metrics
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
+from steadyrl.runtime.distributed import DistInfo
 from steadyrl.tasks import RewardError
-from steadyrl.train.checkpoint import save_pretrained_atomic
-from steadyrl.train.distributed import DistInfo
 from steadyrl.train.setup import validate_batch_arithmetic
 from steadyrl.train.trainer import Trainer
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from steadyrl.train import checkpoint as ckpt
-from steadyrl.train.checkpoint import (
+from steadyrl.runtime import checkpoint as ckpt
+from steadyrl.runtime.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,

@@ -21,10 +21,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from steadyrl.config import ConfigError
+
 _COMPLETION_PREVIEW_CHARS = 200
 
 
-class TaskError(ValueError):
+class TaskError(ConfigError):
     """A task is configured wrongly (bad option, missing file, unusable data); the message says what to fix."""
 
 

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
-from steadyrl.types import Metrics, RolloutBatch
+from steadyrl.types import LossInputs, Metrics, RolloutBatch
+
+if TYPE_CHECKING:
+    from steadyrl.train.forward import PolicyOutput
 
 
 @dataclass
@@ -42,3 +47,24 @@ class ScoredBatch:
             old_token_logits=pick(self.old_token_logits),
             metrics={},
         )
+
+    def loss_inputs(self, fwd: PolicyOutput, reduce_sum: Callable[[Tensor], Tensor] | None = None) -> LossInputs:
+        """What a loss, correction or filter reads for this batch, given its training forward ``fwd``.
+
+        On-policy (no π_old forward ran) π_old is π_θ detached, and so is π_old's token logit.
+        """
+        on_policy = self.old_logprobs is None
+        return LossInputs(
+            logprobs=fwd.logprobs,
+            old_logprobs=fwd.logprobs.detach() if on_policy else self.old_logprobs,
+            advantages=self.advantages,
+            response_mask=self.token_mask,
+            rollout_logprobs=self.rollout.rollout_logprobs,
+            ref_logprobs=self.ref_logprobs,
+            entropy=fwd.entropy,
+            token_logits=fwd.token_logits,
+            old_token_logits=fwd.token_logits.detach() if on_policy else self.old_token_logits,
+            token_ids=self.rollout.completion_ids,
+            **({"reduce_sum": reduce_sum} if reduce_sum is not None else {}),
+        )
+

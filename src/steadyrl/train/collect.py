@@ -1,4 +1,4 @@
-"""Rollout -> reward -> advantage for one RL step.
+"""Stage 1 of an RL step, collect: prompts → rollout → reward → advantage, as a ``ScoredBatch``.
 
 Every rank draws the same global prompt list for the step (seeded by the step number) and keeps its own slice
 of whole groups. Rewards are gathered from all ranks so that advantages, including estimators with
@@ -15,31 +15,12 @@ import torch.distributed as dist
 from torch import Tensor
 
 from steadyrl.ops.masking import masked_fill_zero, masked_var
-from steadyrl.rollout.base import RolloutBackend, SamplingParams, left_pad
+from steadyrl.rollout.base import RolloutBackend, SamplingParams
+from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
+from steadyrl.runtime.distributed import DistInfo
+from steadyrl.runtime.seeding import step_seed
 from steadyrl.tasks import Prompt, Task, score_batch
 from steadyrl.train.batch import ScoredBatch
-from steadyrl.train.distributed import DistInfo
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """A deterministic per-step seed, so that a resumed run draws exactly what the uninterrupted run drew."""
-    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**63 - 1)
-
-
-def encode_prompts(tokenizer, prompts: list[Prompt], device: torch.device) -> tuple[Tensor, Tensor]:
-    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
-    if any(len(x) == 0 for x in ids):
-        empty = next(p for p, x in zip(prompts, ids) if len(x) == 0)
-        raise ValueError(f"prompt {empty.id!r} encodes to no tokens; every prompt needs at least one token.")
-    return left_pad(ids, tokenizer.pad_token_id, device)
-
-
-def decode_completions(tokenizer, completion_ids: Tensor, mask: Tensor, eos_ids: set[int]) -> list[str]:
-    texts = []
-    for row, row_mask in zip(completion_ids.tolist(), mask.tolist()):
-        tokens = [t for t, m in zip(row, row_mask) if m and t not in eos_ids]
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return texts
 
 
 def gather_rewards(local: Tensor, info: DistInfo) -> Tensor:
@@ -87,7 +68,7 @@ class RolloutCollector:
         self.seed = seed
         self.device = device
         self.mask_truncated = mask_truncated
-        self.eos_ids = set(_as_list(tokenizer.eos_token_id))
+        self.eos_ids = eos_ids(tokenizer)
 
     def local_prompts(self, step: int) -> list[Prompt]:
         prompts = self.task.sample("train", self.prompts_per_step, seed=step_seed(self.seed, step))
@@ -132,9 +113,3 @@ class RolloutCollector:
         batch = ScoredBatch(rollout, rewards=local_rewards, advantages=advantages, sample_mask=sample_mask)
         components = {name: value.to(self.device) for name, value in scores.components.items()}
         return Collected(batch, expanded, completions, {**metrics, **local_metrics}, rollout_s, components)
-
-
-def _as_list(x: int | list[int] | None) -> list[int]:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]

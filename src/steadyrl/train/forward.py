@@ -1,9 +1,14 @@
-"""The policy forward of the trainer: per-token log-probs (and entropy) of completions, computed in chunks.
+"""The policy forward of the trainer: per-token log-probs (and entropy) of completions, computed in chunks,
+and the MoE routing that forward runs under.
 
 The decoder runs once over prompt + completion; the LM head is applied chunk by chunk on the completion
 positions only (``ops.logprobs.logprobs_from_hidden``), so full-vocabulary logits never exist for the whole
 batch. Positions are counted as HF ``generate`` counts them for left-padded prompts, so the trainer scores
 exactly the sequence the sampler produced.
+
+Routing Replay (models/routing.py) changes this forward: ``routing(model, batch, replay)`` fixes the experts of
+every MoE layer for the forward *and* for its recomputation in backward under activation checkpointing, so
+the update wraps a micro-batch's forward and backward in it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from steadyrl.config import ConfigError
+from steadyrl.models.routing import RoutingReplayer, WeightRule
 from steadyrl.ops.logprobs import logprobs_from_hidden
 from steadyrl.rollout.base import position_ids_from_mask
 from steadyrl.types import RolloutBatch
@@ -83,3 +90,23 @@ def policy_forward(
         return_token_logits=True,
     )
     return PolicyOutput(logprobs, entropy, hidden if keep_hidden else None, token_logits)
+
+
+def routing(
+    model: torch.nn.Module, batch: RolloutBatch, replay: str | None, rule: WeightRule = "restricted_softmax"
+) -> contextlib.AbstractContextManager:
+    """The MoE routing of the forwards inside the context.
+
+    None: the routers' own choice. "batch": replay ``batch.routed_experts`` (the sampler's experts under R3,
+    the π_old forward's under R2). "own": the router's own top-k, gated with the replay ``rule`` (R2's π_old
+    forward, so that π_old and the replayed π_θ share one gating formula).
+    """
+    if replay is None:
+        return contextlib.nullcontext()
+    if replay == "batch" and batch.routed_experts is None:
+        raise ConfigError(
+            "routing replay found no recorded experts in the batch; the rollout backends (hf, native) record "
+            "them for supported MoE models (see models/routing.py)."
+        )
+    return RoutingReplayer(model, batch.routed_experts if replay == "batch" else None, rule=rule)
+

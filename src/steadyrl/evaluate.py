@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 
 from steadyrl.rollout.base import RolloutBackend, SamplingParams
+from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
+from steadyrl.runtime.distributed import DistInfo, all_reduce_
 from steadyrl.tasks import Prompt, Task, score_batch
-from steadyrl.train.collect import decode_completions, encode_prompts
-from steadyrl.train.distributed import DistInfo, all_reduce_
 
 
 def evaluate(
@@ -33,7 +33,7 @@ def evaluate(
     info = info or DistInfo()
     device = torch.device(device)
     mine = prompts[info.rank :: info.world_size]
-    eos_ids = {tokenizer.eos_token_id} if isinstance(tokenizer.eos_token_id, int) else set(tokenizer.eos_token_id)
+    eos = eos_ids(tokenizer)
     generator = torch.Generator(device=device).manual_seed(seed * 7_919 + info.rank)
     # sums: greedy correct, greedy reward, prompts, sampled correct, prompts with any correct, samples, length
     sums = torch.zeros(7, dtype=torch.float64)
@@ -41,7 +41,7 @@ def evaluate(
     def run(batch_prompts: list[Prompt], params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = encode_prompts(tokenizer, batch_prompts, device)
         out = backend.generate(ids, mask, params, generator=generator)
-        texts = decode_completions(tokenizer, out.completion_ids, out.response_mask, eos_ids)
+        texts = decode_completions(tokenizer, out.completion_ids, out.response_mask, eos)
         return score_batch(task, batch_prompts, texts).rewards, out.response_mask.sum(1).float().cpu()
 
     if greedy:
