@@ -44,6 +44,11 @@ class ModelConfig:
     """eager | sdpa | flash_attention_2; None lets transformers choose."""
     autocast_bf16: bool = False
     """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``."""
+    prompt_format: Literal["auto", "chat", "raw"] = "auto"
+    """How prompts become tokens (models/chat.py): auto = the tokenizer's chat template when it has one, else the
+    raw text; chat = require the template; raw = the prompt text as written. Training and eval render alike."""
+    system_prompt: str | None = None
+    """System message placed before every prompt rendered with the chat template."""
 
 
 @dataclass(frozen=True)

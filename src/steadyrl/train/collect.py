@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from steadyrl.models.chat import PromptRenderer
 from steadyrl.ops.masking import masked_fill_zero, masked_var
 from steadyrl.rollout.base import RolloutBackend, SamplingParams
 from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
@@ -56,6 +57,7 @@ class RolloutCollector:
         seed: int,
         device: torch.device,
         mask_truncated: bool = False,
+        renderer: PromptRenderer | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -69,6 +71,7 @@ class RolloutCollector:
         self.device = device
         self.mask_truncated = mask_truncated
         self.eos_ids = eos_ids(tokenizer)
+        self.renderer = renderer
 
     def local_prompts(self, step: int) -> list[Prompt]:
         prompts = self.task.sample("train", self.prompts_per_step, seed=step_seed(self.seed, step))
@@ -78,7 +81,7 @@ class RolloutCollector:
     def collect(self, step: int) -> Collected:
         prompts = self.local_prompts(step)
         expanded = [p for p in prompts for _ in range(self.group_size)]
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, expanded, self.device)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, expanded, self.device, self.renderer)
         generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, 1 + self.info.rank))
         start = time.perf_counter()
         self.backend.sync_weights()

@@ -28,6 +28,7 @@ from steadyrl._io import atomic_write_text
 from steadyrl.config import TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
+from steadyrl.models.chat import renderer_for
 from steadyrl.models.loading import check_tokenizer_fits_model
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report
@@ -71,6 +72,7 @@ class Trainer:
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
+        self.renderer = renderer_for(cfg.model, self.tokenizer)  # chat template or raw, the same in training and eval
         self.model = model if model is not None else self._load_model(model_path)
         check_tokenizer_fits_model(self.tokenizer, self.model, cfg.model.name_or_path)
         self.model.to(self.device).train()
@@ -101,7 +103,7 @@ class Trainer:
         self.collector = RolloutCollector(
             self.backend, self.tokenizer, self.task, self.methods["advantage"], params=self.sampling,
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
-            device=self.device, mask_truncated=r.mask_truncated,
+            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
         )
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
             temperature=r.temperature, micro_batch_size=o.micro_batch_size, autocast_dtype=autocast,
@@ -253,6 +255,7 @@ class Trainer:
             seed=step_seed(self.cfg.run.seed, step, 99_991),
             info=self.info,
             device=self.device,
+            renderer=self.renderer,
         )
         if self.retention is not None:
             metrics.update(self.retention.measure(self.backend, seed=step_seed(self.cfg.run.seed, step, 99_991)))
