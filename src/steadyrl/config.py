@@ -31,6 +31,20 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (steadyrl.models.lora, extra: lora): only they train; the base weights stay frozen."""
+
+    r: int = 16
+    """Rank of the update B·A."""
+    alpha: float = 32.0
+    """Scale: the update is (alpha / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter input in training mode; 0 keeps π_old and the training forward identical."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt (q_proj, v_proj, ...), or all-linear (every linear layer but the LM head)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "embedded:tiny-adder"
     """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
@@ -49,6 +63,9 @@ class ModelConfig:
     raw text; chat = require the template; raw = the prompt text as written. Training and eval render alike."""
     system_prompt: str | None = None
     """System message placed before every prompt rendered with the chat template."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (LoraConfig); the KL reference is then the base model with the
+    adapters disabled, and the final export holds the merged model and the adapter. None = full fine-tuning."""
 
 
 @dataclass(frozen=True)

@@ -25,11 +25,19 @@ import torch
 
 from steadyrl import registry
 from steadyrl._io import atomic_write_text
-from steadyrl.config import TrainConfig, dump_config
+from steadyrl.config import ConfigError, TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.chat import renderer_for
 from steadyrl.models.loading import check_tokenizer_fits_model
+from steadyrl.models.lora import (
+    AdapterState,
+    LoraError,
+    apply_lora,
+    export_adapter,
+    export_merged,
+    is_peft_model,
+)
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report
 from steadyrl.rollout.base import SamplingParams
@@ -74,12 +82,18 @@ class Trainer:
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.renderer = renderer_for(cfg.model, self.tokenizer)  # chat template or raw, the same in training and eval
         self.model = model if model is not None else self._load_model(model_path)
+        self.lora = cfg.model.lora is not None
+        if self.lora and not is_peft_model(self.model):
+            try:  # only the adapters train; the base weights stay frozen (models/lora.py)
+                self.model = apply_lora(self.model, cfg.model.lora)
+            except LoraError as error:
+                raise ConfigError(str(error)) from error
         check_tokenizer_fits_model(self.tokenizer, self.model, cfg.model.name_or_path)
         self.model.to(self.device).train()
         check_routing_replay(self.model, cfg.routing_replay)
         kl_on = cfg.kl.coef > 0
         ref_model = None
-        if kl_on and cfg.kl.reference == "initial":
+        if kl_on and cfg.kl.reference == "initial" and not self.lora:  # LoRA: the base model is the reference
             # Loaded from the source, not copied, so a resumed run gets the same reference.
             ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
         o, r = cfg.optim, cfg.rollout
@@ -134,7 +148,8 @@ class Trainer:
     def training_state(self) -> dict[str, Any]:
         """Everything a checkpoint restores besides the run's progress, each with state_dict / load_state_dict;
         the stability guard's rollback restores exactly this."""
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
+        model = AdapterState(self.model) if self.lora else self.model  # LoRA: the adapters; the base is the source
+        return {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -287,7 +302,10 @@ class Trainer:
             "world_size": self.info.world_size,
         }
         if self.info.is_main:
-            if self.cfg.checkpoint.save_final_model:
+            if self.cfg.checkpoint.save_final_model and self.lora:
+                export_merged(self.model, self.tokenizer, self.run_dir / "final")  # loads without peft
+                export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
+            elif self.cfg.checkpoint.save_final_model:
                 save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
