@@ -89,3 +89,25 @@ def test_capo_with_lora_is_refused_before_training(tiny_config):
         Trainer(tiny_config(*LORA, "token_filters=[{name: capo}]"), task=SevensTask())
     with pytest.raises(ConfigError, match="includes the LM head"):
         Trainer(tiny_config("model.lora={target_modules: [lm_head]}"), task=SevensTask())
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ("optim.mini_batches=2", "optim.epochs=2", "loss.name=reinforce_is", "aggregation.name=seq_mean_token_sum"),
+        ("kl.coef=0.1", "correction.name=token_tis", "rollout.sampler_dtype=bfloat16", "rollout.backend=native"),
+        ("loss.name=gspo", "kl.coef=0.05", "kl.reference=old", "optim.mini_batches=2"),
+        ("loss.name=lco_kld", "model.gradient_checkpointing=true"),
+    ],
+)
+def test_lora_with_other_methods_trains_the_adapters(tiny_config, overrides):
+    cfg = tiny_config(*LORA, *overrides)
+    trainer = Trainer(cfg, task=SevensTask())
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    summary = trainer.train()
+    assert summary["skipped_steps"] == 0
+    for name, param in trainer.model.named_parameters():
+        moved = not torch.equal(before[name], param.detach())
+        assert moved == ("lora_" in name), name  # adapters move (B from 0), the base never does
+    for key, value in read_metrics(trainer.run_dir)[-1].items():
+        assert key.endswith(("_min", "_max")) or value == value, key  # no NaN
