@@ -337,22 +337,6 @@ def zero_variance_group_frac(rewards, group_size):
     return flat_count / len(groups)
 
 
-def grad_cosine(grads_a, grads_b):
-    dot = sq_a = sq_b = 0.0
-    for a, b in zip(grads_a, grads_b):
-        a = a or [0.0] * len(b or [])
-        b = b or [0.0] * len(a)
-        for x, y in zip(a, b):
-            dot += x * y
-        sq_a += sum(x * x for x in a)
-        sq_b += sum(y * y for y in b)
-    return dot / math.sqrt(sq_a * sq_b) if sq_a > 0 and sq_b > 0 else 0.0
-
-
-def grad_global_norm(grads):
-    return math.sqrt(sum(x * x for g in grads if g is not None for x in g))
-
-
 # ---------------------------------------------------------------- logprobs
 
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -257,3 +258,24 @@ def test_every_shipped_recipe_loads_and_resolves(path):
     assert callable(methods["loss"]) and callable(methods["advantage"]) and callable(methods["aggregation"])
     validate_batch_arithmetic(cfg, DistInfo())  # and the batch splits on one process
     assert load_config(path, ["optim.steps=1"]).optim.steps == 1  # recipes stay overridable
+
+
+@pytest.mark.parametrize(
+    "override,valid",
+    [
+        ("optim.schedule=cosin", "constant, cosine, linear"),
+        ("kl.reference=frozen", "initial, old"),
+        ("routing_replay=r3", "none, R2, R3"),
+        ("model.dtype=fp16", "float32, bfloat16, float16"),
+    ],
+)
+def test_choice_settings_are_checked_when_the_config_loads(override, valid):
+    # one place for every enum-like string: the config, before any module sees it
+    with pytest.raises(ConfigError, match=rf"{re.escape(override.split('=')[0])}=.*; valid: {valid}\."):
+        load_config(None, [override])
+
+
+def test_the_rollout_backend_is_a_registry_spec_with_options():
+    cfg = load_config(None, ["rollout.backend=native", "rollout.backend.compile=true"])
+    assert cfg.rollout.backend == MethodSpec("native", {"compile": True})
+    assert load_config(None, ["rollout.backend.cache_bucket=64"]).rollout.backend == MethodSpec("hf", {"cache_bucket": 64})

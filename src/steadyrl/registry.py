@@ -129,7 +129,7 @@ CORRECTIONS: dict[str, Entry] = dict(
         _e("icepop", correction.icepop, "token two-sided mask", "arXiv 2510.18855"),
         _e("geo_rs", correction.geo_rs, "geometric-mean ratio rejection of sequences", _MISMATCH),
         _e("geo_rs_k3", correction.geo_rs_k3, "reject sequences whose mean k3 mismatch exceeds a bound", _MISMATCH),
-        _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "DeepSeek-V3.2 technical report (2025)"),
+        _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "arXiv 2512.02556"),
     ]
 )
 

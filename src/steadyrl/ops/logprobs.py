@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from steadyrl.ops.diagnostics import _entropy_fp32
+from steadyrl.ops.diagnostics import entropy_fp32
 
 __all__ = ["logprobs_from_hidden", "selective_log_softmax"]
 
@@ -78,7 +78,7 @@ def _chunk_logprobs(
     # tensor is back, so backward never redoes this no-grad entropy.
     if compute_entropy:
         with torch.no_grad():
-            entropy = _entropy_fp32(logits.detach())
+            entropy = entropy_fp32(logits.detach())
     else:
         entropy = logits.new_empty(0)
     return logprobs, entropy, token_logits

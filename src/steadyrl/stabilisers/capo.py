@@ -35,7 +35,7 @@ from steadyrl.ops.curvature import (
     topk_policy,
     vocab_gradient_sums,
 )
-from steadyrl.ops.masking import masked_fill_zero, masked_mean
+from steadyrl.ops.masking import masked_max, masked_mean
 from steadyrl.runtime.distributed import all_reduce_sum
 from steadyrl.stabilisers.filters import FilterResult, TokenFilter
 from steadyrl.types import LossInputs, Metrics
@@ -341,7 +341,7 @@ class CapoFilter(TokenFilter):
             "capo/fisher_q90": fisher_q[1],
             "capo/hessian_abs_q50": hessian_q[0],
             "capo/hessian_abs_q90": hessian_q[1],
-            "capo/fisher_max": masked_fill_zero(token.fisher, mask).amax(),
-            "capo/hessian_abs_max": masked_fill_zero(token.hessian.abs(), mask).amax(),
+            "capo/fisher_max": masked_max(token.fisher, mask),
+            "capo/hessian_abs_max": masked_max(token.hessian.abs(), mask),
             "capo/outside_topk_frac": masked_mean((~topk.sampled_in_topk).float(), mask),
         }
