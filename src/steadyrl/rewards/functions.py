@@ -35,6 +35,15 @@ def _is_file_spec(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
 
+def absolute_spec(spec: str) -> str:
+    """``spec`` with a relative file path made absolute (against the working directory now), so that another
+    process, or a later change of directory, finds the same file; module specs unchanged."""
+    target, _, attribute = spec.rpartition(":")
+    if target and _is_file_spec(target):
+        return f"{Path(target).expanduser().resolve()}:{attribute}"
+    return spec
+
+
 def _load_file(target: str) -> Any:
     path = Path(target).expanduser()
     if not path.is_file():

@@ -27,13 +27,13 @@ import traceback
 import weakref
 from collections import deque
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from steadyrl.rewards.functions import (
     InvalidRewardValue,
     RewardFunctionError,
     RewardValue,
+    absolute_spec,
     load_reward_function,
     to_reward_value,
 )
@@ -154,10 +154,7 @@ class RewardPool:
             raise ValueError(f"workers must be >= 1 for a pool, got {workers}")
         if timeout_s is not None and not timeout_s > 0:
             raise ValueError(f"timeout_s must be > 0 seconds (or None for no limit), got {timeout_s}")
-        target, _, attribute = spec.rpartition(":")
-        if target.endswith(".py") or "/" in target or "\\" in target:
-            spec = f"{Path(target).expanduser().resolve()}:{attribute}"
-        self.spec = spec
+        self.spec = absolute_spec(spec)
         self.reward_kwargs = dict(reward_kwargs or {})
         self.workers = workers
         self.timeout_s = timeout_s

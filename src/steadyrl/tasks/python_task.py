@@ -48,6 +48,7 @@ from steadyrl.rewards import (
     load_reward_function,
     reward_spec_of,
 )
+from steadyrl.rewards.functions import absolute_spec
 from steadyrl.rewards.pool import call_reward
 from steadyrl.tasks.base import (
     Prompt,
@@ -124,6 +125,8 @@ class PythonRewardTask:
         self.id_field, self.reference_field = id_field, reference_field
         self.prompt_template = prompt_template
         self._function, self.reward_name = self._load_reward(reward)
+        # how a worker process finds the function: the spec it was named by, or its module and name
+        self._spec = absolute_spec(reward) if isinstance(reward, str) else reward_spec_of(self._function)
         self._pool: RewardPool | None = None
         self._names: list[str] | None = None
 
@@ -226,10 +229,7 @@ class PythonRewardTask:
         if self.workers == 0:
             return [call_reward(self._function, r, c, self.reward_kwargs) for r, c in zip(records, completions)]
         if self._pool is None:
-            spec = self.reward_name if isinstance(self.reward_name, str) and ":" in self.reward_name else None
-            self._pool = RewardPool(
-                spec or reward_spec_of(self._function), self.reward_kwargs, workers=self.workers, timeout_s=self.timeout_s
-            )
+            self._pool = RewardPool(self._spec, self.reward_kwargs, workers=self.workers, timeout_s=self.timeout_s)
         try:
             return self._pool.map(records, completions)
         except RewardFunctionError as error:
