@@ -111,3 +111,20 @@ def test_lora_with_other_methods_trains_the_adapters(tiny_config, overrides):
         assert moved == ("lora_" in name), name  # adapters move (B from 0), the base never does
     for key, value in read_metrics(trainer.run_dir)[-1].items():
         assert key.endswith(("_min", "_max")) or value == value, key  # no NaN
+
+
+def test_guard_rollback_restores_the_adapters(tiny_config):
+    from steadyrl.stabilisers.guard import GuardAction
+
+    cfg = tiny_config(*LORA, "optim.steps=4", "guard.snapshot_every=1", "guard.keep_snapshots=1")
+    trainer = Trainer(cfg, task=SevensTask())
+    trainer.train(stop_after=2)  # the guard snapshotted step 2: the adapters only
+    snapshot = trainer.guard.snapshots[0].state["model"]
+    assert snapshot and all("lora_" in k for k in snapshot)
+    at_step_2 = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    for step in (3, 4):
+        trainer.rl_step(step)
+    assert any(not torch.equal(p, at_step_2[n]) for n, p in trainer.model.named_parameters())
+    trainer.guard.apply(GuardAction("rollback", 4, ("test",)))
+    for name, param in trainer.model.named_parameters():
+        assert torch.equal(param, at_step_2[name]), name
