@@ -79,40 +79,44 @@ class RolloutCollector:
         return prompts[self.info.rank * per_rank : (self.info.rank + 1) * per_rank]
 
     def collect(self, step: int) -> Collected:
-        prompts = self.local_prompts(step)
-        expanded = [p for p in prompts for _ in range(self.group_size)]
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, expanded, self.device, self.renderer)
+        prompts = [p for p in self.local_prompts(step) for _ in range(self.group_size)]  # G copies, contiguous
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device, self.renderer)
         generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, 1 + self.info.rank))
         start = time.perf_counter()
         self.backend.sync_weights()
         rollout = self.backend.generate(prompt_ids, prompt_mask, self.params, generator=generator)
         rollout_s = time.perf_counter() - start
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.response_mask, self.eos_ids)
-        scores = score_batch(self.task, expanded, completions)
-        local_rewards = scores.rewards.to(self.device)
-        rewards = gather_rewards(local_rewards, self.info)
-        adv = self.advantage_fn(rewards, self.group_size)
-        lo = self.info.rank * local_rewards.shape[0]
-        hi = lo + local_rewards.shape[0]
-        advantages, sample_mask = adv.advantages[lo:hi], adv.sample_mask[lo:hi]
+        scores = score_batch(self.task, prompts, completions)  # rewards, named parts, scoring metrics
+        rewards = scores.rewards.to(self.device)  # (B,) NaN = unscorable
+        all_rewards = gather_rewards(rewards, self.info)  # estimators see the global batch, as on one process
+        adv = self.advantage_fn(all_rewards, self.group_size)
+        mine = slice(self.info.rank * len(prompts), (self.info.rank + 1) * len(prompts))
+        advantages, sample_mask = adv.advantages[mine], adv.sample_mask[mine]
         if self.mask_truncated:
             sample_mask = sample_mask & ~rollout.truncated
-        if advantages.dim() == 1:
+        if advantages.dim() == 1:  # one advantage per completion, broadcast over its tokens
             advantages = advantages[:, None].expand_as(rollout.rollout_logprobs)
         advantages = masked_fill_zero(advantages.float(), rollout.response_mask).detach()
-        finite = torch.isfinite(rewards)
-        metrics = {
-            "reward/mean": torch.where(finite, rewards, 0.0).sum() / finite.sum().clamp(min=1),
-            "reward/std": masked_var(rewards, finite).sqrt(),
-            **adv.metrics,
-        }
-        lengths = rollout.response_mask.sum(1).float()
-        local_metrics = {
-            **{name: value.to(self.device) for name, value in scores.metrics.items()},
-            "rollout/len_mean": lengths.mean(),
-            "rollout/len_max": lengths.max(),
-            "rollout/truncated_frac": rollout.truncated.float().mean(),
-        }
-        batch = ScoredBatch(rollout, rewards=local_rewards, advantages=advantages, sample_mask=sample_mask)
+        batch = ScoredBatch(rollout, rewards=rewards, advantages=advantages, sample_mask=sample_mask)
+        metrics = {**_reward_metrics(all_rewards), **adv.metrics, **_rollout_metrics(rollout)}
+        metrics.update({name: value.to(self.device) for name, value in scores.metrics.items()})
         components = {name: value.to(self.device) for name, value in scores.components.items()}
-        return Collected(batch, expanded, completions, {**metrics, **local_metrics}, rollout_s, components)
+        return Collected(batch, prompts, completions, metrics, rollout_s, components)
+
+
+def _reward_metrics(rewards: Tensor) -> dict[str, Tensor]:
+    finite = torch.isfinite(rewards)
+    return {
+        "reward/mean": torch.where(finite, rewards, 0.0).sum() / finite.sum().clamp(min=1),
+        "reward/std": masked_var(rewards, finite).sqrt(),
+    }
+
+
+def _rollout_metrics(rollout) -> dict[str, Tensor]:
+    lengths = rollout.response_mask.sum(1).float()
+    return {
+        "rollout/len_mean": lengths.mean(),
+        "rollout/len_max": lengths.max(),
+        "rollout/truncated_frac": rollout.truncated.float().mean(),
+    }

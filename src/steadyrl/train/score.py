@@ -75,30 +75,39 @@ class Scorer:
     def score(self, batch: ScoredBatch) -> Metrics:
         """Fill ``batch.old_logprobs`` / ``old_token_logits`` / ``ref_logprobs`` (and, under R2, the recorded
         experts) as the settings ask; return the routing diagnostics."""
-        s, mode = self.settings, self.settings.routing_replay
+        s = self.settings
+        diagnose = s.routing_diagnostics and batch.rollout.routed_experts is not None
         sampler_routing = batch.rollout.routed_experts
-        diagnose = s.routing_diagnostics and sampler_routing is not None
-        plain: Forwarded | None = None
-        if s.need_old or mode == "R2":
-            record = mode == "R2" or (mode == "none" and diagnose)
-            old = self.forward(self.model, batch, replay=_OLD_REPLAY[mode], record=record)
-            batch.old_logprobs, batch.old_token_logits = old.logprobs, old.token_logits
-            if mode == "R2":
-                batch.rollout = replace(batch.rollout, routed_experts=old.routed_experts)
-            elif mode == "none":
-                plain = old
-        if s.kl_to == "initial":
-            replay = None if mode == "none" else "batch"
-            if self.ref_model is not None:
-                batch.ref_logprobs = self.forward(self.ref_model, batch, replay=replay, record=False).logprobs
-            else:  # LoRA: π_ref is the base model, i.e. the policy with every adapter bypassed
-                with adapters_disabled(self.model):
-                    batch.ref_logprobs = self.forward(self.model, batch, replay=replay, record=False).logprobs
-        elif s.kl_to == "old":
+        plain = None  # a forward at θ_old without replay, reused by the diagnostics
+        if s.need_old or s.routing_replay == "R2":
+            plain = self._old(batch, record=s.routing_replay == "R2" or diagnose)
+        if s.kl_to is not None:
+            self._ref(batch)
+        return self._routing_diagnostics(batch, sampler_routing, plain) if diagnose else {}
+
+    def _old(self, batch: ScoredBatch, record: bool) -> Forwarded | None:
+        """π_old, replaying what the mode says; R2 makes its own recorded experts the batch's. Returns the
+        forward when it ran without replay (mode none), else None."""
+        mode = self.settings.routing_replay
+        old = self.forward(self.model, batch, replay=_OLD_REPLAY[mode], record=record)
+        batch.old_logprobs, batch.old_token_logits = old.logprobs, old.token_logits
+        if mode == "R2":
+            batch.rollout = replace(batch.rollout, routed_experts=old.routed_experts)
+        return old if mode == "none" else None
+
+    def _ref(self, batch: ScoredBatch) -> None:
+        if self.settings.kl_to == "old":
             batch.ref_logprobs = batch.old_logprobs
-        if not diagnose:
-            return {}
-        if plain is None:
+            return
+        replay = None if self.settings.routing_replay == "none" else "batch"
+        if self.ref_model is None:  # LoRA: π_ref is the base model, i.e. the policy with every adapter bypassed
+            with adapters_disabled(self.model):
+                batch.ref_logprobs = self.forward(self.model, batch, replay=replay, record=False).logprobs
+            return
+        batch.ref_logprobs = self.forward(self.ref_model, batch, replay=replay, record=False).logprobs
+
+    def _routing_diagnostics(self, batch: ScoredBatch, sampler_routing: Tensor, plain: Forwarded | None) -> Metrics:
+        if plain is None or plain.routed_experts is None:
             plain = self.forward(self.model, batch, replay=None, record=True)
         mask = routed_positions_mask(batch.rollout.prompt_mask, batch.rollout.response_mask)
         metrics = routing_agreement(sampler_routing, plain.routed_experts, mask)

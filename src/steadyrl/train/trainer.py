@@ -231,23 +231,26 @@ class Trainer:
         return self.finish(last_eval)
 
     def rl_step(self, step: int) -> dict[str, float]:
-        t0 = time.perf_counter()
+        start = time.perf_counter()
         collected = self.collector.collect(step)  # 1. prompts → rollout → reward → advantage
         batch = collected.batch
         score_metrics = self.scorer.score(batch)  # 2. π_old, π_ref, MoE routing, at θ_old
-        t1 = time.perf_counter()
+        scored = time.perf_counter()
         update = self.updater.update(batch)  # 3. mini-batches × micro-batches → optimizer steps
-        t2 = time.perf_counter()
         self.progress["skipped_steps"] += update.skipped_steps
+        return self._step_metrics(collected, score_metrics, update.metrics, start, scored)
+
+    def _step_metrics(self, collected, score_metrics, update_metrics, start: float, scored: float) -> dict[str, float]:
         acc = MetricAccumulator()
-        acc.add({**collected.metrics, **score_metrics}, batch.batch_size)
-        metrics = {**update.metrics, **acc.compute(distributed=self.info.enabled)}
-        tokens = all_reduce_(batch.rollout.response_mask.sum().float(), "sum").item()
+        acc.add({**collected.metrics, **score_metrics}, collected.batch.batch_size)
+        metrics = {**update_metrics, **acc.compute(distributed=self.info.enabled)}
+        tokens = all_reduce_(collected.batch.rollout.response_mask.sum().float(), "sum").item()
+        elapsed = time.perf_counter() - start
         metrics["train/skipped_steps"] = float(self.progress["skipped_steps"])
-        metrics["perf/step_s"] = t2 - t0
+        metrics["perf/step_s"] = elapsed
         metrics["perf/rollout_s"] = collected.rollout_s
-        metrics["perf/update_s"] = t2 - t1
-        metrics["perf/tokens_per_s"] = tokens / max(t2 - t0, 1e-9)
+        metrics["perf/update_s"] = time.perf_counter() - scored
+        metrics["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         return metrics
 
     def _apply_guard(self, step: int, metrics: dict[str, float]) -> dict[str, float]:

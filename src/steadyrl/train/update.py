@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -95,39 +96,54 @@ def micro_batch_terms(
     ``inputs.response_mask`` is the sampled tokens of kept samples. With a filter penalty, every token that
     carries the penalty is counted (the aggregation mask is the pre-filter one).
     """
-    mask = inputs.response_mask.clone()
-    weights = torch.ones_like(inputs.logprobs.detach())
-    metrics: Metrics = {}
+    kept = _rejections(inputs, correction, token_filters, hidden, lr)
+    loss_bt, metrics = loss(inputs)
+    policy_bt = masked_fill_zero(loss_bt * kept.weights, kept.mask)
+    for penalty_bt in kept.penalties:
+        policy_bt = policy_bt + masked_fill_zero(penalty_bt, kept.unfiltered)
+    counted = kept.unfiltered if kept.penalties else kept.mask
+    terms = {"policy": aggregation(policy_bt, counted, counts)}
+    if kl is not None and kl_coef > 0:
+        kl_bt = kl(inputs.logprobs, inputs.ref_logprobs, counted)  # 0 outside the counted tokens
+        terms["kl"] = kl_coef * aggregation(kl_bt, counted, counts)
+    return MicroBatchTerms(terms, {**kept.metrics, **metrics, **_step_diagnostics(inputs, kl_coef)}, counted)
+
+
+class _Kept(NamedTuple):
+    mask: Tensor  # (B, T) bool after every rejection
+    unfiltered: Tensor  # (B, T) bool after the correction, before the token filters
+    weights: Tensor  # (B, T) detached
+    penalties: list[Tensor]
+    metrics: Metrics
+
+
+def _rejections(inputs: LossInputs, correction, token_filters, hidden, lr) -> _Kept:
+    """What the correction and the token filters reject and how they reweight (their masks AND, weights multiply)."""
+    mask, weights, metrics = inputs.response_mask.clone(), torch.ones_like(inputs.logprobs.detach()), {}
     if correction is not None:
         corr = correction(inputs)
-        mask &= corr.mask
-        weights = weights * corr.weights
+        mask, weights = mask & corr.mask, weights * corr.weights
         metrics.update(corr.metrics)
     elif inputs.rollout_logprobs is not None:
         metrics.update(mismatch_metrics(inputs.old_logprobs, inputs.rollout_logprobs, inputs.response_mask))
-    unfiltered = mask.clone()
-    penalties = []
+    unfiltered, penalties = mask.clone(), []
     for token_filter in token_filters:
         verdict = token_filter(inputs, hidden, lr)
-        mask &= verdict.keep
-        weights = weights * verdict.weights
+        mask, weights = mask & verdict.keep, weights * verdict.weights
         metrics.update(verdict.metrics)
         if verdict.penalty is not None:
             penalties.append(verdict.penalty)
-    loss_bt, loss_metrics = loss(inputs)
-    metrics.update(loss_metrics)
-    policy_bt = masked_fill_zero(loss_bt * weights, mask)
-    for penalty_bt in penalties:
-        policy_bt = policy_bt + masked_fill_zero(penalty_bt, unfiltered)
-    counted = unfiltered if penalties else mask
-    terms = {"policy": aggregation(policy_bt, counted, counts)}
-    if kl is not None and kl_coef > 0:
-        kl_bt = kl(inputs.logprobs, inputs.ref_logprobs, inputs.response_mask)
-        terms["kl"] = kl_coef * aggregation(masked_fill_zero(kl_bt, counted), counted, counts)
-        metrics["kl/ref_k3"] = masked_mean(kl_k3(inputs.logprobs.detach(), inputs.ref_logprobs, inputs.response_mask), inputs.response_mask)
+    return _Kept(mask, unfiltered, weights, penalties, metrics)
+
+
+def _step_diagnostics(inputs: LossInputs, kl_coef: float) -> Metrics:
+    metrics = {}
     if inputs.entropy is not None:
         metrics["policy/entropy"] = masked_mean(inputs.entropy, inputs.response_mask)
-    return MicroBatchTerms(terms, metrics, counted)
+    if inputs.ref_logprobs is not None and kl_coef > 0:
+        k3 = kl_k3(inputs.logprobs.detach(), inputs.ref_logprobs, inputs.response_mask)
+        metrics["kl/ref_k3"] = masked_mean(k3, inputs.response_mask)
+    return metrics
 
 
 def normaliser_scale(aggregation: Callable, before: GlobalCounts, after: GlobalCounts) -> Tensor:
@@ -226,57 +242,65 @@ class PolicyUpdater:
 
     def _optimizer_step(self, mb: ScoredBatch, acc: MetricAccumulator) -> int:
         s = self.settings
-        reduce_sum = all_reduce_sum if self.distributed else None
-        counts = global_counts(mb.token_mask, s.max_len, reduce_sum or _identity)
+        counts = global_counts(mb.token_mask, s.max_len, self._reduce_sum)  # before in-loop rejections
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         self.combiner.begin(self.params)
         micro_batches = list(torch.arange(mb.batch_size, device=mb.advantages.device).split(s.micro_batch_size))
-        aux_now = not self.rejects_in_loop  # else after the rescale, so that it is not rescaled
-        loss_total = torch.zeros((), device=mb.advantages.device)
-        counted_masks = []
+        loss_total, counted = torch.zeros((), device=mb.advantages.device), []
         for j, rows in enumerate(micro_batches):
             micro = mb.select(rows)
-            with routing(self.model, micro.rollout, self.replay):
+            with routing(self.model, micro.rollout, self.replay):  # MoE experts fixed in forward and backward
                 fwd = policy_forward(
                     self.model, micro.rollout, temperature=s.temperature, compute_entropy=True,
                     keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype,
                 )
                 step = micro_batch_terms(
-                    micro.loss_inputs(fwd, reduce_sum), loss=self.loss, aggregation=self.aggregation,
+                    micro.loss_inputs(fwd, self._reduce_sum), loss=self.loss, aggregation=self.aggregation,
                     counts=counts, correction=self.correction, token_filters=self.token_filters,
                     hidden=fwd.hidden, lr=lr, kl=self.kl, kl_coef=s.kl_coef,
                 )
-                terms = {**step.terms, **(self._aux(j, len(micro_batches)) if aux_now else {})}
+                terms = step.terms if self.rejects_in_loop else {**step.terms, **self._aux(j, len(micro_batches))}
                 self.combiner.backward(terms)
             loss_total = loss_total + sum(t.detach() for t in terms.values())
-            counted_masks.append(step.mask)
+            counted.append(step.mask)
             acc.add(step.metrics, micro.token_mask.sum())
         if self.rejects_in_loop:
-            final = global_counts(counted_masks, s.max_len, reduce_sum or _identity)
-            scale = normaliser_scale(self.aggregation, counts, final).float()
-            self.combiner.rescale(scale)
-            loss_total = loss_total * scale
-            for j in range(len(micro_batches)):
-                aux = self._aux(j, len(micro_batches))
-                if aux:
-                    self.combiner.backward(aux)
-                    loss_total = loss_total + sum(t.detach() for t in aux.values())
-        combine_metrics = self.combiner.finalize(self.params)
-        norm = self._clip()
-        skipped = not torch.isfinite(norm).item()  # the step's one host sync
-        if skipped:
-            for f in self.token_filters:
-                f.discard_step()
+            loss_total = self._renormalise(counts, counted, loss_total, len(micro_batches))
+        metrics = self.combiner.finalize(self.params)
+        norm, skipped = self._apply_gradient()
+        loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
+        acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
+        return skipped
+
+    def _renormalise(self, counts: GlobalCounts, counted: list[Tensor], loss_total: Tensor, n_micro: int) -> Tensor:
+        """Rejections leave the normaliser (module docstring): rescale the policy and KL gradient from the counts
+        before rejection to those after, then backpropagate the auxiliary terms, which are not rescaled."""
+        final = global_counts(counted, self.settings.max_len, self._reduce_sum)
+        scale = normaliser_scale(self.aggregation, counts, final).float()
+        self.combiner.rescale(scale)
+        loss_total = loss_total * scale
+        for j in range(n_micro):
+            aux = self._aux(j, n_micro)
+            if aux:
+                self.combiner.backward(aux)
+                loss_total = loss_total + sum(t.detach() for t in aux.values())
+        return loss_total
+
+    def _apply_gradient(self) -> tuple[Tensor, int]:
+        """Clip, then step unless the gradient is non-finite (the step's one host sync); (norm, 1 if skipped)."""
+        if self.settings.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        skipped = not torch.isfinite(norm).item()
+        if not skipped:
             self.optimizer.step()
-            for f in self.token_filters:
-                f.after_step()
+        for f in self.token_filters:
+            (f.discard_step if skipped else f.after_step)()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
-        acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **combine_metrics}, 1.0)
-        return int(skipped)
+        return norm, int(skipped)
 
     def _aux(self, j: int, n: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
@@ -284,10 +308,9 @@ class PolicyUpdater:
             terms.update(aux(j, n))
         return terms
 
-    def _clip(self) -> Tensor:
-        if self.settings.grad_clip > 0:
-            return torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
-        return torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+    @property
+    def _reduce_sum(self) -> Callable[[Tensor], Tensor]:
+        return all_reduce_sum if self.distributed else _identity
 
 
 def _identity(x: Tensor) -> Tensor:
