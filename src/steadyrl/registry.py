@@ -23,7 +23,19 @@ from typing import Any, Protocol
 from torch import Tensor
 
 from steadyrl.config import ConfigError, MethodSpec
-from steadyrl.ops import advantages, aggregation, correction, kl, losses, losses_offpolicy, targets
+from steadyrl.ops import (
+    advantages,
+    advantages_multi,
+    aggregation,
+    correction,
+    kl,
+    kl_is,
+    losses,
+    losses_adopted,
+    losses_offpolicy,
+    targets,
+    token_masks,
+)
 from steadyrl.stabilisers.capo import CapoFilter
 from steadyrl.stabilisers.combiners import SumCombiner
 from steadyrl.stabilisers.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
@@ -67,6 +79,8 @@ class Entry:
     tightens through ``Method.with_trust_region_scale``."""
     min_group_size: int = 2
     """advantage: the smallest group an estimator can use (group-relative baselines need two completions)."""
+    reads_old: bool = False
+    """kl: the estimator also takes ``old_logprobs`` (π_old, the policy that sampled; DeepSeek-V3.2's IS weight)."""
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -94,6 +108,9 @@ ADVANTAGES: dict[str, Entry] = dict(
         _e("batch_std", advantages.batch_std_advantages, "group mean baseline, batch std scale", "REINFORCE++ style"),
         _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582", min_group_size=1),
         _e("bnpo", advantages.bnpo_advantages, "Beta-density normalisation of pass rates", "arXiv 2506.02864"),
+        _e("gdpo", advantages_multi.gdpo_advantages, "per-component group z-scores, weighted sum, batch norm (rewards (B, K))", "arXiv 2601.05242", "docs/methods/adopted.md"),
+        _e("maxrl", advantages_multi.maxrl_advantages, "MaxRL: (R − mean)/mean, 0 when the mean is 0", "arXiv 2602.02710", "docs/methods/adopted.md"),
+        _e("gpg", advantages_multi.gpg_advantages, "GPG: α·(R − mean), α = N / non-zero count (loss: reinforce)", "arXiv 2504.02546", "docs/methods/adopted.md"),
     ]
 )
 
@@ -117,6 +134,12 @@ LOSSES: dict[str, Entry] = dict(
         _e("lco_mse", targets.lco_mse_loss, "LCO: squared error of the sampled-token logit shift", "arXiv 2603.00963", "docs/methods/lco.md"),
         _e("lco_lch", targets.lco_lch_loss, "LCO: log-cosh of the sampled-token logit shift", "arXiv 2603.00963", "docs/methods/lco.md"),
         _e("minpro", losses_offpolicy.minpro_loss, "prefix-min ratio weight (inferred reading)", "arXiv 2601.22718"),
+        _e("sapo", losses_adopted.sapo_loss, "SAPO soft gate σ(τ(r − 1))·4/τ instead of the clip", "arXiv 2511.20347", "docs/methods/adopted.md"),
+        _e("gmpo", losses_adopted.gmpo_loss, "GMPO geometric-mean ratio with log-space token clip", "arXiv 2507.20673", "docs/methods/adopted.md", trust_region=_PPO),
+        _e("luspo", losses_adopted.luspo_loss, "LUSPO: GSPO term, length-weighted (pair with seq_mean_token_sum)", "arXiv 2602.05261", "docs/methods/adopted.md", trust_region=_PPO),
+        _e("dro", losses_adopted.dro_loss, "DRO: −Â log π + ½β (log π − log π_old)²", "arXiv 2405.19107", "docs/methods/adopted.md"),
+        _e("kimi_dppo", losses_adopted.kimi_dppo_loss, "prime-rl default: DPPO-TV mask + τ_KL (log π/μ)²", "arXiv 2602.02276 / 2602.04879", "docs/methods/adopted.md", trust_region=("dppo_mask_low", "dppo_mask_high")),
+        _e("dcpo", losses_adopted.dcpo_loss, "DCPO probability-dependent clip bounds", "arXiv 2509.02333", "docs/methods/adopted.md", trust_region=_PPO),
     ]
 )
 
@@ -130,6 +153,8 @@ CORRECTIONS: dict[str, Entry] = dict(
         _e("geo_rs", correction.geo_rs, "geometric-mean ratio rejection of sequences", _MISMATCH),
         _e("geo_rs_k3", correction.geo_rs_k3, "reject sequences whose mean k3 mismatch exceeds a bound", _MISMATCH),
         _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "arXiv 2512.02556"),
+        _e("high_entropy", token_masks.high_entropy_mask, "80/20: keep only the top-ρ entropy tokens (needs entropy)", "arXiv 2506.01939", "docs/methods/adopted.md"),
+        _e("m2po", token_masks.m2po_mask, "M2PO: drop the largest (log π_old/μ)² until their mean < τ", "arXiv 2510.01161", "docs/methods/adopted.md"),
     ]
 )
 
@@ -150,6 +175,7 @@ KL_ESTIMATORS: dict[str, Entry] = dict(
         _e("kl_k3", kl.kl_k3, "π_ref/π − log(π_ref/π) − 1, clamped", _KL_NOTE),
         _e("kl_k1_st", kl.kl_k1_st, "k1 value, k2 gradient (straight-through)", "verl 'k1+'"),
         _e("kl_k3_st", kl.kl_k3_st, "k3 value, k2 gradient (straight-through)", "verl 'low_var_kl+'"),
+        _e("kl_k3_is", kl_is.kl_k3_is, "(π_θ/π_old)·k3, unbiased on π_old's samples (TRL default)", "arXiv 2512.02556", "docs/methods/adopted.md", reads_old=True),
     ]
 )
 
@@ -199,7 +225,7 @@ FAMILIES: dict[str, Family] = {
     "loss": Family(LOSSES, frozenset({"inputs"}), LossFn),
     "correction": Family(CORRECTIONS, frozenset({"inputs"}), CorrectionFn),
     "aggregation": Family(AGGREGATIONS, frozenset({"loss", "mask", "counts"}), AggregationFn),
-    "kl": Family(KL_ESTIMATORS, frozenset({"logprobs", "ref_logprobs", "mask"}), KLFn),
+    "kl": Family(KL_ESTIMATORS, frozenset({"logprobs", "ref_logprobs", "mask", "old_logprobs"}), KLFn),
     "token_filter": Family(TOKEN_FILTERS, frozenset({"self", "model", "distributed", "optimizer_defaults"})),
     "combiner": Family(COMBINERS, frozenset({"self", "model", "distributed"})),
     "task": Family(TASKS, frozenset({"self"}), error=TaskError),
@@ -219,8 +245,8 @@ class Method:
     entry: Entry
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def __call__(self, *args: Any) -> Any:
-        return self.entry.fn(*args, **self.kwargs)
+    def __call__(self, *args: Any, **data: Any) -> Any:
+        return self.entry.fn(*args, **data, **self.kwargs)
 
     @property
     def name(self) -> str:

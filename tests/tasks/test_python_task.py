@@ -116,7 +116,10 @@ def test_named_rewards_are_summed_with_weights_and_kept(files):
 def test_named_rewards_default_to_weight_one_and_must_keep_their_names(files):
     task = make(files, reward="named")
     prompt = task.eval_prompts()[0]
-    assert task.score([prompt], [prompt.answer]).rewards.tolist() == [2.0]
+    scores = task.score([prompt], [prompt.answer])
+    assert scores.rewards.tolist() == [2.0] and list(scores.components) == ["correct", "format"]  # sorted names
+    weighted = make(files, reward="named", reward_weights={"format": 0.5, "correct": 1.0})
+    assert list(weighted.score([prompt], ["x"]).components) == ["format", "correct"]  # reward_weights' order
     with pytest.raises(RewardError, match=r"returned the rewards \['correct', 'style'\] .* \['correct', 'format'\]"):
         task.score([prompt], ["renamed"])  # a later batch with other names
     with pytest.raises(RewardError, match="returned one number .* named rewards are expected"):

@@ -239,9 +239,10 @@ class PythonRewardTask:
         """Rewards, named components and ``reward/timeout_frac`` of a batch (one call per completion)."""
         outcomes = self._outcomes(prompts, completions)
         first_named = next((o for o in outcomes if isinstance(o, dict)), None)
-        names = list(self.reward_weights or self._names or first_named or []) or None  # None: one number each
         if first_named is not None and self._names is None:
             self._names = sorted(first_named)  # later batches must return the same names
+        # the components' order: reward_weights' order when given, else sorted names; None = one number each
+        names = list(self.reward_weights or self._names or []) or None
         totals: list[float] = []
         components: dict[str, list[float]] = {}
         timeouts = 0

@@ -104,7 +104,9 @@ def micro_batch_terms(
     counted = kept.unfiltered if kept.penalties else kept.mask
     terms = {"policy": aggregation(policy_bt, counted, counts)}
     if kl is not None and kl_coef > 0:
-        kl_bt = kl(inputs.logprobs, inputs.ref_logprobs, counted)  # 0 outside the counted tokens
+        reads_old = getattr(getattr(kl, "entry", None), "reads_old", False)  # registry fact (kl_k3_is)
+        extra = {"old_logprobs": inputs.old_logprobs} if reads_old else {}
+        kl_bt = kl(inputs.logprobs, inputs.ref_logprobs, counted, **extra)  # 0 outside the counted tokens
         terms["kl"] = kl_coef * aggregation(kl_bt, counted, counts)
     return MicroBatchTerms(terms, {**kept.metrics, **metrics, **_step_diagnostics(inputs, kl_coef)}, counted)
 
