@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,7 +14,10 @@ from steadyrl.config import ConfigError
 def _cmd_train(args: argparse.Namespace) -> int:
     from steadyrl.config import load_config
 
-    cfg = load_config(args.config, args.set)  # before the heavy imports: a config error is reported at once
+    notes: list[str] = []
+    cfg = load_config(args.config, args.set, notes=notes)  # before the heavy imports: an error is reported at once
+    for note in notes:
+        print(f"steadyrl: note: {note}", file=sys.stderr)
     from steadyrl.train.trainer import Trainer
 
     summary = Trainer(cfg).train()
@@ -30,10 +32,11 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _packaged_config("quickstart.yaml")
     overrides = [f"run.output_dir={args.out}"] + list(args.set or [])
     cfg = load_config(path, overrides)
-    out = Path(cfg.run.output_dir)
-    if (out / "config.yaml").is_file():  # the demo's own directory: each `make demo` is a fresh run
-        print(f"replacing the previous quickstart run in {out}")
-        shutil.rmtree(out)
+    from steadyrl.runtime import rundir
+
+    # each `make demo` is a fresh run: clear steadyrl's own files from an earlier run here, never anything else
+    if rundir.clear_own(cfg.run.output_dir):
+        print(f"replacing the previous run in {cfg.run.output_dir} (files steadyrl did not write are kept)")
     print(f"steadyrl quickstart: GRPO on the embedded tiny model ({cfg.model.name_or_path}), task {cfg.task.name}")
     print(f"config {path}; run directory {cfg.run.output_dir}")
     summary = Trainer(cfg).train()

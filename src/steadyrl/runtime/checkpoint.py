@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from steadyrl._io import fsync_dir
+from steadyrl.config import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -279,7 +280,9 @@ def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Pat
     """Export a Hugging Face model (+ tokenizer) with ``save_pretrained`` into ``out_dir`` atomically.
 
     Written into a temporary sibling, fsync'ed, then renamed; an existing ``out_dir`` is replaced only after
-    the new export is complete. Call on rank 0 only, with the unwrapped model. Returns ``out_dir``.
+    the new export is complete, and only when it holds nothing but what an export writes: a directory with
+    other files (a user's notes, code) is refused and left as it was. Call on rank 0 only, with the unwrapped
+    model. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -298,6 +301,13 @@ def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Pat
                 os.fsync(f.fileno())
     fsync_dir(tmp)
     if out_dir.exists():
+        foreign = sorted({p.name for p in out_dir.iterdir()} - {p.name for p in tmp.iterdir()})
+        if foreign:
+            shutil.rmtree(tmp)
+            raise ConfigError(
+                f"{out_dir} holds files a model export does not write ({', '.join(foreign[:3])}); choose another "
+                "directory (nothing was changed)."
+            )
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old)

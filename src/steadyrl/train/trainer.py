@@ -41,6 +41,7 @@ from steadyrl.models.lora import (
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report
 from steadyrl.rollout.base import SamplingParams
+from steadyrl.runtime import rundir
 from steadyrl.runtime.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -177,8 +178,10 @@ class Trainer:
             if self.guard is not None:
                 self.guard.load_state_dict(extra.get("guard", {}))
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.claim(self.run_dir)
             dump_config(self.cfg, self.run_dir / "config.yaml")
+            if ckpt is not None:
+                print(f"resuming {self.run_dir} from step {self.start_step} (of {self.cfg.optim.steps})", flush=True)
         barrier()
         self.logger = MetricLogger(
             self.run_dir,
