@@ -199,7 +199,7 @@ def test_eval_prints_json_metrics(model_dir):
         (["optim.steps=two"], "optim.steps must be an integer"),
         (["task.kwargs={digits: 3}"], "unknown setting(s) 'digits' for task 'arithmetic'"),
         (["model.prompt_format=chat"], "model.prompt_format is chat but the tokenizer"),
-        (["task.name=python", "task.kwargs={reward: nope.py:f, data: x.jsonl}"], "reward file nope.py does not exist"),
+        (["task={name: python, kwargs: {reward: nope.py:f, data: x.jsonl}}"], "reward file nope.py does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(config_file, model_dir, tmp_path, overrides, fragment):

@@ -119,7 +119,7 @@ def test_eval_and_demonstrations_render_like_training(chat_tokenizer):
     assert ids_[0, :prompt_len].tolist() == expected[0] and (labels[0, :prompt_len] == -100).all()
 
 
-def test_trainer_renders_with_the_configured_template(tiny_config, chat_tokenizer):
+def test_trainer_renders_with_the_configured_template(tiny_config, chat_tokenizer, tmp_path):
     model = build_tiny_model(tiny_model_config(vocab_size=len(chat_tokenizer), hidden_size=32, num_layers=1, num_heads=2))
     trainer = Trainer(tiny_config("model.system_prompt=Be brief."), model=model, tokenizer=chat_tokenizer, task=SevensTask())
     assert trainer.renderer == PromptRenderer("auto", "Be brief.") and trainer.collector.renderer is trainer.renderer
@@ -129,4 +129,4 @@ def test_trainer_renders_with_the_configured_template(tiny_config, chat_tokenize
     assert spy.seen[0] == trainer.renderer.encode(chat_tokenizer, collected.prompts[0])
     assert chat_tokenizer.decode(spy.seen[0]).startswith("<system>Be brief.\n<user>")
     with pytest.raises(ConfigError, match="has no chat template"):
-        Trainer(tiny_config("model.prompt_format=chat"))
+        Trainer(tiny_config("model.prompt_format=chat", f"run.output_dir={tmp_path / 'chat-run'}"))
