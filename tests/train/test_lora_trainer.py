@@ -14,6 +14,7 @@ from sevens_task import SevensTask
 from steadyrl.config import ConfigError
 from steadyrl.models.lora import is_peft_model
 from steadyrl.report import read_metrics
+from steadyrl.runtime.rundir import inspect as inspect_run_dir
 from steadyrl.train.forward import policy_forward
 from steadyrl.train.trainer import Trainer
 
@@ -50,6 +51,7 @@ def test_lora_run_uses_the_base_model_as_reference_and_exports_both(tiny_config,
             atol=1e-5,
         )
     assert (trainer.run_dir / "final-adapter" / "adapter_config.json").is_file()
+    assert inspect_run_dir(trainer.run_dir).foreign == ()  # the adapter export is one of steadyrl's own entries
     saved = torch.load(next((trainer.run_dir / "checkpoints").glob("step-*")) / "model.pt", weights_only=True)
     assert saved and all("lora_" in k for k in saved)  # the frozen base is not copied into checkpoints
 
