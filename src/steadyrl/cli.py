@@ -75,8 +75,10 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from steadyrl.config import ModelConfig
     from steadyrl.evaluate import evaluate
     from steadyrl.models import load_model, load_tokenizer
+    from steadyrl.models.chat import renderer_for
     from steadyrl.registry import build_backend, build_task
     from steadyrl.rollout.base import SamplingParams
     from steadyrl.train.setup import resolve_model_path
@@ -84,6 +86,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     task = build_task(args.task, **(_json_object(args.task_kwargs) if args.task_kwargs else {}))  # before loading
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path, pad_token=args.pad_token)
+    renderer = renderer_for(ModelConfig(prompt_format=args.prompt_format, system_prompt=args.system_prompt), tokenizer)
     model = load_model(path, device=args.device)
     prompts = task.eval_prompts()[: args.num_prompts or None]
     metrics = evaluate(
@@ -95,6 +98,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         pass_k=args.pass_k,
         seed=args.seed,
         device=args.device,
+        renderer=renderer,
     )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -215,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=8)
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--pad-token", default=None)
+    e.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
+                   help="as model.prompt_format in training: the chat template when the tokenizer has one (auto)")
+    e.add_argument("--system-prompt", default=None, help="as model.system_prompt in training")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.set_defaults(fn=_cmd_eval)

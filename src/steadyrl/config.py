@@ -31,6 +31,20 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (steadyrl.models.lora, extra: lora): only they train; the base weights stay frozen."""
+
+    r: int = 16
+    """Rank of the update B·A."""
+    alpha: float = 32.0
+    """Scale: the update is (alpha / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter input in training mode; 0 keeps π_old and the training forward identical."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt (q_proj, v_proj, ...), or all-linear (every linear layer but the LM head)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "embedded:tiny-adder"
     """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
@@ -44,12 +58,20 @@ class ModelConfig:
     """eager | sdpa | flash_attention_2; None lets transformers choose."""
     autocast_bf16: bool = False
     """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``."""
+    prompt_format: Literal["auto", "chat", "raw"] = "auto"
+    """How prompts become tokens (models/chat.py): auto = the tokenizer's chat template when it has one, else the
+    raw text; chat = require the template; raw = the prompt text as written. Training and eval render alike."""
+    system_prompt: str | None = None
+    """System message placed before every prompt rendered with the chat template."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (LoraConfig); the KL reference is then the base model with the
+    adapters disabled, and the final export holds the merged model and the adapter. None = full fine-tuning."""
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "arithmetic"
-    """Registered task: arithmetic | reasoning_gym | jsonl_math."""
+    """Registered task: arithmetic | reasoning_gym | jsonl_math | python (your reward function and data)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the task's constructor (checked when the task is built)."""
 

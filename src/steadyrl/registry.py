@@ -41,7 +41,7 @@ from steadyrl.ops import (
 from steadyrl.stabilisers.capo import CapoFilter
 from steadyrl.stabilisers.combiners import SumCombiner
 from steadyrl.stabilisers.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
-from steadyrl.tasks import ArithmeticTask, JsonlMathTask, ReasoningGymTask, TaskError
+from steadyrl.tasks import ArithmeticTask, JsonlMathTask, PythonRewardTask, ReasoningGymTask, TaskError
 from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, LossInputs, LossResult
 
 
@@ -201,6 +201,7 @@ TASKS: dict[str, Entry] = dict(
         _e("arithmetic", ArithmeticTask, "procedural integer arithmetic with exact-match reward", "steadyrl", "docs/quickstart.md"),
         _e("reasoning_gym", ReasoningGymTask, "any reasoning-gym dataset with its own verifier (extra: tasks)", "arXiv 2505.24760"),
         _e("jsonl_math", JsonlMathTask, "math word problems from a JSONL file, math-verify reward (extra: tasks)", "huggingface/Math-Verify"),
+        _e("python", PythonRewardTask, "your reward function (file.py:function) on your data (JSONL, or any datasets source with extra: data)", "steadyrl", "docs/your-own-model.md"),
     ]
 )
 

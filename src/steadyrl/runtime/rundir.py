@@ -28,7 +28,7 @@ from steadyrl.config import ConfigError
 
 MARKER = ".steadyrl-run"
 OWN_ENTRIES = frozenset(
-    {MARKER, "config.yaml", "metrics.jsonl", "checkpoints", "final", "report", "tb", "guard.jsonl",
+    {MARKER, "config.yaml", "metrics.jsonl", "checkpoints", "final", "final-adapter", "report", "tb", "guard.jsonl",
      "summary.json", "samples.jsonl", "wandb", "doctor.json"}
 )
 """Every entry steadyrl writes at the top of a run directory."""

@@ -25,10 +25,19 @@ import torch
 
 from steadyrl import registry
 from steadyrl._io import atomic_write_text
-from steadyrl.config import TrainConfig, dump_config
+from steadyrl.config import ConfigError, TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
+from steadyrl.models.chat import renderer_for
 from steadyrl.models.loading import check_tokenizer_fits_model
+from steadyrl.models.lora import (
+    AdapterState,
+    LoraError,
+    apply_lora,
+    export_adapter,
+    export_merged,
+    is_peft_model,
+)
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report, read_metrics
 from steadyrl.rollout.base import SamplingParams
@@ -73,13 +82,20 @@ class Trainer:
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
+        self.renderer = renderer_for(cfg.model, self.tokenizer)  # chat template or raw, the same in training and eval
         self.model = model if model is not None else self._load_model(model_path)
+        self.lora = cfg.model.lora is not None
+        if self.lora and not is_peft_model(self.model):
+            try:  # only the adapters train; the base weights stay frozen (models/lora.py)
+                self.model = apply_lora(self.model, cfg.model.lora)
+            except LoraError as error:
+                raise ConfigError(str(error)) from error
         check_tokenizer_fits_model(self.tokenizer, self.model, cfg.model.name_or_path)
         self.model.to(self.device).train()
         check_routing_replay(self.model, cfg.routing_replay)
         kl_on = cfg.kl.coef > 0
         ref_model = None
-        if kl_on and cfg.kl.reference == "initial":
+        if kl_on and cfg.kl.reference == "initial" and not self.lora:  # LoRA: the base model is the reference
             # Loaded from the source, not copied, so a resumed run gets the same reference.
             ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
         o, r = cfg.optim, cfg.rollout
@@ -103,7 +119,7 @@ class Trainer:
         self.collector = RolloutCollector(
             self.backend, self.tokenizer, self.task, self.methods["advantage"], params=self.sampling,
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
-            device=self.device, mask_truncated=r.mask_truncated,
+            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
         )
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
             temperature=r.temperature, micro_batch_size=o.micro_batch_size, autocast_dtype=autocast,
@@ -135,7 +151,8 @@ class Trainer:
     def training_state(self) -> dict[str, Any]:
         """Everything a checkpoint restores besides the run's progress, each with state_dict / load_state_dict;
         the stability guard's rollback restores exactly this."""
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
+        model = AdapterState(self.model) if self.lora else self.model  # LoRA: the adapters; the base is the source
+        return {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -274,6 +291,7 @@ class Trainer:
             seed=step_seed(self.cfg.run.seed, step, 99_991),
             info=self.info,
             device=self.device,
+            renderer=self.renderer,
         )
         if self.retention is not None:
             metrics.update(self.retention.measure(self.backend, seed=step_seed(self.cfg.run.seed, step, 99_991)))
@@ -310,7 +328,10 @@ class Trainer:
             verdict = self.watch.verdict(read_metrics(self.run_dir), self.cfg.optim.steps)
             summary.update(verdict=verdict, warnings=list(self.watch.warnings))
             failed = verdict["collapsed"] or verdict["unscorable"]
-            if self.cfg.checkpoint.save_final_model and not failed:
+            if self.cfg.checkpoint.save_final_model and self.lora and not failed:
+                export_merged(self.model, self.tokenizer, self.run_dir / "final")  # loads without peft
+                export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
+            elif self.cfg.checkpoint.save_final_model and not failed:
                 save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
             _print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
