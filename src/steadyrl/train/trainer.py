@@ -280,6 +280,7 @@ class Trainer:
         prompts = self.task.eval_prompts()
         if self.cfg.eval.num_prompts:
             prompts = prompts[: self.cfg.eval.num_prompts]
+        self.backend.sync_weights()  # a separate sampler copy is refreshed only before rollouts: score today's policy
         metrics = evaluate(
             self.backend,
             self.tokenizer,
