@@ -198,6 +198,8 @@ def test_eval_prints_json_metrics(model_dir):
         (["optim.mini_batches=3"], "choose a divisor of 16"),
         (["optim.steps=two"], "optim.steps must be an integer"),
         (["task.kwargs={digits: 3}"], "unknown setting(s) 'digits' for task 'arithmetic'"),
+        (["model.prompt_format=chat"], "model.prompt_format is chat but the tokenizer"),
+        (["task={name: python, kwargs: {reward: nope.py:f, data: x.jsonl}}"], "reward file nope.py does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(config_file, model_dir, tmp_path, overrides, fragment):
@@ -216,6 +218,7 @@ def test_bad_input_exits_2_with_one_line(config_file, model_dir, tmp_path, overr
         (["--task-kwargs", "[3]"], "must be a JSON object"),
         (["--task-kwargs", '{"digits": 3}'], "unknown setting(s) 'digits' for task 'arithmetic'"),
         (["--task", "sudoku"], "unknown task 'sudoku'"),
+        (["--prompt-format", "chat"], "has no chat template"),
     ],
 )
 def test_eval_bad_task_options_exit_2(model_dir, extra, fragment):

@@ -279,3 +279,17 @@ def test_the_rollout_backend_is_a_registry_spec_with_options():
     cfg = load_config(None, ["rollout.backend=native", "rollout.backend.compile=true"])
     assert cfg.rollout.backend == MethodSpec("native", {"compile": True})
     assert load_config(None, ["rollout.backend.cache_bucket=64"]).rollout.backend == MethodSpec("hf", {"cache_bucket": 64})
+
+
+def test_switching_a_recipes_method_by_name_does_not_inherit_its_hyperparameters(tmp_path):
+    # a recipe's PPO ε (0.2 / 0.28) is not GSPO's (3e-4 / 4e-4): the switch starts from GSPO's defaults, noted
+    path = _write(tmp_path, "loss: {name: ppo_clip, clip_low: 0.2, clip_high: 0.28}\n")
+    notes: list[str] = []
+    cfg = load_config(path, ["loss.name=gspo"], notes=notes)
+    assert cfg.loss == MethodSpec("gspo")
+    assert notes == [
+        "loss: ppo_clip → gspo starts from gspo's defaults; dropped clip_high, clip_low "
+        "(set them again with --set loss.<key>=... if gspo takes them)"
+    ]
+    assert load_config(path, ["loss.name=gspo", "loss.clip_low=2e-4"]).loss == MethodSpec("gspo", {"clip_low": 2e-4})
+    assert load_config(path, ["loss.name=ppo_clip"]).loss.kwargs == {"clip_low": 0.2, "clip_high": 0.28}  # same name

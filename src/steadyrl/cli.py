@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,12 +14,22 @@ from steadyrl.config import ConfigError
 def _cmd_train(args: argparse.Namespace) -> int:
     from steadyrl.config import load_config
 
-    cfg = load_config(args.config, args.set)  # before the heavy imports: a config error is reported at once
+    notes: list[str] = []
+    cfg = load_config(args.config, args.set, notes=notes)  # before the heavy imports: an error is reported at once
     from steadyrl.train.trainer import Trainer
 
-    summary = Trainer(cfg).train()
+    trainer = Trainer(cfg)  # validates every setting first: a note about a config that fails would be noise
+    for note in notes:
+        print(f"steadyrl: note: {note}", file=sys.stderr)
+    summary = trainer.train()
     _print_summary(summary, cfg.run.output_dir)
-    return 0
+    return _exit_code(summary)
+
+
+def _exit_code(summary: dict | None) -> int:
+    """3 when the run ended collapsed (the stability lab's verdict) or never scored a completion; else 0."""
+    verdict = (summary or {}).get("verdict") or {}
+    return 3 if verdict.get("collapsed") or verdict.get("unscorable") else 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -30,15 +39,16 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _packaged_config("quickstart.yaml")
     overrides = [f"run.output_dir={args.out}"] + list(args.set or [])
     cfg = load_config(path, overrides)
-    out = Path(cfg.run.output_dir)
-    if (out / "config.yaml").is_file():  # the demo's own directory: each `make demo` is a fresh run
-        print(f"replacing the previous quickstart run in {out}")
-        shutil.rmtree(out)
+    from steadyrl.runtime import rundir
+
+    # each `make demo` is a fresh run: clear steadyrl's own files from an earlier run here, never anything else
+    if rundir.clear_own(cfg.run.output_dir):
+        print(f"replacing the previous run in {cfg.run.output_dir} (files steadyrl did not write are kept)")
     print(f"steadyrl quickstart: GRPO on the embedded tiny model ({cfg.model.name_or_path}), task {cfg.task.name}")
     print(f"config {path}; run directory {cfg.run.output_dir}")
     summary = Trainer(cfg).train()
     _print_summary(summary, cfg.run.output_dir)
-    return 0
+    return _exit_code(summary)
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
@@ -65,8 +75,10 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from steadyrl.config import ModelConfig
     from steadyrl.evaluate import evaluate
     from steadyrl.models import load_model, load_tokenizer
+    from steadyrl.models.chat import renderer_for
     from steadyrl.registry import build_backend, build_task
     from steadyrl.rollout.base import SamplingParams
     from steadyrl.train.setup import resolve_model_path
@@ -74,6 +86,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     task = build_task(args.task, **(_json_object(args.task_kwargs) if args.task_kwargs else {}))  # before loading
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path, pad_token=args.pad_token)
+    renderer = renderer_for(ModelConfig(prompt_format=args.prompt_format, system_prompt=args.system_prompt), tokenizer)
     model = load_model(path, device=args.device)
     prompts = task.eval_prompts()[: args.num_prompts or None]
     metrics = evaluate(
@@ -85,6 +98,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         pass_k=args.pass_k,
         seed=args.seed,
         device=args.device,
+        renderer=renderer,
     )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -205,6 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--max-new-tokens", type=int, default=8)
     e.add_argument("--temperature", type=float, default=1.0)
     e.add_argument("--pad-token", default=None)
+    e.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
+                   help="as model.prompt_format in training: the chat template when the tokenizer has one (auto)")
+    e.add_argument("--system-prompt", default=None, help="as model.system_prompt in training")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="cpu")
     e.set_defaults(fn=_cmd_eval)
@@ -241,8 +258,9 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a person fixes by changing their input: printed as one line, without a traceback."""
     from steadyrl.models import ModelLoadError
     from steadyrl.tasks import RewardError, TaskError
+    from steadyrl.train.watch import TrainingFailed
 
-    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError, TrainingFailed)
 
 
 def main(argv: list[str] | None = None) -> int:

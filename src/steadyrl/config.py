@@ -31,6 +31,20 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (steadyrl.models.lora, extra: lora): only they train; the base weights stay frozen."""
+
+    r: int = 16
+    """Rank of the update B·A."""
+    alpha: float = 32.0
+    """Scale: the update is (alpha / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter input in training mode; 0 keeps π_old and the training forward identical."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt (q_proj, v_proj, ...), or all-linear (every linear layer but the LM head)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "embedded:tiny-adder"
     """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
@@ -53,12 +67,20 @@ class ModelConfig:
     """FP32 LM head (ScaleRL arXiv 2510.13786; TRL ``cast_lm_head_to_fp32``): keep the head's weights in fp32
     and compute its logits in fp32 in the sampler too (the trainer's log-prob pass always multiplies in fp32);
     see models/precision.py. No effect on an fp32 model with an fp32 sampler."""
+    prompt_format: Literal["auto", "chat", "raw"] = "auto"
+    """How prompts become tokens (models/chat.py): auto = the tokenizer's chat template when it has one, else the
+    raw text; chat = require the template; raw = the prompt text as written. Training and eval render alike."""
+    system_prompt: str | None = None
+    """System message placed before every prompt rendered with the chat template."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (LoraConfig); the KL reference is then the base model with the
+    adapters disabled, and the final export holds the merged model and the adapter. None = full fine-tuning."""
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "arithmetic"
-    """Registered task: arithmetic | reasoning_gym | jsonl_math."""
+    """Registered task: arithmetic | reasoning_gym | jsonl_math | python (your reward function and data)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the task's constructor (checked when the task is built)."""
 
@@ -186,9 +208,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0
-    """Save every this many RL steps (0 = only at the end)."""
+    every: int = 10
+    """Save every this many RL steps (and at the end), so that a killed run can resume; 0 = only at the end."""
     keep_last: int = 2
+    """Checkpoints kept (at least 1)."""
     save_final_model: bool = True
     """Export the final policy (HF format + tokenizer) to RUN_DIR/final."""
 
@@ -312,8 +335,15 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig) -> Any:
-    """Read YAML (or start from defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig,
+    notes: list[str] | None = None,
+) -> Any:
+    """Read YAML (or start from defaults when ``path`` is None), apply ``key=value`` overrides, validate.
+
+    ``notes`` collects one line per override that changed more than it says (a method switched by name drops
+    the hyper-parameters the file set for the previous method); the CLI prints them.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
@@ -323,12 +353,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
     for item in overrides or []:
-        apply_override(raw, item)
+        apply_override(raw, item, notes)
     return from_dict(cls, raw)
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, bools, lists, null)."""
+def apply_override(raw: dict[str, Any], item: str, notes: list[str] | None = None) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, bools, lists, null).
+
+    ``section.name=new`` on a method that had another name starts the section afresh: the old method's
+    hyper-parameters are not the new method's (a PPO ε is not GSPO's), so they are dropped, with a note.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-4.")
     key, value = item.split("=", 1)
@@ -340,7 +374,17 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             child = {} if not isinstance(child, str) else {"name": child}
             node[part] = child
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    parsed = yaml.safe_load(value)
+    if parts[-1] == "name" and "name" in node and node["name"] != parsed:
+        dropped = sorted(k for k in node if k != "name")
+        if dropped and notes is not None:
+            section = ".".join(parts[:-1])
+            notes.append(
+                f"{section}: {node['name']} → {parsed} starts from {parsed}'s defaults; dropped "
+                f"{', '.join(dropped)} (set them again with --set {section}.<key>=... if {parsed} takes them)"
+            )
+        node.clear()
+    node[parts[-1]] = parsed
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:

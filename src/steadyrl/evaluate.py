@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import torch
 
+from steadyrl.models.chat import PromptRenderer
 from steadyrl.rollout.base import RolloutBackend, SamplingParams
 from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
 from steadyrl.runtime.distributed import DistInfo, all_reduce_
-from steadyrl.tasks import Prompt, Task, score_completions
+from steadyrl.tasks import Prompt, Task, score_batch
 
 
 def evaluate(
@@ -24,11 +25,13 @@ def evaluate(
     info: DistInfo | None = None,
     device: torch.device | str = "cpu",
     correct_threshold: float = 1.0,
+    renderer: PromptRenderer | None = None,
 ) -> dict[str, float]:
     """Metrics over ``prompts``: eval/accuracy (greedy), eval/pass@1 (mean over k samples), eval/pass@k.
 
     A completion is correct when its reward is at least ``correct_threshold`` (full marks by default, so tasks
     with partial credit count only fully correct answers). Rank r evaluates prompts r, r+W, r+2W, ...
+    ``renderer`` renders the prompts as in training (rollout.text.encode_prompts).
     """
     info = info or DistInfo()
     device = torch.device(device)
@@ -39,10 +42,10 @@ def evaluate(
     sums = torch.zeros(7, dtype=torch.float64)
 
     def run(batch_prompts: list[Prompt], params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, mask = encode_prompts(tokenizer, batch_prompts, device)
+        ids, mask = encode_prompts(tokenizer, batch_prompts, device, renderer)
         out = backend.generate(ids, mask, params, generator=generator)
         texts = decode_completions(tokenizer, out.completion_ids, out.response_mask, eos)
-        return score_completions(task, batch_prompts, texts), out.response_mask.sum(1).float().cpu()
+        return score_batch(task, batch_prompts, texts).rewards, out.response_mask.sum(1).float().cpu()
 
     if greedy:
         greedy_params = SamplingParams(max_new_tokens=sampling.max_new_tokens, temperature=0.0)

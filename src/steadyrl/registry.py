@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -39,7 +41,7 @@ from steadyrl.ops import (
 from steadyrl.stabilisers.capo import CapoFilter
 from steadyrl.stabilisers.combiners import SumCombiner
 from steadyrl.stabilisers.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
-from steadyrl.tasks import ArithmeticTask, JsonlMathTask, ReasoningGymTask, TaskError
+from steadyrl.tasks import ArithmeticTask, JsonlMathTask, PythonRewardTask, ReasoningGymTask, TaskError
 from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, LossInputs, LossResult
 
 
@@ -209,6 +211,7 @@ TASKS: dict[str, Entry] = dict(
         _e("arithmetic", ArithmeticTask, "procedural integer arithmetic with exact-match reward", "steadyrl", "docs/quickstart.md"),
         _e("reasoning_gym", ReasoningGymTask, "any reasoning-gym dataset with its own verifier (extra: tasks)", "arXiv 2505.24760"),
         _e("jsonl_math", JsonlMathTask, "math word problems from a JSONL file, math-verify reward (extra: tasks)", "huggingface/Math-Verify"),
+        _e("python", PythonRewardTask, "your reward function (file.py:function) on your data (JSONL, or any datasets source with extra: data)", "steadyrl", "docs/your-own-model.md"),
     ]
 )
 
@@ -313,6 +316,60 @@ def check(family: str, spec: MethodSpec | str) -> None:
     _checked(family, spec)
 
 
+_NON_NEGATIVE = ("clip_low", "clip_high", "delta_low", "delta_high", "dual_clip", "ratio_min", "ratio_max", "eps", "cap",
+                 "beta", "top_k")
+_NON_NEGATIVE_SUFFIXES = ("_cap", "_tau", "_lambda", "_coef", "_ratio", "_threshold", "temperature")
+
+
+def _check_values(family: str, entry: Entry, kwargs: dict[str, Any]) -> None:
+    """Types from the implementation's annotations, and no negative width, cap or coefficient, before anything
+    is loaded (a bad value would otherwise fail, or silently misbehave, after the first rollout)."""
+    target = entry.fn.__init__ if inspect.isclass(entry.fn) else entry.fn
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation this Python cannot resolve: leave the check to the function itself
+        hints = {}
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if hint is not None and not _matches(value, hint):
+            raise ConfigError(f"{family} {entry.name!r}: {key}={value!r} is not valid; {key} must be a {_describe(hint)}.")
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if numeric and value < 0 and (key in _NON_NEGATIVE or key in entry.trust_region or key.endswith(_NON_NEGATIVE_SUFFIXES)):
+            raise ConfigError(f"{family} {entry.name!r}: {key}={value} is negative; it must be >= 0.")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        return isinstance(value, list | tuple)
+    return True  # tensors, callables, generators: not config values; the function checks them
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if hint is type(None):
+        return "null"
+    return {float: "number", int: "integer", bool: "true/false", str: "string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
 def _checked(family: str, spec: MethodSpec | str) -> tuple[Entry, dict[str, Any]]:
     spec = MethodSpec(spec) if isinstance(spec, str) else spec
     fam = _family(family)
@@ -327,6 +384,7 @@ def _checked(family: str, spec: MethodSpec | str) -> tuple[Entry, dict[str, Any]
     missing = [k for k, p in valid.items() if p.default is inspect.Parameter.empty and k not in spec.kwargs]
     if missing:
         raise fam.error(f"{family} {spec.name!r} needs {', '.join(map(repr, missing))}; valid: {', '.join(valid)}.")
+    _check_values(family, entry, spec.kwargs)
     return entry, dict(spec.kwargs)
 
 

@@ -1,5 +1,6 @@
 """Named reward components (tasks/base.py): a task's reward may be a mapping of named numbers; their sum is the
-reward, the (B, K) columns reach the estimators registered with ``reads_components`` (GDPO) end to end.
+reward, and the components (``TaskScores.components``, as a batch-scoring task returns them too) reach the
+estimators registered with ``reads_components`` (GDPO) as (B, K) columns, end to end.
 
     .venv/bin/python -m pytest -q tests/tasks/test_reward_components.py
 """
@@ -14,7 +15,7 @@ import torch
 
 from steadyrl import registry
 from steadyrl.ops.advantages_multi import gdpo_advantages
-from steadyrl.tasks import ArithmeticTask, Prompt, RewardError, score_completions, score_rewards
+from steadyrl.tasks import ArithmeticTask, Prompt, RewardError, TaskScores, score_batch, score_completions
 from steadyrl.train.trainer import Trainer
 
 P = Prompt("p", "1+1=", "2")
@@ -44,28 +45,35 @@ class Components:
         return self.TABLE[completion]
 
 
+def _columns(scores: TaskScores) -> torch.Tensor:
+    return torch.stack(list(scores.components.values()), dim=1)
+
+
 def test_components_are_columns_and_their_sum_is_the_reward():
-    completions = ["both", "format", "none", "half_missing", "all_missing", "other_order"]
-    scores = score_rewards(Components(), [P] * 6, completions)
-    assert scores.names == ("correct", "format")  # the first mapping's key order
+    completions = ["other_order", "format", "none", "half_missing", "all_missing", "both"]
+    scores = score_batch(Components(), [P] * 6, completions)
+    assert tuple(scores.components) == ("correct", "format")  # sorted names (the first mapping's order is not used)
     nan = math.nan
     expected = torch.tensor([[1, 0.5], [0, 0.5], [0, 0], [nan, 0.5], [nan, nan], [1, 0.5]])
-    torch.testing.assert_close(scores.components, expected, equal_nan=True)
+    torch.testing.assert_close(_columns(scores), expected, equal_nan=True)
     # sum of the present components; NaN only when every one is missing
-    torch.testing.assert_close(scores.total, torch.tensor([1.5, 0.5, 0.0, 0.5, nan, 1.5]), equal_nan=True)
-    torch.testing.assert_close(score_completions(Components(), [P] * 6, completions), scores.total, equal_nan=True)
+    torch.testing.assert_close(scores.rewards, torch.tensor([1.5, 0.5, 0.0, 0.5, nan, 1.5]), equal_nan=True)
+    torch.testing.assert_close(score_completions(Components(), [P] * 6, completions), scores.rewards, equal_nan=True)
+    # logged as the batch scorer of the python task logs them: mean over the scored completions
+    assert scores.metrics["reward/correct_mean"].item() == pytest.approx(0.5)  # (1 + 0 + 0 + 1) / 4
+    assert scores.metrics["reward/format_mean"].item() == pytest.approx(0.4)  # (0.5 · 4) / 5
 
 
 def test_a_declared_order_sets_the_columns():
-    scores = score_rewards(Components(declared=("format", "correct")), [P, P], ["both", "none"])
-    assert scores.names == ("format", "correct")
-    torch.testing.assert_close(scores.components, torch.tensor([[0.5, 1.0], [0.0, 0.0]]))
+    scores = score_batch(Components(declared=("format", "correct")), [P, P], ["both", "none"])
+    assert tuple(scores.components) == ("format", "correct")
+    torch.testing.assert_close(_columns(scores), torch.tensor([[0.5, 1.0], [0.0, 0.0]]))
 
 
-def test_plain_numbers_are_one_unnamed_column():
-    scores = score_rewards(Components(), [P, P], ["number", "number"])
-    assert scores.names == () and scores.components.shape == (2, 1)
-    torch.testing.assert_close(scores.components[:, 0], scores.total)
+def test_plain_numbers_have_no_components():
+    scores = score_batch(Components(), [P, P], ["number", "number"])
+    assert scores.components == {} and scores.metrics == {}
+    torch.testing.assert_close(scores.rewards, torch.ones(2))
 
 
 @pytest.mark.parametrize(
@@ -79,7 +87,7 @@ def test_plain_numbers_are_one_unnamed_column():
 )
 def test_inconsistent_components_fail_with_the_fix(completions, match):
     with pytest.raises(RewardError, match=match):
-        score_rewards(Components(), [P] * len(completions), completions)
+        score_batch(Components(), [P] * len(completions), completions)
 
 
 def test_arithmetic_format_component():
@@ -128,7 +136,8 @@ def test_gdpo_reads_the_components_in_the_trainer(tiny_config):
     expected = gdpo_advantages(columns, 4, weights=[1.0, 0.5]).advantages
     assert expected.abs().sum() > 0
     torch.testing.assert_close(batch.advantages[:, 0], expected)
-    assert {"reward/sevens", "reward/ones"} <= set(collected.metrics)
+    assert {"reward/sevens_mean", "reward/ones_mean"} <= set(collected.metrics)
+    assert set(collected.reward_components) == {"sevens", "ones"}
     # with the summed reward the estimate differs: the components are what reached GDPO
     assert not torch.allclose(gdpo_advantages(columns.sum(1), 4).advantages, expected)
 

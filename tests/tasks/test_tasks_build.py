@@ -20,7 +20,7 @@ from steadyrl.tasks import (
 
 
 def test_names():
-    assert sorted(TASKS) == ["arithmetic", "jsonl_math", "reasoning_gym"]
+    assert sorted(TASKS) == ["arithmetic", "jsonl_math", "python", "reasoning_gym"]
 
 
 @needs_tasks_extra
@@ -38,7 +38,7 @@ def test_builds_each_task(tmp_path):
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(
-        TaskError, match=r"unknown task 'gsm8k'; valid names: arithmetic, jsonl_math, reasoning_gym\."
+        TaskError, match=r"unknown task 'gsm8k'; valid names: arithmetic, jsonl_math, python, reasoning_gym\."
     ):
         build_task("gsm8k")
 

@@ -308,13 +308,14 @@ def test_recipe_trains_two_steps_with_finite_metrics_and_a_nontrivial_mask(recip
     assert isinstance(capo, CapoFilter) and capo.moments.step == 2
 
 
-def test_the_optimizer_model_takes_the_trainers_adamw_settings_unless_set(tiny_config):
+def test_the_optimizer_model_takes_the_trainers_adamw_settings_unless_set(tiny_config, tmp_path):
     from sevens_task import SevensTask
     from steadyrl.train.trainer import Trainer
 
     cfg = tiny_config("optim.betas=[0.8, 0.95]", "optim.eps=1e-6", "optim.weight_decay=0.1", "token_filters=[{name: capo}]")
     (capo,) = Trainer(cfg, task=SevensTask()).updater.token_filters
     assert (capo.beta1, capo.beta2, capo.eps, capo.weight_decay) == (0.8, 0.95, 1e-6, 0.1)
-    own = tiny_config("optim.betas=[0.8, 0.95]", "token_filters=[{name: capo, betas: [0.9, 0.999]}]")
+    own = tiny_config("optim.betas=[0.8, 0.95]", "token_filters=[{name: capo, betas: [0.9, 0.999]}]",
+                      f"run.output_dir={tmp_path / 'own'}")
     (capo,) = Trainer(own, task=SevensTask()).updater.token_filters
     assert (capo.beta1, capo.beta2) == (0.9, 0.999)  # set on the filter: a different optimizer, modelled on purpose

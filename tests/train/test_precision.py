@@ -69,13 +69,14 @@ def test_a_sampler_copy_gets_its_own_fp32_head():
     assert torch.isfinite(batch.rollout_logprobs).all()
 
 
-def test_with_bf16_weights_the_fp32_head_makes_the_models_logits_the_trainers(tiny_config):
+def test_with_bf16_weights_the_fp32_head_makes_the_models_logits_the_trainers(tiny_config, tmp_path):
     """bf16 weights: the model's own forward (what a sampler runs) and the trainer's chunked fp32 pass share one
     bf16 decoder; with the head in fp32 in both they agree to fp32 rounding, with a bf16 head they differ by
     the head's bf16 rounding."""
     gaps = {}
     for fp32_head in (False, True):
-        trainer = Trainer(tiny_config("model.dtype=bfloat16", f"model.lm_head_fp32={str(fp32_head).lower()}"), task=SevensTask())
+        trainer = Trainer(tiny_config("model.dtype=bfloat16", f"model.lm_head_fp32={str(fp32_head).lower()}",
+                                      f"run.output_dir={tmp_path / str(fp32_head)}"), task=SevensTask())
         batch = trainer.collector.collect(1).batch
         rollout, mask = batch.rollout, batch.rollout.response_mask
         input_ids, attn, pos = model_inputs(rollout)
@@ -89,13 +90,14 @@ def test_with_bf16_weights_the_fp32_head_makes_the_models_logits_the_trainers(ti
 
 
 @pytest.mark.parametrize("backend", ["hf", "native"])
-def test_with_bf16_weights_the_fp32_head_narrows_the_sampler_trainer_gap(tiny_config, backend):
+def test_with_bf16_weights_the_fp32_head_narrows_the_sampler_trainer_gap(tiny_config, backend, tmp_path):
     """The sampler's μ against the trainer's π_old on the same batch: what remains with an fp32 head is the
     bf16 decoder's own difference between cached decoding and the teacher-forced forward."""
     gaps = {}
     for fp32_head in (False, True):
         trainer = Trainer(tiny_config("model.dtype=bfloat16", f"model.lm_head_fp32={str(fp32_head).lower()}",
-                                      f"rollout.backend={backend}", "optim.mini_batches=2"), task=SevensTask())
+                                      f"rollout.backend={backend}", "optim.mini_batches=2",
+                                      f"run.output_dir={tmp_path / str(fp32_head)}"), task=SevensTask())
         batch = trainer.collector.collect(1).batch
         trainer.scorer.score(batch)
         mask = batch.rollout.response_mask

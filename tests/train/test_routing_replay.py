@@ -122,9 +122,9 @@ def test_r3_replays_the_sampler_routing_in_the_old_forward(tiny_config, qwen3_mo
     assert torch.equal(replayed.logprobs[mask], scored.old_logprobs[mask])
 
 
-def test_routing_diagnostics_can_be_turned_off(tiny_config, qwen3_moe_dir):
+def test_routing_diagnostics_can_be_turned_off(tiny_config, qwen3_moe_dir, tmp_path):
     assert Trainer(_minirl(tiny_config, qwen3_moe_dir, "routing_replay=R3"), task=SevensTask()).scorer.settings.routing_diagnostics
-    cfg = _minirl(tiny_config, qwen3_moe_dir, "routing_replay=R3", "routing_diagnostics=false")
+    cfg = _minirl(tiny_config, qwen3_moe_dir, "routing_replay=R3", "routing_diagnostics=false", f"run.output_dir={tmp_path / 'off'}")
     trainer = Trainer(cfg, task=SevensTask())
     scored, _ = _collected(trainer)
     assert trainer.scorer.score(scored) == {}

@@ -72,4 +72,4 @@ def test_a_resumed_run_restores_the_updater_and_the_progress(tiny_config):
     assert resumed.start_step == 2 and resumed.progress["skipped_steps"] == 5
     assert _equal(resumed.updater.state_dict(), first.updater.state_dict())
     extra = load_checkpoint(latest_checkpoint(cfg.run.output_dir), model=resumed.model, restore_rng=False)["extra"]
-    assert set(extra) == {"updater", "progress", "guard"}
+    assert set(extra) == {"updater", "progress", "guard", "watch"}

@@ -10,7 +10,7 @@ worker processes (multiprocessing spawn, one intra-op thread each), each in its 
 on; a worker process that dies is replaced and its cells retried (twice at most). A cell whose
 ``result.json`` exists is not run again (``--force`` reruns it), so an interrupted map resumes.
 
-Outputs in OUT: ``results.jsonl`` (one line per cell, bench/collapse.py's metrics + curves), ``meta.json``
+Outputs in OUT: ``results.jsonl`` (one line per cell, report/collapse.py's metrics + curves), ``meta.json``
 (command, machine, wall time), and the report: ``report.md``, ``report.html``, ``heatmap.png``,
 ``curves.png`` (bench/report_stability.py). docs/stability-lab.md explains how to read them.
 """
@@ -149,9 +149,9 @@ def _init_worker() -> None:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Train one cell and return its results row; never raises (an error becomes the row's ``error``)."""
-    from steadyrl.bench.collapse import cell_metrics
     from steadyrl.config import load_config
     from steadyrl.report import read_metrics
+    from steadyrl.report.collapse import cell_metrics
 
     started = time.perf_counter()
     row: dict[str, Any] = {"method": cell.method, "lr": cell.lr, "seed": cell.seed, "run_dir": cell.run_dir}

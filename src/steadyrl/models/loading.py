@@ -100,6 +100,16 @@ def check_tokenizer_fits_model(tokenizer, model: torch.nn.Module, name_or_path: 
                 f"id {token_id}, outside the model's {vocab}-row embedding; set `model.pad_token` in the config to "
                 f"a token the model has (its EOS token {tokenizer.eos_token!r} is the usual choice)"
             )
+    # Text can encode to any non-special token: one past the embedding is an IndexError at the first rollout.
+    # (Special tokens the tokenizer invents but never emits for text, e.g. a default pad, are checked above.)
+    special = set(tokenizer.all_special_ids)
+    outside = sorted(i for i in tokenizer.get_vocab().values() if i >= vocab and i not in special)
+    if outside:
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path} has {len(outside)} token(s) with ids from {outside[0]} up, outside the "
+            f"model's {vocab}-row embedding; use the tokenizer saved with this model (or resize the model's "
+            "embeddings to the tokenizer before training)"
+        )
 
 
 def _fetch_error(name_or_path: str, what: str, error: Exception) -> ModelLoadError:

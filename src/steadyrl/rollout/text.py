@@ -5,13 +5,18 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from steadyrl.models.chat import PromptRenderer
 from steadyrl.rollout.base import left_pad
 from steadyrl.tasks import Prompt
 
 
-def encode_prompts(tokenizer, prompts: list[Prompt], device: torch.device) -> tuple[Tensor, Tensor]:
-    """(B, Tp) left-padded prompt ids and their bool mask."""
-    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
+def encode_prompts(
+    tokenizer, prompts: list[Prompt], device: torch.device, renderer: PromptRenderer | None = None
+) -> tuple[Tensor, Tensor]:
+    """(B, Tp) left-padded prompt ids and their bool mask; ``renderer`` (default: the chat template when the
+    tokenizer has one, else the raw text, see models/chat.py) turns each prompt into ids."""
+    renderer = renderer or PromptRenderer()
+    ids = [renderer.encode(tokenizer, p) for p in prompts]
     if any(len(x) == 0 for x in ids):
         empty = next(p for p, x in zip(prompts, ids) if len(x) == 0)
         raise ValueError(f"prompt {empty.id!r} encodes to no tokens; every prompt needs at least one token.")

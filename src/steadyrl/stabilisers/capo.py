@@ -121,6 +121,14 @@ class CapoFilter(TokenFilter):
             raise ConfigError(
                 f"CAPO needs the LM head: {type(model).__name__} has no get_output_embeddings()."
             )
+        if not model.get_output_embeddings().weight.requires_grad:
+            # LoRA (model.lora) freezes the head: the update then moves adapters inside the decoder, not W.
+            raise ConfigError(
+                "CAPO scores each token by the policy change an optimizer step on the LM head's weight W would make "
+                "(its last-layer model, arXiv 2510.00819), but the LM head is frozen here (model.lora trains adapters "
+                "in the decoder only), so the scores would model an update that never happens; train without "
+                "model.lora to use CAPO."
+            )
         self.fisher_tau, self.hessian_tau = float(fisher_tau), float(hessian_tau)
         self.hessian_symmetric = bool(hessian_symmetric)
         self.level, self.sequential_rescore = level, bool(sequential_rescore)

@@ -151,6 +151,8 @@ class StabilityGuard:
         for key in NONFINITE_KEYS:
             if key in metrics and not _finite(metrics[key]):
                 fired.append(f"nonfinite {key}")
+        if metrics.get("train/nonfinite_weights_max", 0.0) > 0:
+            fired.append("nonfinite weights after an optimizer step")
         skipped = metrics.get("train/skipped_steps")
         if _finite(skipped) and skipped > self.skipped_seen:
             fired.append(f"skipped steps {int(self.skipped_seen)} -> {int(skipped)}")

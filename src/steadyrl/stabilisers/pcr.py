@@ -23,7 +23,9 @@ parallelism S, Q and J are summed over ranks first, so α and the projection use
 rank writes the same gradient.
 
 Blocks [INF]: a parameter's block is the module that owns it directly (``model.layers.3.mlp.up_proj`` for
-``model.layers.3.mlp.up_proj.weight``; its weight and bias form one block). ``modules="mlp"`` tracks the
+``model.layers.3.mlp.up_proj.weight``; its weight and bias form one block). With LoRA (model.lora) the block is
+the adapted layer: ``up_proj.lora_A`` and ``up_proj.lora_B`` together, the two factors of that layer's update
+[INF: the paper trains every weight]. ``modules="mlp"`` tracks the
 blocks inside an MLP / feed-forward module (a path component in ``MLP_MODULE_NAMES``), the paper's MLP-only
 hybrid (§4.5); ``modules="all"`` tracks every parameter. ``blocks="global"`` merges all tracked blocks into
 one (classic PCGrad over the whole shared gradient).
@@ -40,6 +42,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from steadyrl.config import ConfigError
+from steadyrl.models.lora import adapted_module_name
 from steadyrl.ops.gradients import blockwise_inner, conflict_coefficient, pcr_alpha, trace_variance_from_norms
 from steadyrl.runtime.distributed import all_reduce_gradients
 from steadyrl.stabilisers.combiners import GradientCombiner
@@ -59,7 +62,7 @@ class ParameterBlocks:
         owners: list[str | None] = []
         for i, p in enumerate(params):
             name = names.get(id(p), f"param{i}")
-            owner = name.rpartition(".")[0] or name
+            owner = adapted_module_name(name.rpartition(".")[0] or name)
             tracked = modules == "all" or any(part in MLP_MODULE_NAMES for part in owner.split("."))
             owners.append(owner if tracked else None)
         self.tracked = [p for p, o in zip(params, owners) if o is not None]

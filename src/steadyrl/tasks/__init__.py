@@ -2,7 +2,7 @@
 ``steadyrl.registry.build_task``).
 
 ``reasoning_gym`` and ``jsonl_math`` import their optional packages (``pip install 'steadyrl[tasks]'``)
-only when built.
+only when built; ``python`` (your reward function and data) needs ``steadyrl[data]`` for anything but JSONL.
 """
 
 from __future__ import annotations
@@ -11,26 +11,28 @@ from steadyrl.tasks.arithmetic import ArithmeticTask, column_carries
 from steadyrl.tasks.base import (
     Prompt,
     RewardError,
-    RewardScores,
     Task,
     TaskError,
+    TaskScores,
+    score_batch,
     score_completions,
-    score_rewards,
 )
 from steadyrl.tasks.jsonl_math import JsonlMathTask, write_sample_math_jsonl
+from steadyrl.tasks.python_task import PythonRewardTask
 from steadyrl.tasks.reasoning_gym import ReasoningGymTask
 
 __all__ = [
     "ArithmeticTask",
     "JsonlMathTask",
     "Prompt",
+    "PythonRewardTask",
     "ReasoningGymTask",
     "RewardError",
-    "RewardScores",
     "Task",
     "TaskError",
+    "TaskScores",
     "column_carries",
+    "score_batch",
     "score_completions",
-    "score_rewards",
     "write_sample_math_jsonl",
 ]

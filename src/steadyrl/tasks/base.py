@@ -9,15 +9,15 @@ float tensor and makes every failure loud:
   * a reward function that raises, or returns something that is not a finite number, stops the run with a
     :class:`RewardError` naming the prompt, the completion and the original exception.
 
-Named reward components (GDPO, arXiv 2601.05242): ``task.reward`` may return a mapping of named numbers,
-e.g. ``{"correct": 1.0, "format": 0.1}``, instead of one number. :func:`score_rewards` then returns the
-components as columns of a (B, K) tensor and their sum as the reward (for metrics, evaluation and every
-estimator that takes one reward); an estimator registered with ``reads_components`` (gdpo) receives the
-columns. The column order is the task's optional ``reward_components`` attribute (a tuple of names), else
-the key order of the first mapping; every mapping of a batch must carry exactly those keys (a missing
-component is ``None`` / NaN, left out of that component's statistics), and one batch may not mix numbers and
-mappings. Declare ``reward_components`` when training on several processes, so every rank stacks the same
-columns.
+Named reward components (GDPO, arXiv 2601.05242) come two ways, both as :class:`TaskScores` ``components``
+(name -> (B,)) from :func:`score_batch`: a task with a batch scorer ``task.score(prompts, completions)``
+returns them itself (the python task), or ``task.reward`` returns a mapping of named numbers per completion,
+e.g. ``{"correct": 1.0, "format": 0.1}``. In the second case the reward is the sum of the present components
+(NaN only when every one is missing), and the components keep the order of the task's optional
+``reward_components`` tuple, else their sorted names; every mapping of a batch must carry exactly those keys
+(a missing component is ``None`` / NaN) and numbers and mappings do not mix in a batch. An advantage
+estimator registered with ``reads_components`` (gdpo) receives the components as (B, K) columns in that
+order (train/collect.py); everything else sees the reward.
 """
 
 from __future__ import annotations
@@ -74,8 +74,7 @@ class Task(Protocol):
         ...
 
     def reward(self, prompt: Prompt, completion: str) -> float | None | Mapping[str, float | None]:
-        """Reward of ``completion`` (decoded text after the prompt); None / NaN = could not be scored.
-        A mapping of named numbers gives the reward's components (module docstring)."""
+        """Reward of ``completion`` (decoded text after the prompt); None / NaN = could not be scored."""
         ...
 
     def demonstration(self, prompt: Prompt, rng: random.Random) -> str:
@@ -129,40 +128,40 @@ def _as_reward(value: object) -> float | None:
     return None
 
 
-@dataclass(frozen=True)
-class RewardScores:
-    """What :func:`score_rewards` returns for B completions."""
+def describe_call(task: Task, prompt: Prompt, completion: str) -> str:
+    """"task 'x', prompt id 'p' (text '...'), completion '...'": what a reward error names."""
+    return (
+        f"task {getattr(task, 'name', type(task).__name__)!r}, prompt id {prompt.id!r} "
+        f"(text {_preview(prompt.text)}), completion {_preview(completion)}"
+    )
 
-    total: Tensor  # (B,) float32: the reward, or the sum of its components (NaN when every one is missing)
-    components: Tensor  # (B, K) float32: the named components; K = 1 (the total) for plain-number rewards
-    names: tuple[str, ...]  # the components' names in column order; () for plain-number rewards
 
-
-def score_completions(task: Task, prompts: list[Prompt], completions: list[str]) -> Tensor:  # (B,) float32
-    """``task.reward`` of each (prompt, completion) pair as a float32 tensor, NaN where unscorable; the sum of
-    the components for a task that returns named components (``score_rewards(...).total``).
+def score_completions(
+    task: Task,
+    prompts: list[Prompt],
+    completions: list[str],
+) -> Tensor:  # (B,) float32
+    """``task.reward`` of each (prompt, completion) pair as a float32 tensor, NaN where unscorable; for a reward
+    of named components, their sum (module docstring).
 
     Raises:
       RewardError: the reward function raised, or returned a non-number or ±inf.
       ValueError: ``prompts`` and ``completions`` differ in length.
     """
-    return score_rewards(task, prompts, completions).total
+    return _score_each(task, prompts, completions).rewards
 
 
-def score_rewards(task: Task, prompts: list[Prompt], completions: list[str]) -> RewardScores:
-    """Rewards and their named components (module docstring); errors as :func:`score_completions`."""
+def _score_each(task: Task, prompts: list[Prompt], completions: list[str]) -> TaskScores:
+    """``task.reward`` per completion: plain numbers, or mappings of named components."""
     if len(prompts) != len(completions):
         raise ValueError(
             f"got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion"
         )
-    names: tuple[str, ...] | None = getattr(task, "reward_components", None) or None
+    names: tuple[str, ...] | None = tuple(getattr(task, "reward_components", None) or ()) or None
     rows: list[list[float]] = []
     named: bool | None = None
     for prompt, completion in zip(prompts, completions):
-        where = (
-            f"task {getattr(task, 'name', type(task).__name__)!r}, prompt id {prompt.id!r} "
-            f"(text {_preview(prompt.text)}), completion {_preview(completion)}"
-        )
+        where = describe_call(task, prompt, completion)
         try:
             value = task.reward(prompt, completion)
         except Exception as error:
@@ -178,8 +177,8 @@ def score_rewards(task: Task, prompts: list[Prompt], completions: list[str]) -> 
             )
         named = is_mapping
         if is_mapping:
-            names = names or tuple(str(k) for k in value)
-            if set(value) != set(names):
+            names = names or tuple(sorted(str(k) for k in value))
+            if set(map(str, value)) != set(names):
                 raise RewardError(
                     f"the reward function returned components {sorted(map(str, value))} for {where}, expected "
                     f"{list(names)}; return every component (None where it cannot be scored)."
@@ -188,13 +187,13 @@ def score_rewards(task: Task, prompts: list[Prompt], completions: list[str]) -> 
         else:
             rows.append([_checked_reward(value, where, "")])
     if not named:
-        total = torch.tensor([r[0] for r in rows], dtype=torch.float32)
-        return RewardScores(total, total[:, None], ())
-    components = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(names))
-    missing = torch.isnan(components)
-    total = torch.where(missing, 0.0, components).sum(dim=1)
+        return TaskScores(torch.tensor([r[0] for r in rows], dtype=torch.float32))
+    columns = torch.tensor(rows, dtype=torch.float32).reshape(len(rows), len(names))
+    missing = torch.isnan(columns)
+    total = torch.where(missing, 0.0, columns).sum(dim=1)
     total = torch.where(missing.all(dim=1), torch.full_like(total, math.nan), total)
-    return RewardScores(total, components, tuple(names))
+    components = {name: columns[:, k] for k, name in enumerate(names)}
+    return TaskScores(total, components, {f"reward/{name}_mean": c.nanmean() for name, c in components.items()})
 
 
 def _checked_reward(value: object, where: str, what: str) -> float:
@@ -205,3 +204,35 @@ def _checked_reward(value: object, where: str, what: str) -> float:
             "function to return a finite float (or None / NaN when the completion cannot be scored)."
         )
     return reward
+
+
+@dataclass
+class TaskScores:
+    """The rewards of a batch of completions, as a task with its own batch scorer returns them."""
+
+    rewards: Tensor  # (B,) float32, NaN = could not be scored
+    components: dict[str, Tensor] = field(default_factory=dict)
+    """Named rewards (B,) float32 of a multi-reward task, whose weighted sum is ``rewards`` (plain sum for
+    per-completion mappings), in column order; empty otherwise."""
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    """Scalar metrics of the scoring (e.g. ``reward/timeout_frac``), as 0-d tensors."""
+
+
+def score_batch(task: Task, prompts: list[Prompt], completions: list[str]) -> TaskScores:
+    """``task.score(prompts, completions)`` when the task scores whole batches (a worker pool, several named
+    rewards), else ``task.reward`` per completion (numbers, or mappings of named components). Both raise
+    RewardError for a reward that raised or returned a non-number, and give NaN for an unscorable completion."""
+    scorer = getattr(task, "score", None)
+    if scorer is None:
+        return _score_each(task, prompts, completions)
+    if len(prompts) != len(completions):
+        raise ValueError(
+            f"got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion"
+        )
+    scores = scorer(prompts, completions)
+    if scores.rewards.shape != (len(prompts),):
+        raise ValueError(
+            f"{type(task).__name__}.score returned rewards of shape {tuple(scores.rewards.shape)} for "
+            f"{len(prompts)} completions; return one reward per completion"
+        )
+    return scores

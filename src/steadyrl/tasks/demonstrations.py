@@ -9,12 +9,18 @@ import torch
 from steadyrl.tasks.base import Prompt, Task
 
 
-def demonstration_batch(task: Task, tokenizer, prompts: list[Prompt], rng: random.Random, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded (ids, attention mask, labels) with the loss on completion tokens and EOS only."""
+def demonstration_batch(
+    task: Task, tokenizer, prompts: list[Prompt], rng: random.Random, device, renderer=None
+) -> tuple[torch.Tensor, ...]:
+    """Right-padded (ids, attention mask, labels) with the loss on completion tokens and EOS only; the prompt is
+    rendered by ``renderer`` (models/chat.py; default: the chat template when the tokenizer has one) as in RL."""
+    from steadyrl.models.chat import PromptRenderer  # models.chat imports tasks
+
+    renderer = renderer or PromptRenderer()
     eos = tokenizer.eos_token_id
     seqs, labels = [], []
     for p in prompts:
-        prompt_ids = tokenizer(p.text)["input_ids"]
+        prompt_ids = renderer.encode(tokenizer, p)
         completion = tokenizer(task.demonstration(p, rng), add_special_tokens=False)["input_ids"] + [eos]
         seqs.append(prompt_ids + completion)
         labels.append([-100] * len(prompt_ids) + completion)

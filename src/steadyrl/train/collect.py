@@ -11,18 +11,19 @@ baseline) needs π_old's per-token statistics, so its advantages are left to the
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from steadyrl.models.chat import PromptRenderer
 from steadyrl.ops.masking import masked_fill_zero, masked_var
 from steadyrl.rollout.base import RolloutBackend, SamplingParams
 from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.seeding import step_seed
-from steadyrl.tasks import Prompt, Task, score_rewards
+from steadyrl.tasks import Prompt, Task, score_batch
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.types import AdvantageResult
 
@@ -42,6 +43,7 @@ class Collected:
     completions: list[str]
     metrics: dict[str, Tensor]  # per-rank tensors, token-/sample-weighted means
     rollout_s: float
+    reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (B_local,) of multi-reward tasks
 
 
 class RolloutCollector:
@@ -59,6 +61,7 @@ class RolloutCollector:
         seed: int,
         device: torch.device,
         mask_truncated: bool = False,
+        renderer: PromptRenderer | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -72,6 +75,7 @@ class RolloutCollector:
         self.device = device
         self.mask_truncated = mask_truncated
         self.eos_ids = eos_ids(tokenizer)
+        self.renderer = renderer
 
     def local_prompts(self, step: int) -> list[Prompt]:
         prompts = self.task.sample("train", self.prompts_per_step, seed=step_seed(self.seed, step))
@@ -80,21 +84,22 @@ class RolloutCollector:
 
     def collect(self, step: int) -> Collected:
         prompts = [p for p in self.local_prompts(step) for _ in range(self.group_size)]  # G copies, contiguous
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device)
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device, self.renderer)
         generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, 1 + self.info.rank))
         start = time.perf_counter()
         self.backend.sync_weights()
         rollout = self.backend.generate(prompt_ids, prompt_mask, self.params, generator=generator)
         rollout_s = time.perf_counter() - start
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.response_mask, self.eos_ids)
-        scores = score_rewards(self.task, prompts, completions)
-        rewards = scores.total.to(self.device)  # (B,) NaN = unscorable
+        scores = score_batch(self.task, prompts, completions)  # rewards, named parts, scoring metrics
+        rewards = scores.rewards.to(self.device)  # (B,) NaN = unscorable
         all_rewards = gather_rewards(rewards, self.info)  # estimators see the global batch, as on one process
         entry = getattr(self.advantage_fn, "entry", None)
         if getattr(entry, "reads_old_statistics", False):  # computed by the score stage after π_old
             adv = AdvantageResult(torch.zeros_like(all_rewards), torch.isfinite(all_rewards), {})
         elif getattr(entry, "reads_components", False):
-            adv = self.advantage_fn(gather_rewards(scores.components.to(self.device), self.info), self.group_size)
+            columns = torch.stack(list(scores.components.values()), dim=1) if scores.components else rewards[:, None]
+            adv = self.advantage_fn(gather_rewards(columns.to(self.device), self.info), self.group_size)
         else:
             adv = self.advantage_fn(all_rewards, self.group_size)
         mine = slice(self.info.rank * len(prompts), (self.info.rank + 1) * len(prompts))
@@ -106,11 +111,9 @@ class RolloutCollector:
         advantages = masked_fill_zero(advantages.float(), rollout.response_mask).detach()
         batch = ScoredBatch(rollout, rewards=rewards, advantages=advantages, sample_mask=sample_mask)
         metrics = {**_reward_metrics(all_rewards), **adv.metrics, **_rollout_metrics(rollout)}
-        for k, name in enumerate(scores.names):  # per-component means over this rank's completions
-            column = scores.components[:, k].to(self.device)
-            finite = torch.isfinite(column)
-            metrics[f"reward/{name}"] = torch.where(finite, column, 0.0).sum() / finite.sum().clamp(min=1)
-        return Collected(batch, prompts, completions, metrics, rollout_s)
+        metrics.update({name: value.to(self.device) for name, value in scores.metrics.items()})
+        components = {name: value.to(self.device) for name, value in scores.components.items()}
+        return Collected(batch, prompts, completions, metrics, rollout_s, components)
 
 
 def _reward_metrics(rewards: Tensor) -> dict[str, Tensor]:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from steadyrl.config import ConfigError
+from steadyrl.models.lora import unwrap_peft
 from steadyrl.models.routing import RoutingReplayer, WeightRule
 from steadyrl.ops.logprobs import logprobs_from_hidden
 from steadyrl.rollout.base import position_ids_from_mask
@@ -44,7 +45,9 @@ def model_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder stack (hidden states after the final norm) and the LM head of a HF causal LM."""
+    """The decoder stack (hidden states after the final norm) and the LM head of a HF causal LM (inside a peft
+    LoRA wrapper too: its LoRA layers then run in the decoder)."""
+    model = unwrap_peft(model)
     head = model.get_output_embeddings()
     decoder = getattr(model, "base_model", None)
     if head is None or decoder is None or decoder is model:
@@ -52,6 +55,8 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
             f"{type(model).__name__} does not expose a decoder and an LM head (get_output_embeddings); "
             "steadyrl needs a causal LM whose logits are lm_head(hidden)."
         )
+    if type(head) is not torch.nn.Linear and hasattr(head, "base_layer"):
+        raise TypeError("the LM head carries a LoRA adapter, which the chunked log-prob path does not apply; leave it out of model.lora.target_modules.")
     if getattr(model.config, "final_logit_softcapping", None):
         raise TypeError(f"{type(model).__name__} soft-caps its logits, which the chunked log-prob path does not model.")
     return decoder, head

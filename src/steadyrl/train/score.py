@@ -2,7 +2,8 @@
 
     π_old   when the batch feeds more than one optimizer step, when KL is taken to π_old, or under R2
             (whose π_old forward records the experts every later forward replays)
-    π_ref   when there is a KL penalty: the reference model, under the same replayed routing as training
+    π_ref   when there is a KL penalty: the reference model, under the same replayed routing as training; with
+            LoRA and no reference model, the policy with its adapters disabled (the base model, no second copy)
     routing diagnostics on MoE models: routing/agreement of the sampler's experts with the trainer's own,
             and mismatch/kl_k3_no_replay = k3 KL(μ ‖ π_old without replay)
     advantages of an estimator that reads π_old's statistics (registry fact ``reads_old_statistics``, the
@@ -22,6 +23,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from steadyrl.models.lora import adapters_disabled
 from steadyrl.models.routing import RoutingRecorder, routed_positions_mask, routing_agreement
 from steadyrl.ops.correction import mismatch_metrics
 from steadyrl.ops.masking import masked_fill_zero
@@ -133,6 +135,10 @@ class Scorer:
             batch.ref_logprobs = batch.old_logprobs
             return
         replay = None if self.settings.routing_replay == "none" else "batch"
+        if self.ref_model is None:  # LoRA: π_ref is the base model, i.e. the policy with every adapter bypassed
+            with adapters_disabled(self.model):
+                batch.ref_logprobs = self.forward(self.model, batch, replay=replay, record=False).logprobs
+            return
         batch.ref_logprobs = self.forward(self.ref_model, batch, replay=replay, record=False).logprobs
 
     def _routing_diagnostics(self, batch: ScoredBatch, sampler_routing: Tensor, plain: Forwarded | None) -> Metrics:

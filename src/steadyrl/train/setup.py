@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 
 from steadyrl import registry
-from steadyrl.config import ConfigError, TrainConfig
+from steadyrl.config import ConfigError, TrainConfig, to_dict
+from steadyrl.runtime import rundir
 from steadyrl.runtime.distributed import DistInfo
 
 EMBEDDED_PREFIX = "embedded:"
@@ -77,6 +78,11 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
         )
     if o.micro_batch_size < 1 or o.epochs < 1 or o.steps < 1:
         raise ConfigError("optim.micro_batch_size, optim.epochs and optim.steps must be at least 1.")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1 or cfg.eval.every < 0:
+        raise ConfigError(
+            f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep_last={cfg.checkpoint.keep_last}, "
+            f"eval.every={cfg.eval.every}: every must be >= 0 (0 = only at the end / never for eval) and keep_last >= 1."
+        )
     if r.max_new_tokens < 1:
         raise ConfigError("rollout.max_new_tokens must be at least 1.")
     if r.temperature <= 0:
@@ -127,15 +133,18 @@ def validate_reward_components(cfg: TrainConfig, task) -> None:
 
 
 def validate_run_dir(cfg: TrainConfig) -> None:
-    """Never mix two runs in one directory: without resume, an existing run's directory is an error."""
-    run_dir = Path(cfg.run.output_dir)
-    if cfg.run.resume or not run_dir.is_dir():
+    """Never mix two runs, never write into a directory steadyrl did not create (runtime/rundir.py): a foreign
+    directory is refused, an existing run needs run.resume=true and the run's own config."""
+    run = rundir.inspect(cfg.run.output_dir)
+    rundir.refuse_foreign(run)
+    if not run.holds_run:
         return
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+    if not cfg.run.resume:
         raise ConfigError(
-            f"run.output_dir {run_dir} already holds a run; set run.resume=true to continue it, or choose a new "
+            f"run.output_dir {run.path} already holds a run; set run.resume=true to continue it, or choose a new "
             "run.output_dir (nothing was overwritten)."
         )
+    rundir.check_resume_matches(run, to_dict(cfg))
 
 
 def resolve_methods(cfg: TrainConfig) -> dict:

@@ -25,14 +25,24 @@ import torch
 
 from steadyrl import registry
 from steadyrl._io import atomic_write_text
-from steadyrl.config import TrainConfig, dump_config
+from steadyrl.config import ConfigError, TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
+from steadyrl.models.chat import renderer_for
 from steadyrl.models.loading import check_tokenizer_fits_model
+from steadyrl.models.lora import (
+    AdapterState,
+    LoraError,
+    apply_lora,
+    export_adapter,
+    export_merged,
+    is_peft_model,
+)
 from steadyrl.models.precision import DynamicLossScale, cast_lm_head_to_fp32
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
-from steadyrl.report import MetricLogger, ProgressBar, make_report
+from steadyrl.report import MetricLogger, ProgressBar, make_report, read_metrics
 from steadyrl.rollout.base import SamplingParams
+from steadyrl.runtime import rundir
 from steadyrl.runtime.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
@@ -61,6 +71,7 @@ from steadyrl.train.setup import (
     validate_run_dir,
 )
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
+from steadyrl.train.watch import RunWatch, TrainingFailed
 
 _OWN_FILES = ("model", "optimizer", "scheduler")
 """Training state with a file of its own in a checkpoint; the rest goes into its state.pt."""
@@ -84,15 +95,22 @@ class Trainer:
         validate_reward_components(cfg, self.task)
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
+        self.renderer = renderer_for(cfg.model, self.tokenizer)  # chat template or raw, the same in training and eval
         self.model = model if model is not None else self._load_model(model_path)
-        if cfg.model.lm_head_fp32:
+        if cfg.model.lm_head_fp32:  # before a LoRA wrapper, as TRL
             cast_lm_head_to_fp32(self.model)
+        self.lora = cfg.model.lora is not None
+        if self.lora and not is_peft_model(self.model):
+            try:  # only the adapters train; the base weights stay frozen (models/lora.py)
+                self.model = apply_lora(self.model, cfg.model.lora)
+            except LoraError as error:
+                raise ConfigError(str(error)) from error
         check_tokenizer_fits_model(self.tokenizer, self.model, cfg.model.name_or_path)
         self.model.to(self.device).train()
         check_routing_replay(self.model, cfg.routing_replay)
         kl_on = cfg.kl.coef > 0
         ref_model = None
-        if kl_on and cfg.kl.reference == "initial":
+        if kl_on and cfg.kl.reference == "initial" and not self.lora:  # LoRA: the base model is the reference
             # Loaded from the source, not copied, so a resumed run gets the same reference.
             ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
             if cfg.model.lm_head_fp32:
@@ -117,7 +135,7 @@ class Trainer:
         self.collector = RolloutCollector(
             self.backend, self.tokenizer, self.task, self.methods["advantage"], params=self.sampling,
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
-            device=self.device, mask_truncated=r.mask_truncated,
+            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
         )
         token_advantage = self.methods["advantage"].entry.reads_old_statistics  # computed after π_old
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
@@ -146,6 +164,7 @@ class Trainer:
         """The run's record (never rewound by a rollback): skipped optimizer steps, first eval, wall time."""
         guard_log = self.run_dir / "guard.jsonl" if self.info.is_main else None
         self.guard = StabilityGuard(cfg.guard, log_path=guard_log) if cfg.guard is not None else None
+        self.watch = RunWatch()
         self._resume_or_start()
         if self.guard is not None:
             self.guard.bind(self.training_state(), start_step=self.start_step)
@@ -153,7 +172,8 @@ class Trainer:
     def training_state(self) -> dict[str, Any]:
         """Everything a checkpoint restores besides the run's progress, each with state_dict / load_state_dict;
         the stability guard's rollback restores exactly this."""
-        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
+        model = AdapterState(self.model) if self.lora else self.model  # LoRA: the adapters; the base is the source
+        return {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -178,11 +198,14 @@ class Trainer:
                 if name not in _OWN_FILES:
                     obj.load_state_dict(extra.get(name, {}))
             self.progress.update(extra.get("progress", {}))
+            self.watch.load_state_dict(extra.get("watch", {}))
             if self.guard is not None:
                 self.guard.load_state_dict(extra.get("guard", {}))
         if self.info.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            rundir.claim(self.run_dir)
             dump_config(self.cfg, self.run_dir / "config.yaml")
+            if ckpt is not None:
+                print(f"resuming {self.run_dir} from step {self.start_step} (of {self.cfg.optim.steps})", flush=True)
         barrier()
         self.logger = MetricLogger(
             self.run_dir,
@@ -211,9 +234,17 @@ class Trainer:
             progress.write(_format_eval(0, last_eval))
         for step in range(self.start_step + 1, cfg.optim.steps + 1):
             metrics = self.rl_step(step)
-            if self.guard is not None:
-                metrics.update(self._apply_guard(step, metrics))
+            action = self.guard.observe(step, metrics) if self.guard is not None else None
+            if action is not None:
+                self.guard.apply(action)
+                metrics.update(self.guard.metrics())
             self.logger.log(step, metrics)
+            for line in self.watch.observe(step, metrics, action):  # skipped steps, rollbacks, alarms
+                progress.write(line)
+            if metrics.get("train/nonfinite_weights_max", 0.0) > 0 and getattr(action, "kind", None) != "rollback":
+                progress.close()
+                self.logger.close()
+                raise TrainingFailed(self._nonfinite_weights_message(step))
             progress.update(step, metrics)
             final = step == cfg.optim.steps
             if cfg.eval.every > 0 and (step % cfg.eval.every == 0 or final):
@@ -257,15 +288,20 @@ class Trainer:
         metrics["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         return metrics
 
-    def _apply_guard(self, step: int, metrics: dict[str, float]) -> dict[str, float]:
-        """Let the stability guard see the step's metrics and snapshot / roll back; returns its guard/* metrics."""
-        self.guard.apply(self.guard.observe(step, metrics))
-        return self.guard.metrics()
+    def _nonfinite_weights_message(self, step: int) -> str:
+        last = latest_checkpoint(self.run_dir)
+        resume = f"the last checkpoint is {last.name}" if last is not None else "there is no checkpoint yet"
+        return (
+            f"step {step}: an optimizer step made the weights non-finite (optim.lr={self.cfg.optim.lr}); lower "
+            "optim.lr, set optim.grad_clip, or turn on the stability guard (--set guard.max_rollbacks=3) to roll "
+            f"back instead; {resume}"
+        )
 
     def evaluate(self, step: int) -> dict[str, float]:
         prompts = self.task.eval_prompts()
         if self.cfg.eval.num_prompts:
             prompts = prompts[: self.cfg.eval.num_prompts]
+        self.backend.sync_weights()  # a separate sampler copy is refreshed only before rollouts: score today's policy
         metrics = evaluate(
             self.backend,
             self.tokenizer,
@@ -277,6 +313,7 @@ class Trainer:
             seed=step_seed(self.cfg.run.seed, step, 99_991),
             info=self.info,
             device=self.device,
+            renderer=self.renderer,
         )
         if self.retention is not None:
             metrics.update(self.retention.measure(self.backend, seed=step_seed(self.cfg.run.seed, step, 99_991)))
@@ -287,6 +324,7 @@ class Trainer:
             state = self.training_state()
             extra = {name: obj.state_dict() for name, obj in state.items() if name not in _OWN_FILES}
             extra["progress"] = dict(self.progress)
+            extra["watch"] = self.watch.state_dict()
             if self.guard is not None:
                 extra["guard"] = self.guard.state_dict()
             save_checkpoint(
@@ -308,14 +346,32 @@ class Trainer:
             "world_size": self.info.world_size,
         }
         if self.info.is_main:
-            if self.cfg.checkpoint.save_final_model:
+            self.logger.flush()
+            verdict = self.watch.verdict(read_metrics(self.run_dir), self.cfg.optim.steps)
+            summary.update(verdict=verdict, warnings=list(self.watch.warnings))
+            failed = verdict["collapsed"] or verdict["unscorable"]
+            if self.cfg.checkpoint.save_final_model and self.lora and not failed:
+                export_merged(self.model, self.tokenizer, self.run_dir / "final")  # loads without peft
+                export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
+            elif self.cfg.checkpoint.save_final_model and not failed:
                 save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
+            _print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
             if self.cfg.logging.report:
                 make_report(self.run_dir)
         barrier()
         return summary
+
+
+def _print_warnings(summary: dict, exported: bool) -> None:
+    warnings, verdict = summary["warnings"], summary["verdict"]
+    if warnings:
+        shown = warnings[-10:]
+        print(f"\nwarnings ({len(warnings)}):" + "".join(f"\n  {w}" for w in shown), flush=True)
+    if verdict["collapsed"] or verdict["unscorable"]:
+        tail = "" if exported else "; the final model was not exported"
+        print(f"the run failed: {'; '.join(verdict['reasons'])}{tail}", flush=True)
 
 
 def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:

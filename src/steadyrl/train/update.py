@@ -306,6 +306,7 @@ class PolicyUpdater:
             metrics["train/loss_scale"] = torch.tensor(self.loss_scale.scale)
             self.loss_scale.unscale_(self.params)
         norm, skipped = self._apply_gradient(lr_scale)
+        metrics["train/nonfinite_weights_max"] = self._weights_nonfinite()
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
         acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
         return skipped
@@ -355,6 +356,11 @@ class PolicyUpdater:
     def _scaled(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
         """The terms to backpropagate: multiplied by the fp16 loss scale when there is one."""
         return terms if self.loss_scale is None else self.loss_scale.scaled(terms)
+
+    def _weights_nonfinite(self) -> Tensor:
+        """1.0 when a parameter holds NaN / inf after the step (a finite gradient can still overflow a weight)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        return (~finite).float()
 
     def _aux(self, j: int, n: int) -> dict[str, Tensor]:
         terms: dict[str, Tensor] = {}
