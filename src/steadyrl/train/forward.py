@@ -70,7 +70,10 @@ def policy_forward(
     keep_hidden: bool = False,
     chunk_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
+    support: tuple[int, float] = (0, 1.0),
 ) -> PolicyOutput:
+    """π(y_t) of the batch's completions; ``support`` = (top_k, top_p) scores on the sampler's truncated
+    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary."""
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
     device_type = input_ids.device.type
@@ -93,6 +96,8 @@ def policy_forward(
         chunk_size=chunk_size,
         compute_entropy=compute_entropy,
         return_token_logits=True,
+        top_k=support[0],
+        top_p=support[1],
     )
     return PolicyOutput(logprobs, entropy, hidden if keep_hidden else None, token_logits)
 

@@ -41,6 +41,8 @@ class ScoreSettings:
     kl_to: str | None = None
     """None (no KL), "initial" (the reference model) or "old" (π_old)."""
     routing_diagnostics: bool = False
+    support: tuple[int, float] = (0, 1.0)
+    """(top_k, top_p) of the sampler when the trainer scores on its support (rollout.trainer_truncation)."""
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,8 @@ class Scorer:
             recorder = RoutingRecorder(model) if record else contextlib.nullcontext()
             with routing(model, rollout, replay), recorder:
                 out = policy_forward(
-                    model, rollout, temperature=s.temperature, compute_entropy=False, autocast_dtype=s.autocast_dtype
+                    model, rollout, temperature=s.temperature, compute_entropy=False, autocast_dtype=s.autocast_dtype,
+                    support=s.support,
                 )
             logprobs.append(out.logprobs)
             logits.append(out.token_logits)
