@@ -51,6 +51,22 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     return _exit_code(summary)
 
 
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from steadyrl.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [*args.set, f"run.output_dir={tmp}/run", "run.resume=false", "logging.report=false"]
+        cfg = load_config(args.config, overrides)
+        from steadyrl.train.doctor import check_ratios
+        from steadyrl.train.trainer import Trainer
+
+        report = check_ratios(Trainer(cfg))
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def _cmd_warmstart(args: argparse.Namespace) -> int:
     from steadyrl.warmstart import WarmstartConfig, check_output_dir, warmstart
 
@@ -247,6 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--force", action="store_true", help="rerun cells that already have a result.json")
     st.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.jsonl")
     st.set_defaults(fn=_cmd_bench_stability)
+
+    d = sub.add_parser(
+        "doctor",
+        help="check that the sampler/trainer importance ratio is 1 at equal weights, and name the cause if not",
+    )
+    d.add_argument("config", help="YAML config (the run it describes is not touched: a temporary directory is used)")
+    d.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    d.set_defaults(fn=_cmd_doctor)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--markdown", action="store_true")

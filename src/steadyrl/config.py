@@ -109,6 +109,10 @@ class RolloutConfig:
     """Sample with a copy of the policy in this dtype (e.g. bfloat16) to create a real train-inference gap."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens out of the loss (DAPO's overlong filtering)."""
+    trainer_truncation: bool = False
+    """Score π_old and π_θ on the sampler's top-k / top-p support (renormalised), so that with equal weights
+    π_old/μ ≡ 1; off = the full softmax, as TRL and verl score (μ then differs from π_old on every token
+    whenever top_k or top_p truncates: `steadyrl doctor` measures it)."""
 
 
 @dataclass(frozen=True)
@@ -235,6 +239,9 @@ class RunConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     resume: bool = True
+    """Continue the run in output_dir from its latest checkpoint (only with the run's own config)."""
+    preflight: bool = True
+    """Before step 1 of a new run, check that the sampler/trainer ratio is 1 at equal weights (`steadyrl doctor`)."""
 
 
 @dataclass(frozen=True)
@@ -279,6 +286,9 @@ class GuardConfig:
     """Fire when mismatch/kl_k3 exceeds this multiple of its running median ..."""
     kl_min: float = 1.0e-3
     """... and this absolute value."""
+    ratio_drift: float = 0.01
+    """Fire when the mean sampler/trainer ratio π_old/μ (mismatch/ratio_mean, 1 in expectation) is further than
+    this from 1: a ratio that is wrong on average, not just noisy."""
     snapshot_every: int = 5
     """Healthy steps between in-memory snapshots (model, optimizer, token-filter state)."""
     keep_snapshots: int = 2

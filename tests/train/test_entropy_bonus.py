@@ -165,3 +165,23 @@ def test_a_resumed_run_restores_the_controller(tiny_config):
     assert second.start_step == 1
     assert second.updater.entropy_bonus.coef.item() == pytest.approx(0.005)
     assert second.updater.entropy_bonus.last_entropy.item() == pytest.approx(first.updater.entropy_bonus.last_entropy.item())
+
+
+def test_the_entropy_gradient_is_finite_on_a_truncated_support():
+    """Scoring on the sampler's top-k support puts −∞ logits in the chunk: the entropy's gradient stays finite
+    and equals the full softmax's over the kept entries."""
+    gen = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 3, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    weight = torch.randn(9, 6, dtype=torch.float64, generator=gen, requires_grad=True)
+    ids = torch.zeros(2, 3, dtype=torch.long)
+    _, entropy = logprobs_from_hidden(hidden, weight, ids, chunk_size=4, compute_entropy=True, entropy_grad=True, top_k=3)
+    grads = torch.autograd.grad(entropy.sum(), [hidden, weight])
+    assert all(torch.isfinite(g).all() for g in grads)
+    logits = hidden @ weight.T
+    kept = logits >= logits.topk(3, dim=-1).values[..., -1:]
+    p = torch.softmax(logits.masked_fill(~kept, float("-inf")), dim=-1)
+    expected = -(torch.where(kept, p * p.clamp_min(1e-300).log(), 0.0)).sum(-1)
+    torch.testing.assert_close(entropy, expected, rtol=1e-10, atol=1e-12)
+    want = torch.autograd.grad(expected.sum(), [hidden, weight])
+    for a, b in zip(grads, want):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-10)

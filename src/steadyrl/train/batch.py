@@ -23,6 +23,7 @@ class ScoredBatch:
     old_logprobs: Tensor | None = None  # (B, T) π_old, only when the batch is used for > 1 optimizer step
     ref_logprobs: Tensor | None = None  # (B, T) π_ref, only with a KL penalty
     old_token_logits: Tensor | None = None  # (B, T) π_old's raw logit of y_t (LCO-MSE/LCH off-policy)
+    policy_version: Tensor | None = None  # (B,) long, optimizer steps taken when the sample was drawn
     metrics: Metrics = field(default_factory=dict)
 
     @property
@@ -45,6 +46,7 @@ class ScoredBatch:
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
             old_token_logits=pick(self.old_token_logits),
+            policy_version=pick(self.policy_version),
             metrics={},
         )
 

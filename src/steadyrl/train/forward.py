@@ -73,7 +73,10 @@ def policy_forward(
     autocast_dtype: torch.dtype | None = None,
     compute_sum_pi_squared: bool = False,
     entropy_grad: bool = False,
+    support: tuple[int, float] = (0, 1.0),
 ) -> PolicyOutput:
+    """π(y_t) of the batch's completions; ``support`` = (top_k, top_p) scores on the sampler's truncated
+    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary."""
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
     device_type = input_ids.device.type
@@ -98,6 +101,8 @@ def policy_forward(
         return_token_logits=True,
         compute_sum_pi_squared=compute_sum_pi_squared,
         entropy_grad=entropy_grad,
+        top_k=support[0],
+        top_p=support[1],
     )
     kept = hidden if keep_hidden else None
     return PolicyOutput(logprobs, entropy, kept, token_logits, sum_pi_squared[0] if sum_pi_squared else None)

@@ -48,6 +48,8 @@ class ScoreSettings:
     routing_diagnostics: bool = False
     group_size: int = 1
     """G, for an advantage estimator computed here."""
+    support: tuple[int, float] = (0, 1.0)
+    """(top_k, top_p) of the sampler when the trainer scores on its support (rollout.trainer_truncation)."""
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,7 @@ class Scorer:
                 out = policy_forward(
                     model, rollout, temperature=s.temperature, compute_entropy=False, autocast_dtype=s.autocast_dtype,
                     compute_sum_pi_squared=sum_pi_squared,
+                    support=s.support,
                 )
             logprobs.append(out.logprobs)
             logits.append(out.token_logits)

@@ -57,6 +57,7 @@ from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
 from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.collect import RolloutCollector
+from steadyrl.train.doctor import check_ratios
 from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
     autocast_dtype,
@@ -119,7 +120,7 @@ class Trainer:
         settings = UpdateSettings(
             mini_batches=o.mini_batches, epochs=o.epochs, micro_batch_size=o.micro_batch_size, grad_clip=o.grad_clip,
             temperature=r.temperature, max_len=r.max_new_tokens, kl_coef=cfg.kl.coef, autocast_dtype=autocast,
-            routing_replay=cfg.routing_replay,
+            routing_replay=cfg.routing_replay, support=_support(r),
         )
         self.total_optimizer_steps = o.steps * settings.optimizer_steps_per_batch
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.total_optimizer_steps)
@@ -145,6 +146,7 @@ class Trainer:
             kl_to=cfg.kl.reference if kl_on else None,
             routing_diagnostics=cfg.routing_diagnostics and bool(supported_moe_layers(self.model, strict=False)),
             group_size=r.group_size,
+            support=_support(r),
         ), advantage=self.methods["advantage"] if token_advantage else None)
         context = {"model": self.model, "distributed": self.info.enabled,
                    "optimizer_defaults": {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}}
@@ -226,6 +228,9 @@ class Trainer:
         started = time.perf_counter()
         progress = ProgressBar(cfg.optim.steps, enabled=cfg.logging.progress and self.info.is_main, initial=self.start_step)
         last_eval: dict[str, float] | None = None
+        if self.start_step == 0 and cfg.run.preflight:
+            for line in self.preflight():
+                progress.write(line)
         if self.start_step == 0 and cfg.eval.every > 0:
             last_eval = self.evaluate(step=0)
             self.progress["eval_start_all"] = last_eval
@@ -269,6 +274,7 @@ class Trainer:
         start = time.perf_counter()
         collected = self.collector.collect(step)  # 1. prompts → rollout → reward → advantage
         batch = collected.batch
+        batch.policy_version = torch.full((batch.batch_size,), self.scheduler.last_epoch, device=self.device)
         score_metrics = self.scorer.score(batch)  # 2. π_old, π_ref, MoE routing, at θ_old
         scored = time.perf_counter()
         update = self.updater.update(batch)  # 3. mini-batches × micro-batches → optimizer steps
@@ -287,6 +293,14 @@ class Trainer:
         metrics["perf/update_s"] = time.perf_counter() - scored
         metrics["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         return metrics
+
+    def preflight(self) -> list[str]:
+        """The step-0 ratio check (train/doctor.py): one line, and the causes when the ratio is biased."""
+        report = check_ratios(self)
+        lines = report.lines()
+        if not report.ok:
+            self.watch.warnings += lines
+        return lines if self.info.is_main else []
 
     def _nonfinite_weights_message(self, step: int) -> str:
         last = latest_checkpoint(self.run_dir)
@@ -382,6 +396,11 @@ def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:
     progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
     updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
     return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}
+
+
+def _support(r) -> tuple[int, float]:
+    """The sampler's (top_k, top_p) when the trainer replays its truncation, else the full vocabulary."""
+    return (r.top_k, r.top_p) if r.trainer_truncation else (0, 1.0)
 
 
 def _auto_device() -> str:

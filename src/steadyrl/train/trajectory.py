@@ -45,7 +45,7 @@ def trajectory_grad_sq_norms(updater: PolicyUpdater, mb: ScoredBatch) -> tuple[T
         with routing(updater.model, one.rollout, updater.replay):
             fwd = policy_forward(
                 updater.model, one.rollout, temperature=s.temperature, compute_entropy=True,
-                autocast_dtype=s.autocast_dtype,
+                autocast_dtype=s.autocast_dtype, support=s.support,
             )
             logprobs.append(fwd.logprobs.detach())
             if not bool(one.token_mask.any()):

@@ -70,6 +70,8 @@ class UpdateSettings:
     autocast_dtype: torch.dtype | None = None
     routing_replay: str = "none"
     """MoE Routing Replay (models/routing.py): none | R2 | R3; training forwards replay the batch's experts."""
+    support: tuple[int, float] = (0, 1.0)
+    """(top_k, top_p) of the sampler when the trainer scores on its support (rollout.trainer_truncation)."""
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -132,12 +134,12 @@ class _Kept(NamedTuple):
 def _rejections(inputs: LossInputs, correction, token_filters, hidden, lr) -> _Kept:
     """What the correction and the token filters reject and how they reweight (their masks AND, weights multiply)."""
     mask, weights, metrics = inputs.response_mask.clone(), torch.ones_like(inputs.logprobs.detach()), {}
+    if inputs.rollout_logprobs is not None:  # measured whether or not a correction acts on it
+        metrics.update(mismatch_metrics(inputs.old_logprobs, inputs.rollout_logprobs, inputs.response_mask))
     if correction is not None:
         corr = correction(inputs)
         mask, weights = mask & corr.mask, weights * corr.weights
-        metrics.update(corr.metrics)
-    elif inputs.rollout_logprobs is not None:
-        metrics.update(mismatch_metrics(inputs.old_logprobs, inputs.rollout_logprobs, inputs.response_mask))
+        metrics.update(corr.metrics)  # the correction's own view of a shared key (e.g. its anchor's k3) wins
     unfiltered, penalties = mask.clone(), []
     for token_filter in token_filters:
         verdict = token_filter(inputs, hidden, lr)
@@ -262,6 +264,9 @@ class PolicyUpdater:
         skipped = 0
         for _epoch in range(self.settings.epochs):
             for rows in torch.arange(n, device=batch.advantages.device).chunk(self.settings.mini_batches):
+                if batch.policy_version is not None:  # optimizer steps between the sampling policy and this one
+                    lag = (self.scheduler.last_epoch - batch.policy_version[rows]).float()
+                    acc.add({"rollout/policy_lag_mean": lag.mean(), "rollout/policy_lag_max": lag.max()}, rows.numel())
                 skipped += self._optimizer_step(batch.select(rows), acc)
         return UpdateResult(acc.compute(distributed=self.distributed), skipped)
 
@@ -282,7 +287,7 @@ class PolicyUpdater:
             with routing(self.model, micro.rollout, self.replay):  # MoE experts fixed in forward and backward
                 fwd = policy_forward(
                     self.model, micro.rollout, temperature=s.temperature, compute_entropy=True,
-                    keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype,
+                    keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype, support=s.support,
                     entropy_grad=self.entropy_bonus is not None,
                 )
                 step = micro_batch_terms(
