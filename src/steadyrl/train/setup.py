@@ -11,6 +11,7 @@ import torch
 from steadyrl import registry
 from steadyrl.config import ConfigError, TrainConfig
 from steadyrl.runtime.distributed import DistInfo
+from steadyrl.runtime.paths import check_writable_dir
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -88,6 +89,7 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
 def validate_run_dir(cfg: TrainConfig) -> None:
     """Never mix two runs in one directory: without resume, an existing run's directory is an error."""
     run_dir = Path(cfg.run.output_dir)
+    check_writable_dir(run_dir, "run.output_dir")
     if cfg.run.resume or not run_dir.is_dir():
         return
     if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():

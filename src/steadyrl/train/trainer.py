@@ -180,7 +180,7 @@ class Trainer:
         but after the step's checkpoint if one was due) and returns None."""
         cfg = self.cfg
         started = time.perf_counter()
-        progress = ProgressBar(cfg.optim.steps, enabled=cfg.logging.progress and self.info.is_main, initial=self.start_step)
+        progress = ProgressBar(cfg.optim.steps, enabled=self.info.is_main, steps=cfg.logging.progress, initial=self.start_step)
         last_eval: dict[str, float] | None = None
         if self.start_step == 0 and cfg.eval.every > 0:
             last_eval = self.evaluate(step=0)
@@ -256,6 +256,7 @@ class Trainer:
             seed=step_seed(self.cfg.run.seed, step, 99_991),
             info=self.info,
             device=self.device,
+            on_samples=lambda samples: self.logger.log_samples(step, samples),  # RUN_DIR/samples.jsonl
         )
         if self.retention is not None:
             metrics.update(self.retention.measure(self.backend, seed=step_seed(self.cfg.run.seed, step, 99_991)))
