@@ -368,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default=None, help="output directory (default runs/stability-quick or runs/stability)")
     st.add_argument("--model", default=None, help="model.name_or_path for every cell (default: the recipes')")
     st.add_argument("--device", default=None, help="run.device for every cell (default: cpu quick, auto full)")
-    st.add_argument("--configs", default=None, help="directory of <method>.yaml base recipes (default configs/stability)")
+    st.add_argument("--configs", default=None, help="directory of <method>.yaml base recipes (default: the packaged ones, configs/stability)")
     st.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override for every cell")
     st.add_argument("--force", action="store_true", help="rerun cells that already have a result.json")
     st.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.jsonl")
