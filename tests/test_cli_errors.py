@@ -393,3 +393,13 @@ def test_paths_module_has_no_heavy_imports():
     )
     assert result.stdout.strip() == "False", result.stderr
     assert paths.is_disk_full(OSError(errno.ENOSPC, "x"))
+
+
+def test_ctrl_c_in_quickstart_does_not_promise_a_resume(tmp_path, monkeypatch):
+    """quickstart replaces its previous run, so a rerun starts again, checkpoint or not."""
+    _interrupt_at(monkeypatch, 2)
+    sets = ["eval.every=0", "checkpoint.every=1", "rollout.prompts_per_step=4", "rollout.group_size=4",
+            "logging.progress=false", "logging.tensorboard=false"]
+    code, _, err = _run(["quickstart", "--out", tmp_path / "qs", "--set", *sets])
+    assert code == 130
+    assert _ours(err).endswith("\nsteadyrl: interrupted at step 2; rerun the same command to start again\n")

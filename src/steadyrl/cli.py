@@ -60,6 +60,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     overrides = [f"run.output_dir={args.out}"] + list(args.set or [])
     cfg = load_config(path, overrides)
     _preflight(args, cfg)
+    args.starts_over = True  # a rerun replaces the previous quickstart run: never say it resumes
     out = Path(cfg.run.output_dir)
     if (out / "config.yaml").is_file():  # the demo's own directory: each `make demo` is a fresh run
         print(f"replacing the previous quickstart run in {out}")
@@ -241,6 +242,8 @@ def _step_in_flight(args: argparse.Namespace) -> int | None:
 def _how_to_resume(args: argparse.Namespace) -> str:
     """"rerun the same command to resume from step N", or what a rerun does instead."""
     cfg = getattr(args, "cfg", None)
+    if getattr(args, "starts_over", False):
+        return "rerun the same command to start again"
     resumed = _resume_point(cfg.run.output_dir) if cfg is not None else None
     if resumed is None:
         return "rerun the same command to start again (no checkpoint was saved yet)"
