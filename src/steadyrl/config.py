@@ -226,7 +226,8 @@ class LoggingConfig:
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (needs `pip install wandb`)."""
     progress: bool = True
-    """Live progress bar."""
+    """Per-step progress: a live bar on a terminal, a plain line per step when output goes to a file or pipe;
+    false prints only the eval lines."""
     report: bool = True
     """Write PNG plots and an HTML report at the end of the run."""
 
@@ -359,12 +360,26 @@ def load_config(
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file (see configs/).")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
     for item in overrides or []:
         apply_override(raw, item, notes)
     return from_dict(cls, raw)
+
+
+def _read_yaml(path: Path) -> Any:
+    """The parsed file, or a ConfigError naming the file, line and column of a syntax error."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(
+            f"{where}: invalid YAML ({problem}); fix the syntax there (indentation, a missing ':', an unclosed "
+            "bracket or quote)."
+        ) from exc
 
 
 def apply_override(raw: dict[str, Any], item: str, notes: list[str] | None = None) -> None:
@@ -384,7 +399,11 @@ def apply_override(raw: dict[str, Any], item: str, notes: list[str] | None = Non
             child = {} if not isinstance(child, str) else {"name": child}
             node[part] = child
         node = child
-    parsed = yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote or fix it.") from exc
     if parts[-1] == "name" and "name" in node and node["name"] != parsed:
         dropped = sorted(k for k in node if k != "name")
         if dropped and notes is not None:

@@ -87,12 +87,12 @@ def check_ratios(trainer, step: int = 0) -> RatioReport:
     def closes(gap: float) -> bool:
         return gap <= max(report.tolerance, 0.1 * base)
 
-    if (r.top_k or r.top_p < 1.0) and s.support == (0, 1.0):
-        if closes(_gap(_score(trainer, batch, support=(r.top_k, r.top_p)), batch)):
-            report.causes.append(
-                f"the sampler truncates (top_k={r.top_k}, top_p={r.top_p}) and the trainer scores the full softmax: "
-                "set rollout.trainer_truncation=true so both use the same support"
-            )
+    truncates = (r.top_k or r.top_p < 1.0) and s.support == (0, 1.0)
+    if truncates and closes(_gap(_score(trainer, batch, support=(r.top_k, r.top_p)), batch)):
+        report.causes.append(
+            f"the sampler truncates (top_k={r.top_k}, top_p={r.top_p}) and the trainer scores the full softmax: "
+            "set rollout.trainer_truncation=true so both use the same support"
+        )
     if s.temperature != 1.0 and closes(_gap(_score(trainer, batch, temperature=1.0), batch)):
         report.causes.append(f"temperature {s.temperature} is applied on one side only")
     if trainer.backend.separate_sampler:

@@ -12,6 +12,7 @@ from steadyrl import registry
 from steadyrl.config import ConfigError, TrainConfig, to_dict
 from steadyrl.runtime import rundir
 from steadyrl.runtime.distributed import DistInfo
+from steadyrl.runtime.paths import check_writable_dir
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -135,6 +136,7 @@ def validate_reward_components(cfg: TrainConfig, task) -> None:
 def validate_run_dir(cfg: TrainConfig) -> None:
     """Never mix two runs, never write into a directory steadyrl did not create (runtime/rundir.py): a foreign
     directory is refused, an existing run needs run.resume=true and the run's own config."""
+    check_writable_dir(Path(cfg.run.output_dir), "run.output_dir")
     run = rundir.inspect(cfg.run.output_dir)
     rundir.refuse_foreign(run)
     if not run.holds_run:

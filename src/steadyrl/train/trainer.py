@@ -226,7 +226,7 @@ class Trainer:
         but after the step's checkpoint if one was due) and returns None."""
         cfg = self.cfg
         started = time.perf_counter()
-        progress = ProgressBar(cfg.optim.steps, enabled=cfg.logging.progress and self.info.is_main, initial=self.start_step)
+        progress = ProgressBar(cfg.optim.steps, enabled=self.info.is_main, steps=cfg.logging.progress, initial=self.start_step)
         last_eval: dict[str, float] | None = None
         if self.start_step == 0 and cfg.run.preflight:
             for line in self.preflight():
@@ -295,12 +295,12 @@ class Trainer:
         return metrics
 
     def preflight(self) -> list[str]:
-        """The step-0 ratio check (train/doctor.py): one line, and the causes when the ratio is biased."""
+        """The step-0 ratio check (train/doctor.py): lines naming the bias and its causes, none when the ratio is 1."""
         report = check_ratios(self)
-        lines = report.lines()
-        if not report.ok:
-            self.watch.warnings += lines
-        return lines if self.info.is_main else []
+        if report.ok:
+            return []  # quiet when the ratio is 1: `steadyrl doctor` prints the numbers
+        self.watch.warnings += report.lines()
+        return report.lines() if self.info.is_main else []
 
     def _nonfinite_weights_message(self, step: int) -> str:
         last = latest_checkpoint(self.run_dir)
@@ -328,6 +328,7 @@ class Trainer:
             info=self.info,
             device=self.device,
             renderer=self.renderer,
+            on_samples=lambda samples: self.logger.log_samples(step, samples),  # RUN_DIR/samples.jsonl
         )
         if self.retention is not None:
             metrics.update(self.retention.measure(self.backend, seed=step_seed(self.cfg.run.seed, step, 99_991)))

@@ -221,7 +221,7 @@ class PolicyUpdater:
                 "it cannot rescale the policy gradient after a rollout correction or token filter rejects tokens "
                 "while a retention loss also runs; drop the correction / token filter, or retention.coef."
             )
-        if self.replay and self.aux_terms and getattr(model, "is_gradient_checkpointing", False):
+        if self.replay and self.aux_terms and activation_checkpointing(model):
             raise ConfigError(
                 "routing replay with activation checkpointing cannot tell the recomputed policy forward from an "
                 "auxiliary loss term's forward; turn off model.gradient_checkpointing or routing_replay."
@@ -376,6 +376,12 @@ class PolicyUpdater:
     @property
     def _reduce_sum(self) -> Callable[[Tensor], Tensor]:
         return all_reduce_sum if self.distributed else _identity
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether the model recomputes activations in backward, under the name this transformers release uses."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 def _identity(x: Tensor) -> Tensor:
