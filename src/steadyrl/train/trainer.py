@@ -62,6 +62,7 @@ from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
     autocast_dtype,
     build_optimizer,
+    checkpoint_extra,
     computes_in_float16,
     resolve_device,
     resolve_methods,
@@ -72,7 +73,7 @@ from steadyrl.train.setup import (
     validate_run_dir,
 )
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
-from steadyrl.train.watch import RunWatch, TrainingFailed
+from steadyrl.train.watch import RunWatch, TrainingFailed, print_warnings
 
 _OWN_FILES = ("model", "optimizer", "scheduler")
 """Training state with a file of its own in a checkpoint; the rest goes into its state.pt."""
@@ -195,7 +196,7 @@ class Trainer:
             state = self.training_state()
             loaded = load_checkpoint(ckpt, **{k: state[k] for k in _OWN_FILES}, map_location=self.device)
             self.start_step = int(loaded["step"])
-            extra = _current_layout(loaded.get("extra") or {})
+            extra = checkpoint_extra(loaded.get("extra") or {})
             for name, obj in state.items():
                 if name not in _OWN_FILES:
                     obj.load_state_dict(extra.get(name, {}))
@@ -370,33 +371,13 @@ class Trainer:
                 export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
             elif self.cfg.checkpoint.save_final_model and not failed:
                 save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
-            _print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
+            print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
             if self.cfg.logging.report:
                 make_report(self.run_dir)
         barrier()
         return summary
-
-
-def _print_warnings(summary: dict, exported: bool) -> None:
-    warnings, verdict = summary["warnings"], summary["verdict"]
-    if warnings:
-        shown = warnings[-10:]
-        print(f"\nwarnings ({len(warnings)}):" + "".join(f"\n  {w}" for w in shown), flush=True)
-    if verdict["collapsed"] or verdict["unscorable"]:
-        tail = "" if exported else "; the final model was not exported"
-        print(f"the run failed: {'; '.join(verdict['reasons'])}{tail}", flush=True)
-
-
-def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's extra state as written today; steadyrl 0.1 wrote trainer_state / skipped_steps /
-    token_filters at the top level."""
-    if "progress" in extra or "trainer_state" not in extra:
-        return extra
-    progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
-    updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
-    return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}
 
 
 def _support(r) -> tuple[int, float]:
