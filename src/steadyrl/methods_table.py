@@ -14,6 +14,13 @@ STABILISERS: list[tuple[str, str, str, str, str]] = [
         "docs/methods/routing-replay.md",
     ),
     (
+        "overlong_filter",
+        "sampling",
+        "DAPO overlong filtering (config rollout.mask_truncated): truncated completions leave the loss",
+        "arXiv 2503.14476",
+        "docs/methods/sampling.md",
+    ),
+    (
         "stability_guard",
         "trainer_hook",
         "stability guard (config guard): on a collapse signal, roll back to an in-memory snapshot, cut the LR, tighten ε",
@@ -33,6 +40,12 @@ CONFIG_KEYS = {
     "kl": "kl.estimator",
     "token_filter": "token_filters: [{name: ...}]",
     "combiner": "combiner.name",
+    "prompt_selector": "sampling.selector.name",
+    "group_filter": "sampling.filters: [{name: ...}]",
+    "group_augmenter": "sampling.augmenters: [{name: ...}]",
+    "reward_shaper": "sampling.reward_shapers: [{name: ...}]",
+    "layer_advantage": "sampling.advantage.name",
+    "sampling": "rollout.mask_truncated: true",
     "model_hook": "routing_replay: R2 | R3",
     "trainer_hook": "guard: {...}",
 }

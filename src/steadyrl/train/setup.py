@@ -11,6 +11,7 @@ import torch
 from steadyrl import registry
 from steadyrl.config import ConfigError, TrainConfig
 from steadyrl.runtime.distributed import DistInfo
+from steadyrl.sampling.layer import check_sampling
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -105,6 +106,7 @@ def resolve_methods(cfg: TrainConfig) -> dict:
         registry.check("token_filter", spec)
     registry.check("combiner", cfg.combiner)
     registry.check("rollout_backend", cfg.rollout.backend)
+    check_sampling(cfg)
     return {
         "advantage": registry.resolve("advantage", cfg.advantage),
         "loss": registry.resolve("loss", cfg.loss),
