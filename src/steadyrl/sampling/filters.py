@@ -21,8 +21,8 @@ class DynamicSampling:
     keep a group only when 0 < #correct < G, i.e. its rewards are not all equal, and over-sample until the
     batch holds ``rollout.prompts_per_step`` such groups.
 
-    Each further generation round asks the prompt selector for ⌈missing × ``oversample``⌉ prompts (rounded
-    up to a multiple of the number of processes); at most ``max_rounds`` rounds run (verl's
+    Each further generation round asks the prompt selector for ⌈missing × ``oversample``⌉ prompts (the
+    ranks share their generation unevenly when needed, so several processes draw as one); at most ``max_rounds`` rounds run (verl's
     ``max_num_gen_batches``).  When the cap is reached with too few groups the batch is completed with the
     earliest dropped groups, left out of the loss (``sampling/unfilled_groups`` counts them) [INF: verl stops
     with an error or trains a smaller batch; steadyrl keeps the batch shape].  The cost is reported as

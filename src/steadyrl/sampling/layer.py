@@ -110,7 +110,7 @@ class SamplingLayer:
         if refill:
             cap, factor = max(f.max_rounds for f in refill), max(f.oversample for f in refill)
             while (kept := len(self._kept_groups(groups))) < P and rounds < cap:
-                n = math.ceil(math.ceil((P - kept) * factor) / self.info.world_size) * self.info.world_size
+                n = math.ceil((P - kept) * factor)  # not rounded to the world size: 2 processes draw as 1
                 groups = groups.concat(self._round(step, rounds, self.selector.select(step, n, rounds)), self.pad_token_id)
                 rounds += 1
             groups, unfilled = self._final_groups(groups, P)
