@@ -5,7 +5,9 @@ arguments are checked against the implementation's signature before anything is 
 or argument raises a ConfigError listing the valid ones. Function families (advantage, loss, correction,
 aggregation, kl) resolve to a ``Method``: the function with its hyper-parameters bound, called the same way
 for every member (the family's Protocol below), so the trainer never branches on a name. Class families
-(token_filter, combiner, task, rollout_backend) are built once per run with ``build(family, spec, **context)``;
+(token_filter, combiner, task, rollout_backend, and the sampling layer's prompt_selector, group_filter,
+group_augmenter, reward_shaper, layer_advantage whose protocols are in ``steadyrl.sampling.base``) are built
+once per run with ``build(family, spec, **context)``;
 the context (the model, the tokenizer's ids ...) is not a user setting.
 
 What differs between members of a family is a fact on its ``Entry`` (``trust_region``, ``min_group_size``),
