@@ -241,6 +241,10 @@ def check_sampling(cfg: TrainConfig) -> None:
         registry.check("layer_advantage", s.advantage)
     if s.store_capacity < 1:
         raise ConfigError(f"sampling.store_capacity={s.store_capacity}; it must be at least 1.")
+    moves = bool(s.augmenters) or any(registry.lookup("group_filter", f.name).target.refill for f in s.filters)
+    if moves and cfg.routing_replay == "R3":
+        raise ConfigError("routing_replay=R3 cannot be combined with sampling filters that refill or with augmenters "
+                          "(recorded routing does not follow rows the layer replaces or gathers); use R2.")
 
 
 def build_sampling_layer(cfg: TrainConfig, *, task: Any, tokenizer: Any, model: Any, info: DistInfo,
@@ -249,18 +253,23 @@ def build_sampling_layer(cfg: TrainConfig, *, task: Any, tokenizer: Any, model: 
     from steadyrl import registry
 
     s, r = cfg.sampling, cfg.rollout
-    moves = bool(s.augmenters) or any(registry.lookup("group_filter", f.name).target.refill for f in s.filters)
-    if moves and info.enabled and cfg.routing_replay == "R3":
-        raise ConfigError("routing_replay=R3 cannot be combined with sampling filters that refill or with augmenters "
-                          "on several processes (recorded routing does not travel between ranks); use R2.")
     context = {"task": task, "seed": cfg.run.seed, "model": model, "tokenizer": tokenizer,
                "backend_spec": r.backend, "max_new_tokens": r.max_new_tokens}
+
+    def build(family: str, spec: Any) -> Any:
+        try:
+            return registry.build(family, spec, **context)
+        except ValueError as exc:  # a setting out of range: the user's to fix, reported as one line
+            if isinstance(exc, ConfigError):
+                raise
+            raise ConfigError(f"sampling {family} {spec.name!r}: {exc}") from exc
+
     return SamplingLayer(
-        registry.build("prompt_selector", s.selector, **context),
-        [registry.build("group_filter", spec, **context) for spec in s.filters],
-        [registry.build("group_augmenter", spec, **context) for spec in s.augmenters],
-        [registry.build("reward_shaper", spec, **context) for spec in s.reward_shapers],
-        registry.build("layer_advantage", s.advantage, **context) if s.advantage is not None else None,
+        build("prompt_selector", s.selector),
+        [build("group_filter", spec) for spec in s.filters],
+        [build("group_augmenter", spec) for spec in s.augmenters],
+        [build("reward_shaper", spec) for spec in s.reward_shapers],
+        build("layer_advantage", s.advantage) if s.advantage is not None else None,
         task=task, tokenizer=tokenizer, info=info, group_size=r.group_size, prompts_per_step=r.prompts_per_step,
         device=device, store_capacity=s.store_capacity,
     )
