@@ -131,6 +131,7 @@ class SamplingLayer:
             self._metrics["sampling/unfilled_groups"] = torch.tensor(float(unfilled))
         for part in (self.selector, *self.filters, *self.augmenters, *self.shapers):
             self._metrics.update(getattr(part, "metrics", dict)())
+        self._metrics = _on(self._metrics, self.device)
         return groups
 
     def _round(self, step: int, round: int, prompts: list[Prompt]) -> Groups:
@@ -194,7 +195,7 @@ class SamplingLayer:
             result = advantage_fn(rewards, self.group_size)
         if self.store_enabled:
             self.store.update(step, prompts, rewards, self.group_size, getattr(self.advantage, "old_scale", 1.0))
-        return result, rewards
+        return result._replace(metrics=_on(result.metrics, self.device)), rewards
 
     def metrics(self) -> Metrics:
         return dict(self._metrics)
@@ -226,6 +227,11 @@ class SamplingLayer:
         if self.advantage is not None:
             self.advantage.load_state_dict(state.get("advantage", {}))
         self.store.load_state_dict(state.get("store", {}))
+
+
+def _on(metrics: Metrics, device: torch.device) -> Metrics:
+    """Metrics on the training device (the step's accumulator stacks them with the update's)."""
+    return {k: torch.as_tensor(v).to(device) for k, v in metrics.items()}
 
 
 def check_sampling(cfg: TrainConfig) -> None:
