@@ -63,7 +63,8 @@ class MajorityVote:
     commented out (``n_actor = n_total``); the paper's M + N pool is implemented, with N =
     ``momentum_samples`` (the commented code tried G/4 and G/2).  Ties go to the answer seen first.  The EMA
     runs at the start of the next step's collection (the policy has not moved in between).  Answers come from
-    ``task.extract_answer`` or the first word of the completion.  Diagnostics that do read the gold answer:
+    ``task.extract_answer`` or the first word of the completion.  Not reproduced: the code also drops the KL term
+of unlabelled prompts; steadyrl's KL penalty applies to every completion in the loss.  Diagnostics that do read the gold answer:
     ``mgrpo/label_accuracy`` (labels equal to it), ``mgrpo/labelled_frac``.
     """
 
