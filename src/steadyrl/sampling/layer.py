@@ -200,12 +200,17 @@ class SamplingLayer:
     def metrics(self) -> Metrics:
         return dict(self._metrics)
 
-    def local_rows(self, num_rows: int) -> slice:
-        """The rows of the global batch this rank trains on."""
-        if not self.global_rows or not self.info.enabled:
-            return slice(0, num_rows)
-        per = num_rows // self.info.world_size
-        return slice(self.info.rank * per, (self.info.rank + 1) * per)
+    def rank_rows(self, groups: Groups) -> tuple[Groups, slice]:
+        """This rank's groups of the step, and where their rows sit in the global batch (the advantage's)."""
+        g = self.group_size
+        if not self.global_rows:  # the rank's own rows already
+            start = groups.first_group * g
+            return groups, slice(start, start + groups.rollout.batch_size)
+        if not self.info.enabled:
+            return groups, slice(0, groups.rollout.batch_size)
+        per = groups.num_groups // self.info.world_size
+        first = self.info.rank * per
+        return groups.select_groups(list(range(first, first + per))), slice(first * g, (first + per) * g)
 
     # ------------------------------------------------------------------ state
 

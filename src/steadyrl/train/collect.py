@@ -13,7 +13,6 @@ import time
 from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from steadyrl.ops.masking import masked_fill_zero, masked_var
@@ -26,14 +25,6 @@ from steadyrl.tasks import Prompt, Task
 from steadyrl.train.batch import ScoredBatch
 
 _SALT_STRIDE = 100_003  # separates the generator seeds of a step's generation calls (rounds, hints, momentum)
-
-
-def gather_rewards(local: Tensor, info: DistInfo) -> Tensor:
-    if not info.enabled:
-        return local
-    parts = [torch.empty_like(local) for _ in range(info.world_size)]
-    dist.all_gather(parts, local)
-    return torch.cat(parts)
 
 
 @dataclass
@@ -94,12 +85,8 @@ class RolloutCollector:
         self.backend.sync_weights()
         groups = self.layer.collect(step, self.generate)  # selection → rollout → reward → shaping → filters
         adv, all_rewards = self.layer.advantages(step, groups, self.advantage_fn)  # global, as on one process
-        rows = self.layer.local_rows(groups.rollout.batch_size)
-        if rows != slice(0, groups.rollout.batch_size):
-            groups = groups.select_groups(list(range(rows.start // self.group_size, rows.stop // self.group_size)))
+        groups, mine = self.layer.rank_rows(groups)
         rollout, prompts, completions = groups.rollout, groups.row_prompts, groups.completions
-        first = (groups.first_group * self.group_size) if not self.layer.global_rows else rows.start
-        mine = slice(first, first + rollout.batch_size)
         advantages, sample_mask = adv.advantages[mine], adv.sample_mask[mine]
         if self.mask_truncated:
             sample_mask = sample_mask & ~rollout.truncated
