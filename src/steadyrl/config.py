@@ -309,6 +309,25 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """The sampling layer between rollout and advantage (steadyrl.sampling, docs/methods/sampling.md): which
+    prompts, which groups, which rewards.  The defaults are plain uniform sampling with nothing else."""
+
+    selector: MethodSpec = field(default_factory=lambda: MethodSpec("uniform"))
+    """Registered prompt selector: uniform (fresh draws, or a fixed pool with pool_size) | vade."""
+    filters: tuple[MethodSpec, ...] = ()
+    """Group filters, applied in order: dynamic_sampling (DAPO, over-samples) | iqr_entropy (M-GRPO)."""
+    augmenters: tuple[MethodSpec, ...] = ()
+    """Group augmenters for groups without reward variance: r3_replay | sage_hints."""
+    reward_shapers: tuple[MethodSpec, ...] = ()
+    """Reward shapers, applied in order: overlong_penalty (DAPO) | majority_vote (M-GRPO, label-free)."""
+    advantage: MethodSpec | None = None
+    """A layer advantage (dcpo | riskpo | adora | copo); when set it replaces the top-level ``advantage``."""
+    store_capacity: int = 65536
+    """Prompts the per-prompt store remembers (least recently seen evicted)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -341,6 +360,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     guard: GuardConfig | None = None
     """Stability guard (GuardConfig); None = off. `--set guard.max_rollbacks=3` turns it on with defaults."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Prompt selection, group filters / augmenters, reward shaping, stateful advantages (SamplingConfig)."""
 
 
 # ----------------------------------------------------------------------------- loading

@@ -1,6 +1,7 @@
 """The RL trainer. One step is three stages, then bookkeeping:
 
     batch   = collector.collect(step)     prompts → rollout → reward → advantage              (train/collect.py)
+                                          (which prompts / groups / rewards: the sampling layer, sampling/)
     scorer.score(batch)                   π_old, π_ref, MoE routing record, at θ_old          (train/score.py)
     updater.update(batch)                 mini-batches × micro-batches → optimizer steps      (train/update.py)
     → log, stability guard, eval, checkpoint
@@ -52,6 +53,7 @@ from steadyrl.runtime.checkpoint import (
 from steadyrl.runtime.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.runtime.seeding import step_seed
+from steadyrl.sampling.layer import build_sampling_layer
 from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
@@ -134,10 +136,12 @@ class Trainer:
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
         sampler_dtype = resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None
         self.backend = registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype)
+        layer = build_sampling_layer(cfg, task=self.task, tokenizer=self.tokenizer, model=self.model, info=self.info,
+                                     device=self.device)
         self.collector = RolloutCollector(
             self.backend, self.tokenizer, self.task, self.methods["advantage"], params=self.sampling,
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
-            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
+            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer, layer=layer,
         )
         token_advantage = self.methods["advantage"].entry.reads_old_statistics  # computed after π_old
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
@@ -174,9 +178,11 @@ class Trainer:
 
     def training_state(self) -> dict[str, Any]:
         """Everything a checkpoint restores besides the run's progress, each with state_dict / load_state_dict;
-        the stability guard's rollback restores exactly this."""
+        the stability guard's rollback restores exactly this (the sampling layer's per-prompt state included:
+        see sampling/layer.py for why a rollback rewinds it)."""
         model = AdapterState(self.model) if self.lora else self.model  # LoRA: the adapters; the base is the source
-        return {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
+        return {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater,
+                "sampling": self.collector.layer}
 
     # ------------------------------------------------------------------ setup helpers
 
