@@ -155,6 +155,11 @@ class CheckpointConfig:
     """Checkpoints kept (at least 1)."""
     save_final_model: bool = True
     """Export the final policy (HF format + tokenizer) to RUN_DIR/final."""
+    hf_format: bool = True
+    """Also write the policy in Hugging Face format into every checkpoint, RUN_DIR/checkpoints/step-N/hf/ (with
+    LoRA the merged model there and the adapter in step-N/hf-adapter/), which ``from_pretrained`` loads while the
+    run goes on, as TRL's checkpoint-N directories are; it appears and is pruned with its checkpoint (keep_last).
+    Costs one more copy of the weights on disk per kept checkpoint; false = the resumable state only."""
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ from steadyrl.config import ConfigError, TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.chat import renderer_for
+from steadyrl.models.export import hf_checkpoint_writers
 from steadyrl.models.loading import check_tokenizer_fits_model
 from steadyrl.models.lora import (
     AdapterState,
@@ -305,9 +306,10 @@ class Trainer:
             extra["watch"] = self.watch.state_dict()
             if self.guard is not None:
                 extra["guard"] = self.guard.state_dict()
+            exports = hf_checkpoint_writers(self.model, self.tokenizer) if self.cfg.checkpoint.hf_format else None
             save_checkpoint(
                 self.run_dir, step, **{k: state[k] for k in _OWN_FILES}, extra=extra,
-                keep_last=self.cfg.checkpoint.keep_last,
+                keep_last=self.cfg.checkpoint.keep_last, exports=exports,  # step-N/hf: from_pretrained loads it
             )
         barrier()
 
