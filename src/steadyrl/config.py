@@ -181,6 +181,12 @@ class RunConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     resume: bool = True
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun --nproc_per_node N) share the work; each rank samples and trains on whole
+    groups either way, and gradients are summed over ranks. ddp = every rank holds the full model, gradients and
+    optimizer state (runtime/distributed.py); fsdp = FSDP2 shards parameters, gradients and AdamW state over the
+    ranks, for a model whose training state does not fit one device; the samplers keep a full copy of the weights
+    (train/sharded.py says what is gathered when, and what is refused: LoRA, PCGrad / PCR, routing replay)."""
 
 
 @dataclass(frozen=True)

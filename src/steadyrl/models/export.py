@@ -66,3 +66,19 @@ def hf_checkpoint_writers(
         adapter = with_tokenizer(lambda path: _save_adapter(model, path))
         return {HF_DIR: merged, ADAPTER_DIR: adapter}
     return {HF_DIR: with_tokenizer(lambda path: model.save_pretrained(path, state_dict=state_dict))}
+
+
+class _WithStateDict:
+    """What ``save_pretrained_atomic`` calls: ``model.save_pretrained`` with the given full weights."""
+
+    def __init__(self, model: torch.nn.Module, state_dict: dict[str, Tensor]) -> None:
+        self.model, self.state_dict = _plain(model), state_dict
+
+    def save_pretrained(self, path: Path) -> None:
+        self.model.save_pretrained(path, state_dict=self.state_dict)
+
+
+def with_state_dict(model: torch.nn.Module, state_dict: dict[str, Tensor] | None) -> Any:
+    """``model`` for ``save_pretrained_atomic``, saving ``state_dict`` instead of its own weights when given
+    (an FSDP-sharded policy's gathered weights)."""
+    return model if state_dict is None else _WithStateDict(model, state_dict)

@@ -24,6 +24,7 @@ from steadyrl.models.lora import unwrap_peft
 from steadyrl.models.routing import RoutingReplayer, WeightRule
 from steadyrl.ops.logprobs import logprobs_from_hidden
 from steadyrl.rollout.base import position_ids_from_mask
+from steadyrl.runtime.fsdp import FORWARD_METHOD
 from steadyrl.types import RolloutBatch
 
 
@@ -62,6 +63,24 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
 
 
 def policy_forward(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = True,
+    keep_hidden: bool = False,
+    chunk_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+) -> PolicyOutput:
+    kwargs = dict(temperature=temperature, compute_entropy=compute_entropy, keep_hidden=keep_hidden,
+                  chunk_size=chunk_size, autocast_dtype=autocast_dtype)
+    sharded = getattr(model, FORWARD_METHOD, None)
+    if sharded is not None:  # FSDP (runtime/fsdp.py): the root unit gathers the embeddings and LM head around it
+        return sharded(batch, **kwargs)
+    return chunked_policy_forward(model, batch, **kwargs)
+
+
+def chunked_policy_forward(
     model: torch.nn.Module,
     batch: RolloutBatch,
     *,
