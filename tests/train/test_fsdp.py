@@ -26,7 +26,7 @@ import torch.multiprocessing as mp
 
 from sevens_task import SevensTask
 from steadyrl.config import ConfigError, load_config
-from steadyrl.runtime.fsdp import LocalShards, full
+from steadyrl.runtime.fsdp import LocalShards, full, is_sharded
 from steadyrl.train.trainer import Trainer
 
 WORLD_SIZE = 2
@@ -45,6 +45,8 @@ CASES: dict[str, tuple[tuple[str, ...], bool]] = {
         False,
     ),
     "capo": (("aggregation.name=seq_mean_token_mean", CAPO, "optim.micro_batch_size=4"), True),
+    # untied input embeddings are an FSDP unit of their own
+    "untied_embeddings": (("model.name_or_path={untied}", "optim.micro_batch_size=8"), True),
 }
 RUN = (  # the whole-loop comparison: KL to the initial model, eval every step, a checkpoint every step
     "optim.steps=2", "kl.coef=0.1", "eval.every=1", "eval.num_prompts=4", "eval.pass_k=2", "checkpoint.every=1",
@@ -53,6 +55,7 @@ RUN = (  # the whole-loop comparison: KL to the initial model, eval every step, 
 
 
 def _config(model_dir: str, out_dir: Path, overrides: tuple[str, ...]):
+    overrides = tuple(o.replace("{untied}", str(Path(model_dir).parent / "untied")) for o in overrides)
     base = [
         f"model.name_or_path={model_dir}",
         "rollout.prompts_per_step=4",
@@ -102,6 +105,7 @@ def _worker(rank: int, port: int, model_dir: str, work: str) -> None:
         local = batch.select(torch.arange(rank * half, (rank + 1) * half))
         trainer = Trainer(_config(model_dir, work_dir / f"fsdp-{case}", (*overrides, "run.parallel=fsdp")), task=SevensTask())
         results[case] = _update(trainer, case, local)
+        results[f"{case}:embeddings_unit"] = is_sharded(trainer.model.get_input_embeddings())
     results["shards"] = _local_shards_round_trip(trainer)
     results["refused"] = _refusals(model_dir, work_dir)
     for name, parallel, stop_after in (("fsdp", "fsdp", 1), ("fsdp-straight", "fsdp", None), ("ddp", "ddp", None)):
@@ -138,6 +142,21 @@ def _refusals(model_dir: str, work_dir: Path) -> list[str]:
     return messages
 
 
+def _save_untied_model(tied_dir: str, out: Path) -> None:
+    from steadyrl.models import build_tiny_model, tiny_model_config
+    from steadyrl.models.loading import load_tokenizer
+    from steadyrl.runtime.checkpoint import save_pretrained_atomic
+
+    if out.is_dir():
+        return
+    tokenizer = load_tokenizer(tied_dir)
+    config = tiny_model_config("qwen2", vocab_size=len(tokenizer), hidden_size=32, num_layers=2, num_heads=2,
+                               tie_word_embeddings=False)
+    model = build_tiny_model(config, seed=1)
+    assert model.get_input_embeddings().weight is not model.get_output_embeddings().weight
+    save_pretrained_atomic(model, tokenizer, out)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -148,6 +167,7 @@ def _free_port() -> int:
 def runs(tiny_model_dir, tmp_path_factory):
     assert int(os.environ.get("WORLD_SIZE", "1")) == 1, "the single-process reference must not join a group"
     work = tmp_path_factory.mktemp("fsdp")
+    _save_untied_model(tiny_model_dir, Path(tiny_model_dir).parent / "untied")
     single = {}
     for case, (overrides, _) in CASES.items():
         trainer = Trainer(_config(tiny_model_dir, work / f"single-{case}", overrides), task=SevensTask())
@@ -178,6 +198,8 @@ def test_one_fsdp_step_equals_one_single_process_step(runs, case):
             assert expected.abs().sum() > 0, f"the reference update left {name} unchanged"
         for key in ("grad/norm", "policy/loss", "policy/entropy"):
             assert metrics_fsdp[key] == pytest.approx(metrics_single[key], rel=1e-5, abs=1e-7), (rank, key)
+    tied = case != "untied_embeddings"
+    assert all(result[f"{case}:embeddings_unit"] is not tied for result in ranks)  # tied: inside the root unit
     if case == "capo":
         assert 0 < metrics_single["capo/rejected_frac"] < 1  # the mask is active, so a wrong W would show
         assert metrics_single["capo/penalty_mean"] > 0

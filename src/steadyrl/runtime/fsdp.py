@@ -5,9 +5,9 @@
 * **Sharded** (each rank holds 1/N, dim 0 of every tensor): the parameters, their gradients and the AdamW state
   (exp_avg, exp_avg_sq), i.e. the 4 + 4 + 8 bytes per parameter of fp32 training become (4 + 4 + 8)/N.
 * **Units**: every transformer block (the classes in transformers' ``_no_split_modules``) is one FSDP unit,
-  all-gathered for its forward and again for its backward, freed after each; the root unit holds the rest
-  (embeddings, final norm, LM head, tied weights together), gathered for the whole policy forward and kept
-  until its backward.
+  all-gathered for its forward and again for its backward, freed after each; so are untied input embeddings.
+  The root unit holds the rest (final norm, LM head, and the embeddings when tied to it), gathered for the
+  whole policy forward and kept until its backward.
 * **Gradients are summed over ranks**, not averaged: each rank's loss is already normalised by *global* counts
   (``ops.aggregation.global_counts``), so its gradient is a partial sum of the single-process gradient, as in the
   data-parallel path (``runtime/distributed.py``). The reduce-scatter after every backward runs with divide
@@ -92,6 +92,9 @@ def shard_model(
     _, fully_shard, register_fsdp_forward_method = _fsdp()
     for block in transformer_blocks(model):
         fully_shard(block, reshard_after_forward=True)
+    embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if embeddings is not None and (head is None or embeddings.weight is not head.weight):
+        fully_shard(embeddings, reshard_after_forward=True)  # untied: gathered for its own forward only
     fully_shard(model, reshard_after_forward=reshard_root_after_forward)
     for unit in _units(model):
         unit.set_gradient_divide_factor(1.0)  # Σ over ranks: each rank's loss is normalised by global counts
