@@ -24,15 +24,11 @@ def _gold(answer: str) -> Any:
     return import_math_verify().parse(f"\\boxed{{{answer}}}")
 
 
-def math_answer(
-    record: dict[str, Any], completion: str, *, extraction: str = "boxed_or_last", gold_marker: str | None = None
-) -> float | None:
+def math_answer(record: dict[str, Any], completion: str, *, extraction: str = "boxed_or_last") -> float | None:
     """1 when the completion's final answer equals the record's ``answer`` under math-verify, else 0.
 
     The same extraction and comparison as the ``jsonl_math`` task (its ``answer_extraction`` modes); None when
-    math-verify cannot read the gold answer, so that a bad data row is masked, not scored 0. ``gold_marker``:
-    the gold answer is the text after the last occurrence of this marker in ``answer`` (GSM8K's ``"####"``,
-    whose answers are a worked solution ending in ``#### 72``); an answer without the marker is used whole. Needs the tasks
+    math-verify cannot read the gold answer, so that a bad data row is masked, not scored 0. Needs the tasks
     extra (math-verify), and runs in the main thread of its process (math-verify times out with signals): use
     it with ``workers >= 1`` when the trainer runs it from another thread.
     """
@@ -41,10 +37,7 @@ def math_answer(
     if extraction not in ANSWER_EXTRACTIONS:
         raise ValueError(f"extraction must be one of {list(ANSWER_EXTRACTIONS)}, got {extraction!r}")
     math_verify = import_math_verify()
-    answer = str(record["answer"])
-    if gold_marker:
-        answer = answer.rpartition(gold_marker)[2].strip() if gold_marker in answer else answer
-    gold = _gold(answer)
+    gold = _gold(str(record["answer"]))
     if not any(not isinstance(item, str) for item in gold):
         return None
     if extraction == "math_verify":
