@@ -186,7 +186,7 @@ class RunConfig:
     groups either way, and gradients are summed over ranks. ddp = every rank holds the full model, gradients and
     optimizer state (runtime/distributed.py); fsdp = FSDP2 shards parameters, gradients and AdamW state over the
     ranks, for a model whose training state does not fit one device; the samplers keep a full copy of the weights
-    (train/sharded.py says what is gathered when, and what is refused: LoRA, PCGrad / PCR, routing replay)."""
+    (train/sharded.py says what is gathered when, and what is refused: LoRA, routing replay)."""
 
 
 @dataclass(frozen=True)

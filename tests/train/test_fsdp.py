@@ -11,6 +11,9 @@ parameters equal the single-process ones to float rounding. SGD without clipping
 gradient's scale; the AdamW case keeps the trainer's optimizer with clipping (the clip uses the norm over both
 ranks' shards). The CAPO case reads the LM head's full weight between forward and backward and takes the
 penalty's gradient through it (fisher_lambda > 0), with a Hessian mask that rejects part of the tokens.
+PCGrad and PCR keep their sums as shards and all-reduce partial norms: PCGrad equals the single process
+exactly; PCR's sample j under FSDP is micro-batch j of both ranks together, so its reference is a single
+process whose micro-batches are those unions.
 """
 
 from __future__ import annotations
@@ -47,6 +50,16 @@ CASES: dict[str, tuple[tuple[str, ...], bool]] = {
     "capo": (("aggregation.name=seq_mean_token_mean", CAPO, "optim.micro_batch_size=4"), True),
     # untied input embeddings are an FSDP unit of their own
     "untied_embeddings": (("model.name_or_path={untied}", "optim.micro_batch_size=8"), True),
+    # gradient-conflict combiners on shards: PCGrad reads only the summed gradients S. k1's gradient at π_θ = π_ref
+    # is β·∇ log π (k3's is 0 there), so the stability term has a gradient to conflict with
+    "pcgrad_kl": (("combiner={name: pcgrad, modules: all}", "kl.coef=0.5", "kl.estimator=kl_k1", "optim.micro_batch_size=4"), True),
+    # PCR's samples under FSDP are micro-batch j of every rank together (see SINGLE below)
+    "pcr_kl": (("combiner={name: pcr, modules: all}", "kl.coef=0.5", "kl.estimator=kl_k1", "optim.micro_batch_size=4"), True),
+}
+SINGLE = {
+    # the single process takes the union of the ranks' j-th micro-batches (4 rows each) as its j-th micro-batch
+    # of 8 rows: rows [0-3, 8-11] then [4-7, 12-15] of the 16 (rank 0 holds rows 0-7, rank 1 rows 8-15)
+    "pcr_kl": (("optim.micro_batch_size=8",), [0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 12, 13, 14, 15]),
 }
 RUN = (  # the whole-loop comparison: KL to the initial model, eval every step, a checkpoint every step
     "optim.steps=2", "kl.coef=0.1", "eval.every=1", "eval.num_prompts=4", "eval.pass_k=2", "checkpoint.every=1",
@@ -134,7 +147,7 @@ def _local_shards_round_trip(trainer: Trainer) -> bool:
 
 def _refusals(model_dir: str, work_dir: Path) -> list[str]:
     messages = []
-    for overrides in (("combiner.name=pcr", "kl.coef=0.1"), ("guard.max_rollbacks=3",)):
+    for overrides in (("model.lora={r: 2}",), ("guard.max_rollbacks=3",)):
         try:
             Trainer(_config(model_dir, work_dir / "refused", (*overrides, "run.parallel=fsdp")), task=SevensTask())
         except ConfigError as error:
@@ -170,11 +183,15 @@ def runs(tiny_model_dir, tmp_path_factory):
     _save_untied_model(tiny_model_dir, Path(tiny_model_dir).parent / "untied")
     single = {}
     for case, (overrides, _) in CASES.items():
-        trainer = Trainer(_config(tiny_model_dir, work / f"single-{case}", overrides), task=SevensTask())
+        single_overrides, rows = SINGLE.get(case, ((), None))
+        trainer = Trainer(_config(tiny_model_dir, work / f"single-{case}", (*overrides, *single_overrides)), task=SevensTask())
         batch = trainer.collector.collect(1).batch
         trainer.scorer.score(batch)
         torch.save(batch, work / f"{case}.batch.pt")
-        single[case] = _update(trainer, case, batch)
+        single[case] = _update(trainer, case, batch if rows is None else batch.select(torch.tensor(rows)))
+        if rows is not None:  # control: the batch in its own order groups other rows into the samples
+            trainer = Trainer(_config(tiny_model_dir, work / f"control-{case}", (*overrides, *single_overrides)), task=SevensTask())
+            single[f"{case}:own order"] = _update(trainer, case, batch)
     context = mp.spawn(_worker, args=(_free_port(), tiny_model_dir, str(work)), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + TIMEOUT_S
     while not context.join(timeout=5):
@@ -200,6 +217,18 @@ def test_one_fsdp_step_equals_one_single_process_step(runs, case):
             assert metrics_fsdp[key] == pytest.approx(metrics_single[key], rel=1e-5, abs=1e-7), (rank, key)
     tied = case != "untied_embeddings"
     assert all(result[f"{case}:embeddings_unit"] is not tied for result in ranks)  # tied: inside the root unit
+    if case.startswith(("pcgrad", "pcr")):
+        assert metrics_single["pcr/conflict_frac"] > 0  # some blocks conflict, so the projection acts
+        for result in ranks:
+            for key in ("pcr/conflict_frac", "pcr/cos_pla_sta"):
+                assert result[case][1][key] == pytest.approx(metrics_single[key], rel=1e-5, abs=1e-7), key
+    if case == "pcr_kl":
+        assert 0 < metrics_single["pcr/alpha_mean"] < 1 and metrics_single["pcr/samples"] == 2
+        for result in ranks:  # J = 2 micro-batch indices, each the union of both ranks' micro-batch
+            assert result[case][1]["pcr/samples"] == 2
+            assert result[case][1]["pcr/alpha_mean"] == pytest.approx(metrics_single["pcr/alpha_mean"], rel=1e-4)
+        other_grouping = single[f"{case}:own order"][1]["pcr/alpha_mean"]
+        assert other_grouping != pytest.approx(metrics_single["pcr/alpha_mean"], rel=1e-3)  # the grouping matters
     if case == "capo":
         assert 0 < metrics_single["capo/rejected_frac"] < 1  # the mask is active, so a wrong W would show
         assert metrics_single["capo/penalty_mean"] > 0
@@ -214,8 +243,8 @@ def test_the_guards_shard_snapshots_round_trip(runs):
 
 def test_unsupported_combinations_are_refused_with_a_reason(runs):
     _, ranks, _ = runs
-    pcr, guard = ranks[0]["refused"]
-    assert "combiner pcr with run.parallel=fsdp" in pcr and "run.parallel=ddp" in pcr
+    lora, guard = ranks[0]["refused"]
+    assert "model.lora with run.parallel=fsdp" in lora and "run.parallel=ddp" in lora
     assert "guard.checkpoint_snapshots=false" in guard
 
 

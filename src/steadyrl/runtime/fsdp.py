@@ -238,11 +238,12 @@ class LocalShards:
                 local(p).copy_(state[name])
             return
         params = [p for group in self.obj.param_groups for p in group["params"]]
-        self.obj.load_state_dict(_map_tensors(state, lambda t, index: _like(t, params[index])))
+        self.obj.load_state_dict(_map_tensors(state, lambda t, index: as_shard_of(t, params[index])))
 
 
-def _like(t: Tensor, param: Tensor) -> Tensor:
-    """A state tensor stored as a local shard, back as a DTensor shaped like ``param`` (scalars stay plain)."""
+def as_shard_of(t: Tensor, param: Tensor) -> Tensor:
+    """``t``, this rank's shard of a tensor shaped like ``param``, as a DTensor laid out like ``param`` (a
+    gradient or optimizer state of a sharded parameter); returned as is for a plain ``param`` or a scalar."""
     DTensor = _dtensor_type()
     if isinstance(param, DTensor) and t.dim() > 0:
         return DTensor.from_local(

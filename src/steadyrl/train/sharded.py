@@ -12,8 +12,11 @@ with ``ddp``; what changes is where the weights live:
   ``rollout.sampler_dtype`` (default: the model's dtype), made before sharding and refreshed by an all-gather,
   one parameter at a time, in ``sync_weights`` (before every rollout and every evaluation).
 * **reference** (``kl.reference: initial``): sharded like the policy, freed after every forward.
-* **gradient combiner**: the plain sum; FSDP's reduce-scatter has already summed the gradients over ranks.
-  PCGrad / PCR / fixed_alpha are refused (``check_fsdp``).
+* **gradient combiner**: built with ``distributed=False``: FSDP's reduce-scatter has already summed each
+  backward's gradient over ranks. ``sum`` adds nothing. PCGrad / fixed_alpha / PCR keep their per-block sums S
+  as shards and all-reduce their partial squared norms and inner products (stabilisers/pcr.py); PCGrad and
+  fixed_alpha equal the data-parallel gradient exactly, while PCR's sample j becomes micro-batch j of every
+  rank together (the reduce-scatter merges the ranks' micro-batches before the combiner sees them).
 * **CAPO**: reads the LM head's weight W between the policy forward and its backward, while the root unit is
   gathered, so it sees the full W (and its penalty's gradient reaches W's shards through the reduce-scatter);
   its optimizer-model moments are replicated on every rank, as with ``ddp``.
@@ -32,7 +35,6 @@ from typing import Any
 
 import torch
 
-from steadyrl import registry
 from steadyrl.config import ConfigError, TrainConfig
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.fsdp import (
@@ -43,7 +45,6 @@ from steadyrl.runtime.fsdp import (
     gather_into,
     shard_model,
 )
-from steadyrl.stabilisers.pcr import ConflictCombiner
 from steadyrl.train.forward import PolicyOutput, chunked_policy_forward
 
 
@@ -57,13 +58,6 @@ def check_fsdp(cfg: TrainConfig, info: DistInfo) -> None:
             "model.lora with run.parallel=fsdp is not supported: LoRA already leaves no gradient or optimizer state to "
             "shard, and the merged-weight sampler and adapter checkpoints assume unsharded weights; use "
             "run.parallel=ddp with LoRA."
-        )
-    combiner = registry.lookup("combiner", cfg.combiner.name).target
-    if isinstance(combiner, type) and issubclass(combiner, ConflictCombiner):
-        raise ConfigError(
-            f"combiner {cfg.combiner.name} with run.parallel=fsdp is not supported: FSDP reduce-scatters every "
-            "micro-batch's gradient across ranks before the combiner sees it, so the per-rank samples whose "
-            "statistics it needs no longer exist; use run.parallel=ddp for gradient-conflict combiners."
         )
     if cfg.guard is not None and cfg.guard.checkpoint_snapshots:
         raise ConfigError(
