@@ -112,14 +112,16 @@ def _worker(rank: int, port: int, model_dir: str, work: str) -> None:
     torch.set_num_threads(1)
     work_dir = Path(work)
     results: dict = {}
+    trainers: dict[str, Trainer] = {}
     for case, (overrides, _) in CASES.items():
         batch = torch.load(work_dir / f"{case}.batch.pt", weights_only=False)
         half = batch.batch_size // WORLD_SIZE
         local = batch.select(torch.arange(rank * half, (rank + 1) * half))
         trainer = Trainer(_config(model_dir, work_dir / f"fsdp-{case}", (*overrides, "run.parallel=fsdp")), task=SevensTask())
         results[case] = _update(trainer, case, local)
+        trainers[case] = trainer
         results[f"{case}:embeddings_unit"] = is_sharded(trainer.model.get_input_embeddings())
-    results["shards"] = _local_shards_round_trip(trainer)
+    results["shards"] = _local_shards_round_trip(trainers["constant_norm_tis_adamw"])  # AdamW: state to restore
     results["refused"] = _refusals(model_dir, work_dir)
     for name, parallel, stop_after in (("fsdp", "fsdp", 1), ("fsdp-straight", "fsdp", None), ("ddp", "ddp", None)):
         cfg = _config(model_dir, work_dir / f"run-{name}", (*RUN, f"run.parallel={parallel}"))
@@ -131,23 +133,29 @@ def _worker(rank: int, port: int, model_dir: str, work: str) -> None:
 
 
 def _local_shards_round_trip(trainer: Trainer) -> bool:
-    """The guard's snapshot: each rank's shards of the model and optimizer come back exactly after a change."""
+    """The guard's snapshot: each rank's shards of the model and of AdamW's state come back exactly after a step."""
     model, optimizer = LocalShards(trainer.model), LocalShards(trainer.optimizer)
     saved_model = {k: v.clone() for k, v in model.state_dict().items()}
     saved_opt = optimizer.state_dict()
     saved_opt = {**saved_opt, "state": {i: {k: v.clone() for k, v in s.items()} for i, s in saved_opt["state"].items()}}
-    with torch.no_grad():
-        for p in trainer.model.parameters():
-            p.add_(1.0)
-    trainer.optimizer.step()  # SGD here: no state, but the param_groups round trip too
+    assert saved_opt["state"] and all(s["exp_avg"].dim() > 0 for s in saved_opt["state"].values())
+    for p in trainer.model.parameters():
+        p.grad = torch.ones_like(p)
+    trainer.optimizer.step()  # moves the weights and AdamW's moments
+    changed = not all(torch.equal(v, model.state_dict()[k]) for k, v in saved_model.items())
     model.load_state_dict(saved_model)
     optimizer.load_state_dict(saved_opt)
-    return all(torch.equal(v, model.state_dict()[k]) for k, v in saved_model.items())
+    restored_opt = optimizer.state_dict()["state"]
+    same_opt = all(
+        torch.equal(saved_opt["state"][i][key], restored_opt[i][key]) for i in saved_opt["state"] for key in ("exp_avg", "exp_avg_sq")
+    )
+    same_model = all(torch.equal(v, model.state_dict()[k]) for k, v in saved_model.items())
+    return changed and same_model and same_opt
 
 
 def _refusals(model_dir: str, work_dir: Path) -> list[str]:
     messages = []
-    for overrides in (("model.lora={r: 2}",), ("guard.max_rollbacks=3",)):
+    for overrides in (("model.lora={r: 2}",), ("guard.max_rollbacks=3",), ("routing_replay=R3",)):
         try:
             Trainer(_config(model_dir, work_dir / "refused", (*overrides, "run.parallel=fsdp")), task=SevensTask())
         except ConfigError as error:
@@ -241,11 +249,17 @@ def test_the_guards_shard_snapshots_round_trip(runs):
     assert all(result["shards"] for result in ranks)
 
 
+def test_fsdp_on_one_process_is_refused(tiny_config):
+    with pytest.raises(ConfigError, match="launch with torchrun --nproc_per_node N"):
+        Trainer(tiny_config("run.parallel=fsdp"), task=SevensTask())
+
+
 def test_unsupported_combinations_are_refused_with_a_reason(runs):
     _, ranks, _ = runs
-    lora, guard = ranks[0]["refused"]
+    lora, guard, replay = ranks[0]["refused"]
     assert "model.lora with run.parallel=fsdp" in lora and "run.parallel=ddp" in lora
     assert "guard.checkpoint_snapshots=false" in guard
+    assert "routing_replay with run.parallel=fsdp" in replay
 
 
 def test_a_whole_fsdp_run_resumes_and_matches_the_ddp_run(runs):
