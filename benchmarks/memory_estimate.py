@@ -175,7 +175,8 @@ def from_recipe(path: Path, overrides: list[str], prompt_tokens: int, ranks: int
         raise SystemExit(f"no shape for {cfg.model.name_or_path}; known: {', '.join(HUB_SHAPES)}")
     r, o = cfg.rollout, cfg.optim
     return shape, dict(
-        dtype=cfg.model.dtype, autocast_bf16=cfg.model.autocast_bf16, checkpointing=cfg.model.gradient_checkpointing,
+        dtype=cfg.model.dtype, autocast_bf16=cfg.model.autocast_bf16 or cfg.model.autocast != "none",  # 2-byte compute
+        checkpointing=cfg.model.gradient_checkpointing,
         lora_r=cfg.model.lora.r if cfg.model.lora else None,
         kl_reference=cfg.kl.coef > 0 and cfg.kl.reference == "initial", sampler_dtype=r.sampler_dtype,
         sequences=r.prompts_per_step // ranks * r.group_size, prompt_tokens=prompt_tokens, new_tokens=r.max_new_tokens,

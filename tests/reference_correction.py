@@ -286,8 +286,9 @@ def mismatch_metrics(trainer, rollout, mask):
         "mismatch/chi2": token_mean([[math.exp(x) ** 2 for x in row] for row in log_rho], mask) - 1.0
         if abs_diffs
         else 0.0,
+        "mismatch/ratio_mean": token_mean([[math.exp(x) for x in row] for row in log_rho], mask),
         "mismatch/abs_logprob_diff_mean": token_mean([[abs(x) for x in row] for row in log_rho], mask),
-        "mismatch/abs_logprob_diff_max": max(abs_diffs, default=0.0),
+        "mismatch/abs_logprob_diff_max": max(abs_diffs, default=-math.inf),
         "mismatch/log_ppl_abs_diff_mean": seq_mean(gaps, valid),
     }
 

@@ -66,7 +66,7 @@ def test_recipe_trains_two_steps_with_the_embedded_model(recipe, lora, chat_mode
     data = write_gsm8k_style(tmp_path / "train.jsonl")
     sizes = [
         f"model.name_or_path={chat_model_dir}",
-        "model.autocast_bf16=false",  # CPU
+        "model.autocast=none",  # CPU
         f"task.kwargs.data={data}",
         "task.kwargs.workers=1",
         "rollout.prompts_per_step=2",

@@ -216,7 +216,7 @@ def test_sapo_gradient_never_exceeds_reinforce_at_the_same_ratio(log_r, adv, tau
     # |∂ℓ/∂log π| = 4σ(1−σ)·r·|Â| ≤ r|Â| (the unclipped surrogate's): a soft trust region, never an amplifier.
     inputs = make([[log_r]], old=[[0.0]], adv=[[adv]])
     _, grad, _ = run(sapo_loss, inputs, tau_pos=tau, tau_neg=tau)
-    assert abs(grad.item()) <= math.exp(log_r) * abs(adv) * (1 + 1e-12)
+    assert abs(grad.item()) <= math.exp(log_r) * abs(adv) * (1 + 1e-12) + 1e-300  # + subnormal rounding
 
 
 @settings(max_examples=40, deadline=None)

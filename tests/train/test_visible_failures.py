@@ -87,3 +87,28 @@ def test_with_the_guard_non_finite_weights_roll_back_instead(tmp_path):
         trainer.train()
     assert trainer.guard.rollbacks == 1
     assert any("stability guard rolled back: nonfinite weights" in w for w in trainer.watch.warnings)
+
+
+def test_eval_scores_the_current_weights_when_the_sampler_is_a_copy(tiny_config, tmp_path):
+    # with rollout.sampler_dtype the sampler is a bf16 copy refreshed before each rollout: after the update the
+    # copy is one step stale, and eval (and the retention measure) generate with it
+    import torch
+
+    from sevens_task import SevensTask
+
+    cfg = tiny_config("rollout.sampler_dtype=bfloat16", "optim.lr=0.1", f"run.output_dir={tmp_path / 'copy'}")
+    trainer = Trainer(cfg, task=SevensTask())
+    trainer.rl_step(1)
+    current = [p.detach().to(torch.bfloat16) for p in trainer.model.parameters()]
+    stale = [p.detach().clone() for p in trainer.backend.sampler.parameters()]
+    assert any(not torch.equal(a, b) for a, b in zip(current, stale))  # the update moved the policy
+    trainer.evaluate(step=1)
+    for a, b in zip(current, trainer.backend.sampler.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_the_report_opens_with_a_banner_when_the_run_failed(tmp_path):
+    code, _, _ = _train(tmp_path, "optim.steps=4", "optim.lr=1e6", "logging.report=true")
+    assert code == 3
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert '<div class="banner"><strong>This run failed: accuracy' in page and "non-finite gradient" in page

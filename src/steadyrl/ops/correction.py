@@ -63,6 +63,7 @@ import torch
 from torch import Tensor
 
 from steadyrl.ops.diagnostics import at_least_fp32, is_weight_stats
+from steadyrl.ops.kl import k3
 from steadyrl.ops.masking import masked_max, masked_mean, masked_min, masked_sum
 from steadyrl.ops.ratios import LOG_RATIO_CLAMP, token_log_ratio
 from steadyrl.types import CorrectionResult, LossInputs, Metrics
@@ -120,7 +121,7 @@ def _log_rho(inputs: LossInputs, anchor: str, method: str) -> tuple[Tensor, Tens
 def _kl_metrics(log_rho: Tensor, mask: Tensor) -> Metrics:
     return {
         "mismatch/kl_k1": masked_mean(-log_rho, mask),
-        "mismatch/kl_k3": masked_mean(torch.expm1(log_rho) - log_rho, mask),
+        "mismatch/kl_k3": masked_mean(k3(log_rho), mask),
     }
 
 
@@ -286,7 +287,7 @@ def geo_rs_k3(inputs: LossInputs, *, anchor: str = "old", k3_max: float = 0.01) 
     if k3_max < 0:
         raise ValueError(f"geo_rs_k3: k3_max must be >= 0, got {k3_max}.")
     log_rho, mask = _log_rho(inputs, anchor, "geo_rs_k3")
-    seq_k3 = masked_mean(torch.expm1(log_rho) - log_rho, mask, dim=1)
+    seq_k3 = masked_mean(k3(log_rho), mask, dim=1)
     seq_keep = seq_k3 <= k3_max
     metrics = _kl_metrics(log_rho, mask)
     metrics["mismatch/seq_k3_max"] = masked_max(seq_k3, mask.any(dim=1))
@@ -357,10 +358,12 @@ def mismatch_metrics(
 
         mismatch/kl_k1                  mean(−log ρ)             k1 estimate of KL(μ‖π)
         mismatch/kl_k3                  mean(ρ − log ρ − 1)      k3 estimate of KL(μ‖π), ≥ 0
+        mismatch/ratio_mean             mean(ρ)                  1 in expectation when π and μ are the same
+                                                                 distribution; a drift names a biased ratio
         mismatch/chi2                   mean(ρ²) − 1             estimate of χ²(π‖μ) = E_μ[ρ²] − 1, the
                                                                  variance of token IS weights
         mismatch/abs_logprob_diff_mean  mean |log ρ|
-        mismatch/abs_logprob_diff_max   max |log ρ|              (0 when nothing is valid)
+        mismatch/abs_logprob_diff_max   max |log ρ|              (−inf when nothing is valid)
         mismatch/log_ppl_abs_diff_mean  mean over valid sequences of |mean_t log μ − mean_t log π|, the
                                         absolute log-perplexity gap (verl ``log_ppl_abs_diff``)
     """
@@ -369,7 +372,8 @@ def mismatch_metrics(
     seq_valid = mask.any(dim=1)
     return {
         "mismatch/kl_k1": masked_mean(-log_rho, mask),
-        "mismatch/kl_k3": masked_mean(torch.expm1(log_rho) - log_rho, mask),
+        "mismatch/kl_k3": masked_mean(k3(log_rho), mask),
+        "mismatch/ratio_mean": masked_mean(torch.exp(log_rho), mask),
         "mismatch/chi2": masked_mean(torch.expm1(2.0 * log_rho), mask),
         "mismatch/abs_logprob_diff_mean": masked_mean(log_rho.abs(), mask),
         "mismatch/abs_logprob_diff_max": masked_max(log_rho.abs(), mask),

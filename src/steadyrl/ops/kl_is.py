@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from steadyrl.ops.kl import k3
 from steadyrl.ops.masking import masked_fill_zero
 from steadyrl.ops.ratios import LOG_RATIO_CLAMP, token_log_ratio
 
@@ -42,5 +43,5 @@ def kl_k3_is(
     old = logprobs.detach() if old_logprobs is None else old_logprobs.detach()
     log_w = token_log_ratio(logprobs, old, mask, clamp=LOG_RATIO_CLAMP)
     log_r = token_log_ratio(ref_logprobs, logprobs, mask, clamp=log_ratio_clamp)
-    k3 = (torch.exp(log_r) - log_r - 1.0).clamp(-kl_clamp, kl_clamp)
-    return masked_fill_zero(torch.exp(log_w) * k3, mask)
+    k3_value = k3(log_r).clamp(-kl_clamp, kl_clamp)
+    return masked_fill_zero(torch.exp(log_w) * k3_value, mask)

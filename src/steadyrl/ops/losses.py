@@ -27,7 +27,7 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from steadyrl.ops.kl import kl_k3
+from steadyrl.ops.kl import k3
 from steadyrl.ops.masking import (
     masked_count,
     masked_fill_zero,
@@ -77,9 +77,8 @@ def _frac(flags: Tensor, mask: Tensor) -> Tensor:
 
 
 def _approx_kl_old(log_ratio: Tensor, mask: Tensor) -> Tensor:
-    """k3 estimate of KL(π_old ‖ π_θ) on tokens sampled from π_old, 0-d: with log r = log π_θ − log π_old,
-    ``kl_k3`` of (log π_old − log π_old = 0, log r) is r − 1 − log r."""
-    return masked_mean(kl_k3(torch.zeros_like(log_ratio), log_ratio.detach(), mask), mask)
+    """k3 estimate of KL(π_old ‖ π_θ) on tokens sampled from π_old, 0-d, log r = log π_θ − log π_old."""
+    return masked_mean(masked_fill_zero(k3(log_ratio.detach()), mask), mask)
 
 
 class _Surrogate(NamedTuple):

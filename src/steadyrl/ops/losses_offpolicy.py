@@ -17,6 +17,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from steadyrl.ops.kl import k3
 from steadyrl.ops.losses import (
     _behaviour_logprobs,
     _clean,
@@ -151,7 +152,7 @@ def dppo_binary_kl_loss(
 _DRIFT_ESTIMATORS = {
     "k1": lambda log_r: -log_r,
     "k2": lambda log_r: 0.5 * log_r**2,
-    "k3": lambda log_r: torch.expm1(log_r) - log_r,
+    "k3": k3,
 }
 
 

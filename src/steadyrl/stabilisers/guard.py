@@ -16,6 +16,8 @@ Signals (each fires on its own; thresholds in config.GuardConfig, a threshold of
                   mean is below its best (entropy falling as the reward sets new highs is convergence)
     ess_drop      mismatch/is_ess < ess_drop × its running median
     kl_spike      mismatch/kl_k3 > kl_spike × its running median and > kl_min
+    ratio_drift   |mismatch/ratio_mean − 1| > ratio_drift: the sampler/trainer ratio is wrong on average (a biased
+                  ratio: truncation, temperature or dtype handled differently on the two sides; `steadyrl doctor`)
 
 A firing step outside the cooldown, with rollbacks left, becomes a **rollback**: the training state is
 restored from the oldest kept snapshot (so a collapse that started before the newest snapshot is undone too):
@@ -185,6 +187,10 @@ class StabilityGuard:
             seen.update({"is_ess": float(ess), "is_ess_median": median})
             if ess < c.ess_drop * median:
                 fired.append(f"ess_drop {ess:.3f} < {c.ess_drop} x median {median:.3f}")
+        ratio = metrics.get("mismatch/ratio_mean")
+        if c.ratio_drift > 0 and _finite(ratio) and abs(ratio - 1.0) > c.ratio_drift:
+            seen["ratio_mean"] = float(ratio)
+            fired.append(f"ratio_drift mean π/μ {ratio:.3f} is {abs(ratio - 1.0):.3f} from 1 > {c.ratio_drift}")
         kl = metrics.get("mismatch/kl_k3")
         if c.kl_spike > 0 and _finite(kl) and len(h["kl"]) >= c.min_history:
             median = _median(h["kl"][-c.window :])

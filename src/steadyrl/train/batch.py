@@ -23,6 +23,7 @@ class ScoredBatch:
     old_logprobs: Tensor | None = None  # (B, T) π_old, only when the batch is used for > 1 optimizer step
     ref_logprobs: Tensor | None = None  # (B, T) π_ref, only with a KL penalty
     old_token_logits: Tensor | None = None  # (B, T) π_old's raw logit of y_t (LCO-MSE/LCH off-policy)
+    policy_version: Tensor | None = None  # (B,) long, optimizer steps taken when the sample was drawn
     metrics: Metrics = field(default_factory=dict)
 
     @property
@@ -45,6 +46,7 @@ class ScoredBatch:
             old_logprobs=pick(self.old_logprobs),
             ref_logprobs=pick(self.ref_logprobs),
             old_token_logits=pick(self.old_token_logits),
+            policy_version=pick(self.policy_version),
             metrics={},
         )
 
@@ -61,7 +63,7 @@ class ScoredBatch:
             response_mask=self.token_mask,
             rollout_logprobs=self.rollout.rollout_logprobs,
             ref_logprobs=self.ref_logprobs,
-            entropy=fwd.entropy,
+            entropy=None if fwd.entropy is None else fwd.entropy.detach(),  # losses read it as a measurement
             token_logits=fwd.token_logits,
             old_token_logits=fwd.token_logits.detach() if on_policy else self.old_token_logits,
             token_ids=self.rollout.completion_ids,

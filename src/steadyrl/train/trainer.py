@@ -39,6 +39,7 @@ from steadyrl.models.lora import (
     export_merged,
     is_peft_model,
 )
+from steadyrl.models.precision import DynamicLossScale, cast_lm_head_to_fp32
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report, read_metrics
 from steadyrl.rollout.base import SamplingParams
@@ -53,16 +54,23 @@ from steadyrl.runtime.distributed import DistInfo, all_reduce_, barrier, init_di
 from steadyrl.runtime.fsdp import full_model_state_dict
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.runtime.seeding import step_seed
+from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
+from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.collect import RolloutCollector
+from steadyrl.train.doctor import check_ratios
 from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
+    autocast_dtype,
     build_optimizer,
+    computes_in_float16,
     resolve_device,
     resolve_methods,
     resolve_model_path,
     validate_batch_arithmetic,
+    validate_precision,
+    validate_reward_components,
     validate_run_dir,
 )
 from steadyrl.train.sharded import ShardedPolicy, check_fsdp
@@ -78,16 +86,24 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.run.device if cfg.run.device != "auto" else _auto_device())
         validate_batch_arithmetic(cfg, self.info)
+        validate_precision(cfg)
         validate_run_dir(cfg)
         check_fsdp(cfg, self.info)
         self.methods = resolve_methods(cfg)
+        autocast = autocast_dtype(cfg)
+        entropy_bonus = EntropyBonus(cfg.entropy) if cfg.entropy.enabled else None  # checks its settings
+        rows_per_step = cfg.rollout.prompts_per_step // self.info.world_size * cfg.rollout.group_size // cfg.optim.mini_batches
+        vcpo = VCPO(cfg.vcpo, group_size=cfg.rollout.group_size, rows_per_step=rows_per_step) if cfg.vcpo else None
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
+        validate_reward_components(cfg, self.task)
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.renderer = renderer_for(cfg.model, self.tokenizer)  # chat template or raw, the same in training and eval
         self.model = model if model is not None else self._load_model(model_path)
+        if cfg.model.lm_head_fp32:  # before a LoRA wrapper, as TRL
+            cast_lm_head_to_fp32(self.model)
         self.lora = cfg.model.lora is not None
         if self.lora and not is_peft_model(self.model):
             try:  # only the adapters train; the base weights stay frozen (models/lora.py)
@@ -102,15 +118,16 @@ class Trainer:
         if kl_on and cfg.kl.reference == "initial" and not self.lora:  # LoRA: the base model is the reference
             # Loaded from the source, not copied, so a resumed run gets the same reference.
             ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
+            if cfg.model.lm_head_fp32:
+                cast_lm_head_to_fp32(ref_model)
         o, r = cfg.optim, cfg.rollout
         sampler_dtype = resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None
         # FSDP: a full sampler copy is kept, then the policy (and reference) are sharded in place (train/sharded.py)
         self.sharded = ShardedPolicy(self.model, ref_model, sampler_dtype=sampler_dtype) if cfg.run.parallel == "fsdp" else None
-        autocast = torch.bfloat16 if cfg.model.autocast_bf16 else None
         settings = UpdateSettings(
             mini_batches=o.mini_batches, epochs=o.epochs, micro_batch_size=o.micro_batch_size, grad_clip=o.grad_clip,
             temperature=r.temperature, max_len=r.max_new_tokens, kl_coef=cfg.kl.coef, autocast_dtype=autocast,
-            routing_replay=cfg.routing_replay,
+            routing_replay=cfg.routing_replay, support=_support(r),
         )
         self.total_optimizer_steps = o.steps * settings.optimizer_steps_per_batch
         self.optimizer, self.scheduler = build_optimizer(cfg, self.model, self.total_optimizer_steps)
@@ -130,13 +147,16 @@ class Trainer:
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
             device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
         )
+        token_advantage = self.methods["advantage"].entry.reads_old_statistics  # computed after π_old
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
             temperature=r.temperature, micro_batch_size=o.micro_batch_size, autocast_dtype=autocast,
             routing_replay=cfg.routing_replay,
-            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old"),
+            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old") or vcpo is not None,
             kl_to=cfg.kl.reference if kl_on else None,
             routing_diagnostics=cfg.routing_diagnostics and bool(supported_moe_layers(self.model, strict=False)),
-        ))
+            group_size=r.group_size,
+            support=_support(r),
+        ), advantage=self.methods["advantage"] if token_advantage else None)
         context = {"model": self.model, "distributed": self.info.enabled,
                    "optimizer_defaults": {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}}
         self.updater = PolicyUpdater(
@@ -146,6 +166,9 @@ class Trainer:
             combiner=registry.build("combiner", cfg.combiner, **{**context, "distributed": self.info.enabled and not self.sharded}),
             token_filters=[registry.build("token_filter", spec, **context) for spec in cfg.token_filters],
             aux_terms=self.retention.aux_terms if self.retention else (), distributed=self.info.enabled,
+            entropy_bonus=entropy_bonus,
+            loss_scale=DynamicLossScale() if computes_in_float16(cfg) and o.loss_scale == "dynamic" else None,
+            vcpo=vcpo,
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.start_step = 0
@@ -217,8 +240,11 @@ class Trainer:
         but after the step's checkpoint if one was due) and returns None."""
         cfg = self.cfg
         started = time.perf_counter()
-        progress = ProgressBar(cfg.optim.steps, enabled=cfg.logging.progress and self.info.is_main, initial=self.start_step)
+        progress = ProgressBar(cfg.optim.steps, enabled=self.info.is_main, steps=cfg.logging.progress, initial=self.start_step)
         last_eval: dict[str, float] | None = None
+        if self.start_step == 0 and cfg.run.preflight:
+            for line in self.preflight():
+                progress.write(line)
         if self.start_step == 0 and cfg.eval.every > 0:
             last_eval = self.evaluate(step=0)
             self.progress["eval_start_all"] = last_eval
@@ -262,6 +288,7 @@ class Trainer:
         start = time.perf_counter()
         collected = self.collector.collect(step)  # 1. prompts → rollout → reward → advantage
         batch = collected.batch
+        batch.policy_version = torch.full((batch.batch_size,), self.scheduler.last_epoch, device=self.device)
         score_metrics = self.scorer.score(batch)  # 2. π_old, π_ref, MoE routing, at θ_old
         scored = time.perf_counter()
         update = self.updater.update(batch)  # 3. mini-batches × micro-batches → optimizer steps
@@ -281,6 +308,14 @@ class Trainer:
         metrics["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
         return metrics
 
+    def preflight(self) -> list[str]:
+        """The step-0 ratio check (train/doctor.py): lines naming the bias and its causes, none when the ratio is 1."""
+        report = check_ratios(self)
+        if report.ok:
+            return []  # quiet when the ratio is 1: `steadyrl doctor` prints the numbers
+        self.watch.warnings += report.lines()
+        return report.lines() if self.info.is_main else []
+
     def _nonfinite_weights_message(self, step: int) -> str:
         last = latest_checkpoint(self.run_dir)
         resume = f"the last checkpoint is {last.name}" if last is not None else "there is no checkpoint yet"
@@ -291,10 +326,10 @@ class Trainer:
         )
 
     def evaluate(self, step: int) -> dict[str, float]:
-        self.backend.sync_weights()  # a separate sampler (sampler_dtype, FSDP) evaluates the current policy
         prompts = self.task.eval_prompts()
         if self.cfg.eval.num_prompts:
             prompts = prompts[: self.cfg.eval.num_prompts]
+        self.backend.sync_weights()  # a separate sampler copy is refreshed only before rollouts: score today's policy
         metrics = evaluate(
             self.backend,
             self.tokenizer,
@@ -307,6 +342,7 @@ class Trainer:
             info=self.info,
             device=self.device,
             renderer=self.renderer,
+            on_samples=lambda samples: self.logger.log_samples(step, samples),  # RUN_DIR/samples.jsonl
         )
         if self.retention is not None:
             metrics.update(self.retention.measure(self.backend, seed=step_seed(self.cfg.run.seed, step, 99_991)))
@@ -380,6 +416,11 @@ def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:
     progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
     updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
     return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}
+
+
+def _support(r) -> tuple[int, float]:
+    """The sampler's (top_k, top_p) when the trainer replays its truncation, else the full vocabulary."""
+    return (r.top_k, r.top_p) if r.trainer_truncation else (0, 1.0)
 
 
 def _auto_device() -> str:

@@ -18,6 +18,12 @@ once every micro-batch is done the gradient of the terms that depend on those ma
 by D(before)/D(after), where every aggregation mode is Σ_rows(...)/D(counts) (``ops.aggregation``). The counts
 are ``ops.aggregation.global_counts`` of the step's final masks, summed over ranks: the same number however
 the batch is split.
+
+Optional parts of a step, each off unless configured: an entropy bonus term ``"entropy"`` whose coefficient
+a controller adapts after the step (stabilisers/entropy.py); the fp16 loss scale (terms × S before backward,
+gradients × 1/S before clipping; models/precision.py); VCPO, which before the micro-batches replaces the
+mini-batch's advantages by its optimal-baseline ones and scales this step's learning rate
+(stabilisers/vcpo.py, train/trajectory.py).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 from torch import Tensor
 
 from steadyrl.config import ConfigError
+from steadyrl.models.precision import DynamicLossScale
 from steadyrl.ops.aggregation import global_counts
 from steadyrl.ops.correction import mismatch_metrics
 from steadyrl.ops.kl import kl_k3
@@ -39,9 +46,12 @@ from steadyrl.runtime.distributed import all_reduce_sum
 from steadyrl.runtime.fsdp import full, local
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.stabilisers.combiners import GradientCombiner
+from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.filters import TokenFilter
+from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.forward import policy_forward, routing
+from steadyrl.train.trajectory import trajectory_grad_sq_norms
 from steadyrl.types import GlobalCounts, LossInputs, Metrics
 
 AuxTerm = Callable[[int, int], dict[str, Tensor]]
@@ -61,6 +71,8 @@ class UpdateSettings:
     autocast_dtype: torch.dtype | None = None
     routing_replay: str = "none"
     """MoE Routing Replay (models/routing.py): none | R2 | R3; training forwards replay the batch's experts."""
+    support: tuple[int, float] = (0, 1.0)
+    """(top_k, top_p) of the sampler when the trainer scores on its support (rollout.trainer_truncation)."""
 
     @property
     def optimizer_steps_per_batch(self) -> int:
@@ -123,12 +135,12 @@ class _Kept(NamedTuple):
 def _rejections(inputs: LossInputs, correction, token_filters, hidden, lr) -> _Kept:
     """What the correction and the token filters reject and how they reweight (their masks AND, weights multiply)."""
     mask, weights, metrics = inputs.response_mask.clone(), torch.ones_like(inputs.logprobs.detach()), {}
+    if inputs.rollout_logprobs is not None:  # measured whether or not a correction acts on it
+        metrics.update(mismatch_metrics(inputs.old_logprobs, inputs.rollout_logprobs, inputs.response_mask))
     if correction is not None:
         corr = correction(inputs)
         mask, weights = mask & corr.mask, weights * corr.weights
-        metrics.update(corr.metrics)
-    elif inputs.rollout_logprobs is not None:
-        metrics.update(mismatch_metrics(inputs.old_logprobs, inputs.rollout_logprobs, inputs.response_mask))
+        metrics.update(corr.metrics)  # the correction's own view of a shared key (e.g. its anchor's k3) wins
     unfiltered, penalties = mask.clone(), []
     for token_filter in token_filters:
         verdict = token_filter(inputs, hidden, lr)
@@ -187,8 +199,12 @@ class PolicyUpdater:
         token_filters: Sequence[TokenFilter] = (),
         aux_terms: Sequence[AuxTerm] = (),
         distributed: bool = False,
+        entropy_bonus: EntropyBonus | None = None,
+        loss_scale: DynamicLossScale | None = None,
+        vcpo: VCPO | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.entropy_bonus, self.loss_scale, self.vcpo = entropy_bonus, loss_scale, vcpo
         self.base_loss = self.loss = loss
         self.aggregation, self.correction, self.kl = aggregation, correction, kl
         self.combiner, self.settings = combiner, settings
@@ -206,7 +222,7 @@ class PolicyUpdater:
                 "it cannot rescale the policy gradient after a rollout correction or token filter rejects tokens "
                 "while a retention loss also runs; drop the correction / token filter, or retention.coef."
             )
-        if self.replay and self.aux_terms and getattr(model, "is_gradient_checkpointing", False):
+        if self.replay and self.aux_terms and activation_checkpointing(model):
             raise ConfigError(
                 "routing replay with activation checkpointing cannot tell the recomputed policy forward from an "
                 "auxiliary loss term's forward; turn off model.gradient_checkpointing or routing_replay."
@@ -215,12 +231,21 @@ class PolicyUpdater:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
+        state = {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
+        if self.entropy_bonus is not None:
+            state["entropy_bonus"] = self.entropy_bonus.state_dict()
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for f, s in zip(self.token_filters, state.get("token_filters", [])):
             f.load_state_dict(s)
         self.combiner.load_state_dict(state.get("combiner", {}))
+        if self.entropy_bonus is not None:
+            self.entropy_bonus.load_state_dict(state.get("entropy_bonus", {}))
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state.get("loss_scale", {}))
 
     def set_trust_region_scale(self, scale: float) -> None:
         """Multiply the configured loss's trust-region widths by ``scale`` (the stability guard's lever)."""
@@ -240,11 +265,18 @@ class PolicyUpdater:
         skipped = 0
         for _epoch in range(self.settings.epochs):
             for rows in torch.arange(n, device=batch.advantages.device).chunk(self.settings.mini_batches):
+                if batch.policy_version is not None:  # optimizer steps between the sampling policy and this one
+                    lag = (self.scheduler.last_epoch - batch.policy_version[rows]).float()
+                    acc.add({"rollout/policy_lag_mean": lag.mean(), "rollout/policy_lag_max": lag.max()}, rows.numel())
                 skipped += self._optimizer_step(batch.select(rows), acc)
         return UpdateResult(acc.compute(distributed=self.distributed), skipped)
 
     def _optimizer_step(self, mb: ScoredBatch, acc: MetricAccumulator) -> int:
         s = self.settings
+        lr_scale = None
+        if self.vcpo is not None:  # OPOB advantages from per-trajectory gradient norms; ESS learning rate
+            mb, lr_scale, vcpo_metrics = self.vcpo.prepare(mb, self._trajectory_norms, self._reduce_sum)
+            acc.add(vcpo_metrics, 1.0)
         counts = global_counts(mb.token_mask, s.max_len, self._reduce_sum)  # before in-loop rejections
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -256,22 +288,30 @@ class PolicyUpdater:
             with routing(self.model, micro.rollout, self.replay):  # MoE experts fixed in forward and backward
                 fwd = policy_forward(
                     self.model, micro.rollout, temperature=s.temperature, compute_entropy=True,
-                    keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype,
+                    keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype, support=s.support,
+                    entropy_grad=self.entropy_bonus is not None,
                 )
                 step = micro_batch_terms(
                     micro.loss_inputs(fwd, self._reduce_sum), loss=self.loss, aggregation=self.aggregation,
                     counts=counts, correction=self.correction, token_filters=self.token_filters,
                     hidden=fwd.hidden, lr=lr, kl=self.kl, kl_coef=s.kl_coef,
                 )
+                if self.entropy_bonus is not None:  # −c·H̄ on the counted tokens (stabilisers/entropy.py)
+                    step.terms["entropy"] = self.entropy_bonus.term(fwd.entropy, step.mask, counts)
                 terms = step.terms if self.rejects_in_loop else {**step.terms, **self._aux(j, len(micro_batches))}
-                self.combiner.backward(terms)
+                self.combiner.backward(self._scaled(terms))
             loss_total = loss_total + sum(t.detach() for t in terms.values())
             counted.append(step.mask)
             acc.add(step.metrics, micro.token_mask.sum())
         if self.rejects_in_loop:
             loss_total = self._renormalise(counts, counted, loss_total, len(micro_batches))
         metrics = self.combiner.finalize(self.params)
-        norm, skipped = self._apply_gradient()
+        if self.entropy_bonus is not None:
+            metrics.update(self.entropy_bonus.end_step(self._reduce_sum))
+        if self.loss_scale is not None:  # fp16: back to the true gradient before clipping
+            metrics["train/loss_scale"] = torch.tensor(self.loss_scale.scale)
+            self.loss_scale.unscale_(self.params)
+        norm, skipped = self._apply_gradient(lr_scale)
         metrics["train/nonfinite_weights_max"] = self._weights_nonfinite()
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
         acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
@@ -287,25 +327,42 @@ class PolicyUpdater:
         for j in range(n_micro):
             aux = self._aux(j, n_micro)
             if aux:
-                self.combiner.backward(aux)
+                self.combiner.backward(self._scaled(aux))
                 loss_total = loss_total + sum(t.detach() for t in aux.values())
         return loss_total
 
-    def _apply_gradient(self) -> tuple[Tensor, int]:
-        """Clip, then step unless the gradient is non-finite (the step's one host sync); (norm, 1 if skipped)."""
+    def _apply_gradient(self, lr_scale: float | None = None) -> tuple[Tensor, int]:
+        """Clip, then step unless the gradient is non-finite (the step's one host sync), with the learning rate
+        multiplied by ``lr_scale`` for this step only (VCPO); (norm, 1 if skipped)."""
         if self.settings.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
         norm = full(norm)  # FSDP: the norm over every rank's shards is a DTensor
         skipped = not torch.isfinite(norm).item()
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite=not skipped)
         if not skipped:
+            groups = self.optimizer.param_groups
+            base = [group["lr"] for group in groups]
+            if lr_scale is not None:
+                for group in groups:
+                    group["lr"] = group["lr"] * lr_scale
             self.optimizer.step()
+            for group, lr in zip(groups, base):  # the schedule's learning rate, untouched
+                group["lr"] = lr
         for f in self.token_filters:
             (f.discard_step if skipped else f.after_step)()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm, int(skipped)
+
+    def _trajectory_norms(self, mb: ScoredBatch) -> tuple[Tensor, Tensor]:
+        return trajectory_grad_sq_norms(self, mb)
+
+    def _scaled(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The terms to backpropagate: multiplied by the fp16 loss scale when there is one."""
+        return terms if self.loss_scale is None else self.loss_scale.scaled(terms)
 
     def _weights_nonfinite(self) -> Tensor:
         """1.0 when a parameter holds NaN / inf after the step (a finite gradient can still overflow a weight)."""
@@ -321,6 +378,12 @@ class PolicyUpdater:
     @property
     def _reduce_sum(self) -> Callable[[Tensor], Tensor]:
         return all_reduce_sum if self.distributed else _identity
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether the model recomputes activations in backward, under the name this transformers release uses."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
 
 
 def _identity(x: Tensor) -> Tensor:
