@@ -12,8 +12,9 @@ resumable state and are pruned with it (``checkpoint.keep_last``).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,19 @@ def _plain(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@contextlib.contextmanager
+def _no_progress_bar() -> Iterator[None]:
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
+
+
 def _save_adapter(model: torch.nn.Module, path: Path) -> None:
     with warnings.catch_warnings():  # peft reads transformers' deprecated is_gradient_checkpointing: their call
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -53,9 +67,10 @@ def hf_checkpoint_writers(
 
     def with_tokenizer(save: Callable[[Path], None]) -> Writer:
         def write(path: Path) -> None:
-            save(path)
-            if tokenizer is not None:
-                tokenizer.save_pretrained(path)
+            with _no_progress_bar():  # a checkpoint mid-run must not draw over the trainer's own progress line
+                save(path)
+                if tokenizer is not None:
+                    tokenizer.save_pretrained(path)
 
         return write
 
