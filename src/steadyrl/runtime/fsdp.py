@@ -12,7 +12,8 @@
   (``ops.aggregation.global_counts``), so its gradient is a partial sum of the single-process gradient, as in the
   data-parallel path (``runtime/distributed.py``). The reduce-scatter after every backward runs with divide
   factor 1 and SUM (``set_gradient_divide_factor(1.0)``, ``set_force_sum_reduction_for_comms(True)``), so each
-  rank ends with its shard of exactly the single-process gradient; the gradient combiner adds no all-reduce.
+  rank ends with its shard of exactly the single-process gradient; the gradient combiner adds no all-reduce of
+  gradients (the conflict combiners all-reduce only their per-block partial norms, stabilisers/pcr.py).
 * **The chunked policy forward** (``train/forward.py``) runs the decoder, then multiplies the hidden states by
   the LM head's weight chunk by chunk, outside the model's own ``forward``; it is registered as a forward method
   of the root unit (``register_fsdp_forward_method``), so the root is all-gathered around it and its gradient is
@@ -20,7 +21,7 @@
 * **Full tensors** are gathered, one parameter at a time, where something needs the whole model: the sampler's
   copy (``gather_into``), the checkpoint and the HF export (``full_model_state_dict``, on rank 0's CPU).
 
-Everything here is a no-op friend of plain tensors: ``local`` and ``full`` return a non-DTensor unchanged.
+``local`` and ``full`` return a plain (non-DTensor) tensor unchanged, so callers need not know the mode.
 """
 
 from __future__ import annotations
