@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -187,3 +188,13 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_optimizer_st
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_optimizer_steps))
     return optimizer, scheduler
+
+
+def checkpoint_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's extra state as written today; steadyrl 0.1 wrote trainer_state / skipped_steps /
+    token_filters at the top level."""
+    if "progress" in extra or "trainer_state" not in extra:
+        return extra
+    progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
+    updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
+    return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}

@@ -35,7 +35,8 @@ from typing import Any
 
 import torch
 
-from steadyrl.config import ConfigError, TrainConfig
+from steadyrl import registry
+from steadyrl.config import ConfigError, MethodSpec, TrainConfig
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.fsdp import (
     FORWARD_METHOD,
@@ -86,9 +87,9 @@ class ShardedPolicy:
         if ref_model is not None:
             shard_model(ref_model, forward_methods={FORWARD_METHOD: _policy_forward}, reshard_root_after_forward=True)
 
-    def backend(self, backend: Any) -> GatheredSampler:
-        """Wrap a backend built on ``self.sampler``: its ``sync_weights`` gathers the policy into the copy."""
-        return GatheredSampler(backend, self.model, self.sampler)
+    def backend(self, spec: MethodSpec, tokenizer: Any) -> GatheredSampler:
+        """The rollout backend ``spec`` over the full copy; its ``sync_weights`` gathers the policy into the copy."""
+        return GatheredSampler(registry.build_backend(spec, self.sampler, tokenizer), self.model, self.sampler)
 
     def training_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         """The guard's view: each rank's own shards."""

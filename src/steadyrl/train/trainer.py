@@ -64,6 +64,7 @@ from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
     autocast_dtype,
     build_optimizer,
+    checkpoint_extra,
     computes_in_float16,
     resolve_device,
     resolve_methods,
@@ -75,7 +76,7 @@ from steadyrl.train.setup import (
 )
 from steadyrl.train.sharded import ShardedPolicy, check_fsdp
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
-from steadyrl.train.watch import RunWatch, TrainingFailed
+from steadyrl.train.watch import RunWatch, TrainingFailed, print_warnings
 
 _OWN_FILES = ("model", "optimizer", "scheduler")
 """Training state with a file of its own in a checkpoint; the rest goes into its state.pt."""
@@ -138,10 +139,8 @@ class Trainer:
             cfg, self.model, self.tokenizer, retention_task, info=self.info, step_fn=lambda: self.scheduler.last_epoch
         )
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
-        if self.sharded is None:
-            self.backend = registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype)
-        else:
-            self.backend = self.sharded.backend(registry.build_backend(r.backend, self.sharded.sampler, self.tokenizer))
+        self.backend = (self.sharded.backend(r.backend, self.tokenizer) if self.sharded else  # FSDP: a full copy
+                        registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype))
         self.collector = RolloutCollector(
             self.backend, self.tokenizer, self.task, self.methods["advantage"], params=self.sampling,
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
@@ -209,7 +208,7 @@ class Trainer:
                 own.update(self.sharded.checkpoint_state(self.optimizer, gather=False))
             loaded = load_checkpoint(ckpt, **own, map_location="cpu" if self.sharded else self.device)
             self.start_step = int(loaded["step"])
-            extra = _current_layout(loaded.get("extra") or {})
+            extra = checkpoint_extra(loaded.get("extra") or {})
             for name, obj in state.items():
                 if name not in _OWN_FILES:
                     obj.load_state_dict(extra.get(name, {}))
@@ -389,33 +388,13 @@ class Trainer:
                 export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
             elif self.cfg.checkpoint.save_final_model and not failed:
                 save_pretrained_atomic(with_state_dict(self.model, weights), self.tokenizer, self.run_dir / "final")
-            _print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
+            print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
             if self.cfg.logging.report:
                 make_report(self.run_dir)
         barrier()
         return summary
-
-
-def _print_warnings(summary: dict, exported: bool) -> None:
-    warnings, verdict = summary["warnings"], summary["verdict"]
-    if warnings:
-        shown = warnings[-10:]
-        print(f"\nwarnings ({len(warnings)}):" + "".join(f"\n  {w}" for w in shown), flush=True)
-    if verdict["collapsed"] or verdict["unscorable"]:
-        tail = "" if exported else "; the final model was not exported"
-        print(f"the run failed: {'; '.join(verdict['reasons'])}{tail}", flush=True)
-
-
-def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's extra state as written today; steadyrl 0.1 wrote trainer_state / skipped_steps /
-    token_filters at the top level."""
-    if "progress" in extra or "trainer_state" not in extra:
-        return extra
-    progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
-    updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
-    return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}
 
 
 def _support(r) -> tuple[int, float]:
