@@ -218,6 +218,11 @@ class CheckpointConfig:
     """Checkpoints kept (at least 1)."""
     save_final_model: bool = True
     """Export the final policy (HF format + tokenizer) to RUN_DIR/final."""
+    hf_format: bool = True
+    """Also write the policy in Hugging Face format into every checkpoint, RUN_DIR/checkpoints/step-N/hf/ (with
+    LoRA the merged model there and the adapter in step-N/hf-adapter/), which ``from_pretrained`` loads while the
+    run goes on, as TRL's checkpoint-N directories are; it appears and is pruned with its checkpoint (keep_last).
+    Costs one more copy of the weights on disk per kept checkpoint; false = the resumable state only."""
 
 
 @dataclass(frozen=True)
@@ -243,6 +248,12 @@ class RunConfig:
     """Continue the run in output_dir from its latest checkpoint (only with the run's own config)."""
     preflight: bool = True
     """Before step 1 of a new run, check that the sampler/trainer ratio is 1 at equal weights (`steadyrl doctor`)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun --nproc_per_node N) share the work; each rank samples and trains on whole
+    groups either way, and gradients are summed over ranks. ddp = every rank holds the full model, gradients and
+    optimizer state (runtime/distributed.py); fsdp = FSDP2 shards parameters, gradients and AdamW state over the
+    ranks, for a model whose training state does not fit one device; the samplers keep a full copy of the weights
+    (train/sharded.py says what is gathered when, and what is refused: LoRA, routing replay)."""
 
 
 @dataclass(frozen=True)
