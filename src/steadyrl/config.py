@@ -71,6 +71,9 @@ class RolloutConfig:
     """0 disables top-k."""
     sampler_dtype: str | None = None
     """Sample with a copy of the policy in this dtype (e.g. bfloat16) to create a real train-inference gap."""
+    sampler_quant: str | None = None
+    """fp8: sample with a copy whose linear layers are fake-quantised to FP8 E4M3, weights re-quantised after
+    every sync and activations per token (rollout/quant.py); an FP8 inference engine's gap."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens out of the loss (DAPO's overlong filtering)."""
 

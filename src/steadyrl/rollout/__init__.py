@@ -12,15 +12,19 @@ from steadyrl.rollout.native import NativeRolloutBackend
 BACKENDS = ("hf", "native")
 
 
-def build_backend(name: str, model: torch.nn.Module, tokenizer, *, sampler_dtype: torch.dtype | None = None) -> RolloutBackend:
+def build_backend(
+    name: str,
+    model: torch.nn.Module,
+    tokenizer,
+    *,
+    sampler_dtype: torch.dtype | None = None,
+    sampler_quant: str | None = None,
+) -> RolloutBackend:
+    ids = {"pad_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.eos_token_id}
     if name == "hf":
-        return HFRolloutBackend(
-            model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, sampler_dtype=sampler_dtype
-        )
+        return HFRolloutBackend(model, **ids, sampler_dtype=sampler_dtype, sampler_quant=sampler_quant)
     if name == "native":
-        return NativeRolloutBackend(
-            model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, sampler_dtype=sampler_dtype
-        )
+        return NativeRolloutBackend(model, **ids, sampler_dtype=sampler_dtype, sampler_quant=sampler_quant)
     raise ConfigError(f"unknown rollout.backend {name!r}; valid: {', '.join(BACKENDS)}.")
 
 

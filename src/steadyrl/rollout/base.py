@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from steadyrl.models.routing import supported_moe_layers
+from steadyrl.rollout.quant import check_sampler_quant, install_fake_quant, quantize_weights
 from steadyrl.types import RolloutBatch
 
 
@@ -51,7 +52,8 @@ class RolloutBackend(Protocol):
 
 class SamplerCopyMixin:
     """What both backends share: the policy, its sampler (a separate copy in ``sampler_dtype`` when that differs
-    from the policy's dtype, so the train-inference gap is real), and MoE routing recording."""
+    from the policy's dtype, or fake-quantised with ``sampler_quant``, so the train-inference gap is real), and
+    MoE routing recording."""
 
     def _init_sampler(
         self,
@@ -60,15 +62,20 @@ class SamplerCopyMixin:
         eos_token_id: int | list[int],
         sampler_dtype: torch.dtype | None,
         record_routing: bool | None,
+        sampler_quant: str | None = None,
     ) -> None:
+        check_sampler_quant(sampler_quant)
         self.policy = model
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         param_dtype = next(model.parameters()).dtype
-        self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
-        self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
+        self.sampler_quant = sampler_quant
+        self.separate_sampler = (sampler_dtype is not None and sampler_dtype != param_dtype) or sampler_quant is not None
+        self.sampler = copy.deepcopy(model).to(sampler_dtype or param_dtype).eval() if self.separate_sampler else model
         if self.separate_sampler:
             self.sampler.requires_grad_(False)
+        if sampler_quant is not None:  # rollout/quant.py: weights now and after every sync, activations per forward
+            install_fake_quant(self.sampler, sampler_quant)
         if record_routing is None:
             record_routing = bool(supported_moe_layers(self.sampler, strict=False))
         self.record_routing = record_routing
@@ -80,6 +87,8 @@ class SamplerCopyMixin:
             return
         for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
             dst.copy_(src)
+        if self.sampler_quant is not None:
+            quantize_weights(self.sampler)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

@@ -24,6 +24,7 @@ from steadyrl.models.routing import check_routing_replay
 from steadyrl.report import MetricLogger, ProgressBar, make_report
 from steadyrl.rollout import build_backend
 from steadyrl.rollout.base import SamplingParams
+from steadyrl.rollout.quant import check_sampler_quant
 from steadyrl.tasks import build_task
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.checkpoint import (
@@ -55,6 +56,7 @@ class Trainer:
         self.info: DistInfo = init_distributed(cfg.run.device if cfg.run.device != "auto" else _auto_device())
         validate_batch_arithmetic(cfg, self.info)
         validate_run_dir(cfg)
+        check_sampler_quant(cfg.rollout.sampler_quant)
         self.methods = resolve_methods(cfg)
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
@@ -106,6 +108,7 @@ class Trainer:
             self.model,
             self.tokenizer,
             sampler_dtype=resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None,
+            sampler_quant=r.sampler_quant,
         )
         self.collector = RolloutCollector(
             self.backend,
