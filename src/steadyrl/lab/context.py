@@ -1,0 +1,111 @@
+"""What every lab measurement starts from: the model, its tokenizer, the task, a prompt set, and the trainer's
+own updater built from a config exactly as ``Trainer`` builds it (registry lookups, AdamW, LR schedule)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from steadyrl.config import TrainConfig, from_dict
+from steadyrl.lab.enumeration import Enumerated
+from steadyrl.models import load_model, load_tokenizer
+from steadyrl.tasks import Prompt, build_task, score_completions
+from steadyrl.train.setup import build_optimizer, resolve_methods, resolve_model_path
+from steadyrl.train.update import PolicyUpdater, UpdateSettings
+
+ADDITION = {"min_digits": 1, "max_digits": 3, "operations": "+"}
+"""The collapse map's task (docs/stability-lab.md)."""
+
+
+@dataclass
+class LabContext:
+    model: torch.nn.Module
+    tokenizer: Any
+    task: Any
+    prompts: list[Prompt]
+    prompt_ids: list[list[int]]
+    max_new_tokens: int
+
+
+def load_context(
+    model_name: str = "embedded:tiny-adder",
+    *,
+    num_prompts: int = 32,
+    seed: int = 0,
+    split: str = "train",
+    task: str = "arithmetic",
+    task_kwargs: dict | None = None,
+    max_new_tokens: int = 6,
+) -> LabContext:
+    """The model in fp32 on CPU, train mode, and ``num_prompts`` prompts drawn with ``seed``."""
+    path = resolve_model_path(model_name)
+    tokenizer = load_tokenizer(path)
+    model = load_model(path).train()
+    built = build_task(task, **(ADDITION if task_kwargs is None else task_kwargs))
+    prompts = built.sample(split, num_prompts, seed=seed) if split == "train" else built.eval_prompts()[:num_prompts]
+    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
+    return LabContext(model, tokenizer, built, prompts, ids, max_new_tokens)
+
+
+def rewards_for(ctx: LabContext, enum: Enumerated) -> Tensor:
+    """(R,) the task's reward of every enumerated row (decoded without EOS / padding)."""
+    eos = ctx.tokenizer.eos_token_id
+    texts = []
+    for row, mask in zip(enum.completion_ids.tolist(), enum.response_mask.tolist()):
+        texts.append(ctx.tokenizer.decode([t for t, m in zip(row, mask) if m and t != eos], skip_special_tokens=True))
+    prompts = [ctx.prompts[i] for i in enum.prompt_index.tolist()]
+    return score_completions(ctx.task, prompts, texts).float()
+
+
+def method_config(
+    *,
+    loss: dict | str,
+    aggregation: str = "seq_mean_token_sum",
+    correction: dict | None = None,
+    advantage: dict | str = "dr_grpo",
+    lr: float = 1e-3,
+    max_new_tokens: int = 6,
+    extra: dict | None = None,
+) -> TrainConfig:
+    """A TrainConfig with the lab's protocol (AdamW, constant LR, grad clip 1, no warm-up) and the given method."""
+    raw: dict[str, Any] = {
+        "loss": loss,
+        "aggregation": aggregation,
+        "advantage": advantage,
+        "rollout": {"max_new_tokens": max_new_tokens, "temperature": 1.0},
+        "optim": {"lr": lr, "warmup_steps": 0, "grad_clip": 1.0, "mini_batches": 1},
+        **(extra or {}),
+    }
+    if correction is not None:
+        raw["correction"] = correction
+    return from_dict(TrainConfig, raw)
+
+
+def build_updater(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int = 1000) -> PolicyUpdater:
+    """The trainer's PolicyUpdater for ``cfg`` with one optimizer step per ``update`` call (mini_batches = 1)."""
+    methods = resolve_methods(cfg)
+    optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+    settings = UpdateSettings(
+        mini_batches=1,
+        micro_batch_size=cfg.optim.micro_batch_size,
+        grad_clip=cfg.optim.grad_clip,
+        temperature=cfg.rollout.temperature,
+        max_len=cfg.rollout.max_new_tokens,
+        kl_coef=cfg.kl.coef,
+        routing_replay=cfg.routing_replay,
+    )
+    return PolicyUpdater(
+        model,
+        optimizer,
+        scheduler,
+        loss_fn=methods["loss"],
+        aggregation_fn=methods["aggregation"],
+        correction_fn=methods["correction"],
+        kl_fn=methods["kl"],
+        combiner=methods["combiner"](model=model, distributed=False),
+        settings=settings,
+        token_filters=[make(model=model, distributed=False) for make in methods["token_filters"]],
+    )
