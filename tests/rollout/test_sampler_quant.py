@@ -32,8 +32,9 @@ def test_fake_quant_hits_the_e4m3_grid():
     assert torch.equal(fake_quant_fp8(x), torch.tensor([[448.0, 1.0, 0.3125, -0.3125]]))
 
 
-def test_fake_quant_of_zeros_is_zero():
+def test_fake_quant_of_zeros_is_zero_and_of_nothing_is_nothing():
     assert torch.equal(fake_quant_fp8(torch.zeros(2, 3)), torch.zeros(2, 3))
+    assert fake_quant_fp8(torch.zeros(4, 0)).shape == (4, 0)  # e.g. a zero-width shared expert of a tiny MoE
 
 
 @settings(max_examples=30, deadline=None)

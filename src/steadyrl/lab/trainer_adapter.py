@@ -1,10 +1,11 @@
-"""The lab's only calls into the trainer's update stage: its per-micro-batch loss and its optimizer step.
+"""The lab's only calls into the trainer's update stage: its per-micro-batch loss, its π_old pass and its step.
 
 Every training gradient the lab measures is the trainer's own: ``micro_batch_loss`` returns the loss
 ``PolicyUpdater._micro_batch_terms`` builds for a micro-batch (policy forward, correction, token filters,
 per-token loss, aggregation with the counts it is given, KL term), under the same MoE routing replay context
-the update loop uses, and ``optimizer_step`` is ``PolicyUpdater.update`` itself. When the trainer's update stage
-is restructured, re-point these two functions and nothing else in steadyrl.lab.
+the update loop uses; ``prepare_old`` is the score stage's π_old pass and ``optimizer_step`` is
+``PolicyUpdater.update`` itself. When the trainer's stages are restructured, re-point the functions of this
+module and nothing else in steadyrl.lab.
 """
 
 from __future__ import annotations
@@ -27,6 +28,13 @@ def micro_batch_loss(updater: PolicyUpdater, micro: ScoredBatch, den_mask: Tenso
 def denominator_mask(updater: PolicyUpdater, scored: ScoredBatch) -> Tensor:
     """The tokens the trainer counts in its normalisers (correction rejections known at θ_old removed)."""
     return updater._denominator_mask(scored)
+
+
+def prepare_old(updater: PolicyUpdater, scored: ScoredBatch, *, compute_old: bool) -> dict[str, float]:
+    """The trainer's π_old pass at θ_old (``prepare_old_logprobs``): sets ``scored.old_logprobs`` when
+    ``compute_old`` (the trainer does when N > 1) and, under R2, the batch's replayed routing; returns the MoE
+    routing diagnostics (agreement, mismatch KL without replay)."""
+    return {k: float(v) for k, v in updater.prepare_old_logprobs(scored, compute_old).items()}
 
 
 def optimizer_step(updater: PolicyUpdater, mini_batch: ScoredBatch) -> dict[str, float]:

@@ -10,7 +10,9 @@ the way an FP8 inference engine does (W8A8), simulated by rounding to the FP8 gr
 The products are then taken in the copy's own dtype (fp32 unless ``sampler_dtype`` says otherwise), as an
 FP8 GEMM accumulates in higher precision. Embeddings and the LM head stay unquantised, as in vLLM's FP8
 checkpoints [INF: the per-row weight / per-token activation scales are the common dynamic FP8 recipe; the
-Qwen paper (arXiv 2512.01374) does not give its kernels]. On the embedded tiny adder this gives a k3
+Qwen paper (arXiv 2512.01374) does not give its kernels]. Only ``nn.Linear`` modules are quantised: the fused
+expert weights of transformers' MoE blocks (``Qwen2MoeExperts``) and their routers keep the copy's dtype, so on
+an MoE the gap comes from the attention and shared-expert layers and the activations they pass on. On the embedded tiny adder this gives a k3
 mismatch of about 1e-3 per token against the fp32 policy.
 """
 
@@ -34,8 +36,10 @@ def check_sampler_quant(name: str | None) -> None:
 def fake_quant_fp8(x: Tensor, dim: int = -1) -> Tensor:
     """x rounded to FP8 E4M3 with one scale per slice along ``dim`` (max|x| / 448), returned in x's dtype.
 
-    A slice of zeros stays zero (its scale is clamped, not divided by).
+    A slice of zeros stays zero (its scale is clamped, not divided by); an empty tensor is returned as is.
     """
+    if x.numel() == 0:
+        return x
     scale = x.detach().abs().amax(dim=dim, keepdim=True).float().clamp(min=1e-12) / FP8_MAX
     return ((x.float() / scale).to(FP8_DTYPE).float() * scale).to(x.dtype)
 
