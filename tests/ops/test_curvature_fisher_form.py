@@ -1,4 +1,4 @@
-"""CAPO's m_F with the sampled-token Fisher (the code's) and the true Fisher (``fisher_form="true"``).
+"""CAPO's m_F with the sampled-token Fisher (the code's) and the true Fisher (``fisher_form="full"``).
 
 The check is the token's *own* step in the last-layer linear model: with the sgd optimizer model the LM head
 moves by η Â v hᵀ, so the logits move by exactly η Â ‖h‖² v and the realised KL(π_old ‖ π_new) can be computed
@@ -50,7 +50,7 @@ def test_two_token_vocabulary_ratio_is_one_minus_p_over_p(p):
     hidden, weight, topk, adv = _one_token(logits, 0)
     lr = 1e-2
     sampled = token_curvature_scores(hidden, topk, adv, lr).fisher.item()
-    true = token_curvature_scores(hidden, topk, adv, lr, fisher_form="true").fisher.item()
+    true = token_curvature_scores(hidden, topk, adv, lr, fisher_form="full").fisher.item()
     assert true == pytest.approx(0.5 * lr**2 * 4 * p * (1 - p) ** 3, rel=1e-4)
     assert sampled == pytest.approx(0.5 * lr**2 * 4 * (1 - p) ** 4, rel=1e-4)
     assert sampled / true == pytest.approx((1 - p) / p, rel=1e-4)
@@ -66,7 +66,7 @@ def test_true_fisher_predicts_the_realised_kl_of_the_tokens_own_step(logits, sam
     sampled %= len(logits)
     lr = 1e-3
     hidden, weight, topk, a = _one_token(logits, sampled, adv)
-    predicted = token_curvature_scores(hidden, topk, a, lr, fisher_form="true").fisher.item()
+    predicted = token_curvature_scores(hidden, topk, a, lr, fisher_form="full").fisher.item()
     realised = _realised_kl(logits, sampled, adv, lr)
     assert predicted == pytest.approx(realised, rel=1e-2, abs=1e-13)
 
@@ -82,9 +82,9 @@ def test_sampled_form_overpredicts_improbable_and_underpredicts_confident_tokens
 def test_group_levels_accept_the_true_form_and_agree_with_it_for_one_token():
     hidden, weight, topk, adv = _one_token([0.3, -1.0, 0.5], 1)
     mask = torch.ones(1, 1, dtype=torch.bool)
-    token = token_curvature_scores(hidden, topk, adv, 1e-2, fisher_form="true").fisher
+    token = token_curvature_scores(hidden, topk, adv, 1e-2, fisher_form="full").fisher
     seq = group_curvature_scores(
-        hidden, topk, adv, mask, 1e-2, level="sequence", lm_head_weight=weight, fisher_form="true"
+        hidden, topk, adv, mask, 1e-2, level="sequence", lm_head_weight=weight, fisher_form="full"
     ).fisher
     assert seq.item() == pytest.approx(token.item(), rel=1e-5)
 
@@ -106,4 +106,4 @@ def test_capo_filter_passes_the_form_to_its_scores(tiny_model_dir):
     from steadyrl.train.capo import CapoFilter
 
     model = load_model(tiny_model_dir)
-    assert CapoFilter(model=model, fisher_form="true")._model_kwargs(model.lm_head.weight, False)["fisher_form"] == "true"
+    assert CapoFilter(model=model, fisher_form="full")._model_kwargs(model.lm_head.weight, False)["fisher_form"] == "full"

@@ -6,7 +6,7 @@ trained by the trainer's own collector and update for ``steps`` RL steps, in one
 
     nomask      the same CapoFilter with τ_F = τ_H = 0: scores computed, its optimizer model fed, nothing masked
     capo        the official rule with the sampled-token Fisher m_F (the code's)
-    capo_true   the official rule with the true-Fisher m_F (``fisher_form: true``)
+    capo_true   the official rule with the true-Fisher m_F (``fisher_form: full``)
 
 Around every optimizer step:
 
@@ -89,7 +89,7 @@ def _recipe(spec: CapoSpec, variant: str, lr: float, seed: int):
     if variant == "nomask":
         kwargs.update(fisher_tau=0.0, hessian_tau=0.0)
     elif variant == "capo_true":
-        kwargs["fisher_form"] = "true"
+        kwargs["fisher_form"] = "full"
     filters = tuple(type(f)(f.name, kwargs) if f is capo else f for f in cfg.token_filters)
     return dataclasses.replace(cfg, token_filters=filters), dict(capo.kwargs)
 
@@ -137,12 +137,12 @@ class CapoRun:
             kwargs = self.filter._model_kwargs(head.weight, False)
             mask = mini.token_mask
             out = {}
-            for form in ("sampled", "true"):
+            for form in ("sampled", "full"):
                 kwargs["fisher_form"] = form
                 s = token_curvature_scores(fwd.hidden, topk, mini.advantages, lr, mask=mask, **kwargs)
                 out[f"fisher_{form}"] = s.fisher
                 out["hessian"] = s.hessian
-            form = "true" if self.variant == "capo_true" else "sampled"
+            form = "full" if self.variant == "capo_true" else "sampled"
             keep_f, keep_h = curvature_keep(out[f"fisher_{form}"], out["hessian"], fisher_tau=self.official["fisher_tau"],
                                             hessian_tau=self.official["hessian_tau"])
             out["rejected"] = ~(keep_f & keep_h)
@@ -162,7 +162,7 @@ class CapoRun:
         p_after = after_train.gather(-1, ids).squeeze(-1).exp()
         tokens.append({
             "p": p_before[mask], "adv": mini.advantages[mask], "rejected": scores["rejected"][mask],
-            "fisher_sampled": scores["fisher_sampled"][mask], "fisher_true": scores["fisher_true"][mask],
+            "fisher_sampled": scores["fisher_sampled"][mask], "fisher_full": scores["fisher_full"][mask],
             "hessian": scores["hessian"][mask], "kl": token_kl(before_train, after_train)[mask],
             "change": (mini.advantages * (p_after / p_before - 1.0))[mask],
         })
@@ -195,7 +195,7 @@ def summarise_tokens(t: dict[str, Tensor]) -> dict[str, Any]:
         "tokens": int(rejected.numel()),
         "rejected_frac": float(rejected.float().mean()),
         "spearman_fisher_sampled_kl": spearman(t["fisher_sampled"], t["kl"]),
-        "spearman_fisher_true_kl": spearman(t["fisher_true"], t["kl"]),
+        "spearman_fisher_full_kl": spearman(t["fisher_full"], t["kl"]),
         "spearman_hessian_change": spearman(t["hessian"], t["change"]),
     }
     for sign, pick in (("pos", t["adv"] > 0), ("neg", t["adv"] < 0)):
@@ -206,8 +206,8 @@ def summarise_tokens(t: dict[str, Tensor]) -> dict[str, Any]:
         name = f"p{lo:g}-{min(hi, 1):g}"
         out[f"tokens_{name}"] = int(pick.sum())
         out[f"rejected_rate_{name}"] = float(rejected[pick].float().mean()) if pick.any() else float("nan")
-        valid = pick & (t["fisher_true"] > 0)
-        ratio = t["fisher_sampled"][valid] / t["fisher_true"][valid]
+        valid = pick & (t["fisher_full"] > 0)
+        ratio = t["fisher_sampled"][valid] / t["fisher_full"][valid]
         out[f"fisher_ratio_median_{name}"] = float(ratio.median()) if ratio.numel() else float("nan")
     return out
 

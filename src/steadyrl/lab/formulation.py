@@ -71,8 +71,8 @@ class FormulationSpec:
     mismatches: tuple[str, ...] = ("fp32", "bf16", "fp8", "noise1", "noise3")
     staleness: tuple[int, ...] = (2, 4, 8)
     trajectory_mismatches: tuple[str, ...] = ("fp32", "noise1")
-    every_k: tuple[int, ...] = (8,)
-    """N whose trajectories are measured at every θ_k (the others only at θ_0 and θ_{N−1})."""
+    every_k: tuple[int, ...] = ()
+    """N whose trajectories are measured at every θ_k (the others only at θ_0 and θ_{N−1}); full mode: (8,)."""
     methods: tuple[str, ...] = ("none", "tis", "minirl", "ppo_clip")
     mismatch_methods: tuple[str, ...] = ("none", "tis", "seq_is")
     aggregations: tuple[str, ...] = tuple(AGGREGATIONS)

@@ -13,7 +13,7 @@ largest logits of each position:
     s_t   = v_tᵀ δz_t,  and ⟨g_t, u_t⟩ = Â_t s_t because g_t has rank one
     F_t   = diag(π_t) − π_t π_tᵀ,    H_t = Â_t [ s_t² − δz_tᵀ F_t δz_t ]
     m_F   = ½ η² s_t²                          predicted KL(π_old ‖ π_new) of the token (Fisher score)
-            or ½ η² δz_tᵀ F_t δz_t             with ``fisher_form="true"`` (see below)
+            or ½ η² δz_tᵀ F_t δz_t             with ``fisher_form="full"`` (see below)
     m_H   = η Â_t s_t + ½ η² H_t               second-order prediction of the token's objective change
 
 η is the current learning rate. For sgd everything factors through h exactly: δz_t = Â_t ‖h_t‖² v_t. For
@@ -28,10 +28,10 @@ group's valid (t, k) with top-K id j; the optimizer model turns it into ū; then
 
 Fisher form. The code's m_F uses the *sampled-token* (empirical) Fisher v_t v_tᵀ, whose quadratic form
 s_t² = (v_tᵀ δz_t)² is a one-sample estimate of the true Fisher's δz_tᵀ F_t δz_t = E_{a∼π_t}[(e_a − π_t)ᵀ δz_t]².
-The second-order expansion of KL(softmax(z) ‖ softmax(z + η δz)) is ½ η² δzᵀ F δz, so ``fisher_form="true"``
+The second-order expansion of KL(softmax(z) ‖ softmax(z + η δz)) is ½ η² δzᵀ F δz, so ``fisher_form="full"``
 predicts the token's KL exactly to second order, while the sampled form over-predicts it for improbable
 sampled tokens and under-predicts it for confident ones (tests/ops/test_curvature.py checks both against the
-exact KL). ``"sampled"`` (default) is the official code's [CODE]; ``"true"`` is an option of steadyrl [INF].
+exact KL). ``"sampled"`` (default) is the official code's [CODE]; ``"full"`` (the true Fisher) is an option of steadyrl [INF].
 
 Masks (the code's rule, ``_compute_{fisher,hessian}_token_mask``): keep iff m_F < τ_F and −τ_H < m_H < τ_H
 (symmetric) or 0 ≤ m_H < τ_H (not symmetric); τ = 0 switches a criterion off. Theorem 5.1 of the paper instead
@@ -49,7 +49,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 OPTIMIZER_MODELS = ("sgd", "adam", "adamw")
-FISHER_FORMS = ("sampled", "true")
+FISHER_FORMS = ("sampled", "full")
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -299,7 +299,7 @@ def token_curvature_scores(
     fisher_form: str = "sampled",
 ) -> CurvatureScores:  # (B, T) each
     """Per-token m_F and m_H (module docstring) under the optimizer model ``sgd`` | ``adam`` | ``adamw``;
-    ``fisher_form`` "sampled" (the code's s_t²) or "true" (δz_tᵀ F_t δz_t) for m_F.
+    ``fisher_form`` "sampled" (the code's s_t²) or "full" (δz_tᵀ F_t δz_t) for m_F.
 
     sgd (and adam before any moment exists, where u_t = g_t): exact factoring, δz_t = Â_t ‖h_t‖² v_t.
     adam / adamw: U_t is formed ``chunk_size`` tokens at a time from the moment rows of the token's K ids

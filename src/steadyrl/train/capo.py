@@ -64,8 +64,8 @@ class CapoFilter(TokenFilter):
         optimizer_model           sgd | adam | adamw [optim_model_type]; betas / eps / weight_decay should
                                   match the trainer's AdamW (the code reads them from TrainingArguments).
         top_k                     K of the top-K softmax (the code: the sampler's top_k, 50).
-        fisher_form               sampled | true: m_F from the sampled-token Fisher (s_t², the code's) or the
-                                  true Fisher (δz_tᵀ F_t δz_t, the second-order KL; ops/curvature.py).
+        fisher_form               sampled | full: m_F from the sampled-token Fisher (s_t², the code's) or the
+                                  true Fisher ("full": δz_tᵀ F_t δz_t, the second-order KL; ops/curvature.py).
         fisher_lambda, hessian_lambda
                                   > 0: add λ·m_F / λ·m_H to the per-token loss instead of masking with that
                                   score [*_token_lambda]. The code computes the scores under no_grad, so its
