@@ -103,15 +103,15 @@ def plan_jobs(spec: MechanismsSpec) -> list[Job]:
 
 def run_job(job: Job, spec: MechanismsSpec) -> list[dict[str, Any]]:
     """One job's rows; an exception becomes one error row (the lab goes on)."""
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     try:
         rows = _dispatch(job, spec)
         status = {"status": "ok"}
     except Exception as exc:  # recorded, the lab goes on
         rows, status = [], {"status": "error", "error": f"{type(exc).__name__}: {exc}",
                             "traceback": traceback.format_exc(limit=8)}
-    wall = round(time.perf_counter() - started, 2)
-    meta = {"item": job.item, "kind": "job", "job": job.name, "seed": job.seed, "wall_s": wall, **status}
+    wall, cpu = round(time.perf_counter() - started, 2), round(time.process_time() - cpu, 2)
+    meta = {"item": job.item, "kind": "job", "job": job.name, "seed": job.seed, "wall_s": wall, "cpu_s": cpu, **status}
     return [{**r, "job": job.name} for r in rows] + [meta]
 
 
@@ -126,7 +126,7 @@ def _dispatch(job: Job, spec: MechanismsSpec) -> list[dict[str, Any]]:
             rows = [lab.setup_row(), *lab.noise_rows(), *lab.mismatch_rows()]
         else:
             mismatch = part.split(":", 1)[1]
-            rows = [r for n in lab.spec.staleness for r in lab.trajectory_rows(mismatch, n)]
+            rows = [r for i, n in enumerate(lab.spec.staleness) for r in lab.trajectory_rows(mismatch, n, with_start=i == 0)]
         return [{"item": "formulation", "seed": job.seed, **r} for r in rows]
     if job.item == "routing":
         from steadyrl.lab.routing_lab import RoutingSpec, run_routing
@@ -193,7 +193,7 @@ def run_jobs(jobs: list[Job], spec: MechanismsSpec, log=print) -> list[dict[str,
         atomic_write_text(path, json.dumps(rows))
         meta = rows[-1]
         extra = f" ERROR {meta.get('error')}" if meta.get("status") == "error" else ""
-        log(f"[{len(results)}/{len(jobs)}] {job.name}: {meta['wall_s']:.0f}s{extra}")
+        log(f"[{len(results)}/{len(jobs)}] {job.name}: {meta['wall_s']:.0f}s wall, {meta.get('cpu_s', 0):.0f}s CPU{extra}")
 
     if spec.workers <= 1 or len(todo) <= 1:
         _init_worker()

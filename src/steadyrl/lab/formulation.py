@@ -76,7 +76,7 @@ class FormulationSpec:
     methods: tuple[str, ...] = ("none", "tis", "minirl", "ppo_clip")
     mismatch_methods: tuple[str, ...] = ("none", "tis", "seq_is")
     aggregations: tuple[str, ...] = tuple(AGGREGATIONS)
-    noise_batches: int = 8
+    noise_batches: int = 4
     task_kwargs: dict = field(default_factory=lambda: {"min_digits": 1, "max_digits": 3, "operations": "+"})
 
 
@@ -227,7 +227,9 @@ class FormulationLab:
         return {"drift": float((_flat_params(self.ctx.model) - self.flat_old).norm()),
                 "kl_seq": F.sequence_kl(self.old_lp, new_lp, self.enum), "J": J}
 
-    def trajectory_rows(self, mismatch: str, n: int) -> list[dict[str, Any]]:
+    def trajectory_rows(self, mismatch: str, n: int, *, with_start: bool = True) -> list[dict[str, Any]]:
+        """Rows of the N-mini-batch updates from one sampled batch; ``with_start`` measures θ_0 too (θ_old, the
+        same for every N: one N is enough)."""
         batch = self._sampled_full_batch(mismatch, n)
         minis = [batch.select(i) for i in torch.arange(batch.batch_size).chunk(n)]
         every = n in self.spec.every_k
@@ -237,7 +239,7 @@ class FormulationLab:
                 updater = updater_for(self.ctx, method, agg, self.spec.lr)
                 self.restore(updater)
                 for k in range(n + 1):
-                    if k < n and (every or k in (0, n - 1)):
+                    if k < n and (every or k == n - 1 or (k == 0 and with_start)):
                         grad_j, _, _ = F.true_gradient(self.ctx.model, self.enum, self.rewards)
                         g = self.expected(updater, mismatch, stale=True)
                         row = {"kind": "trajectory", "mismatch": mismatch, "N": n, "k": k, "method": method, "agg": agg,
@@ -247,11 +249,17 @@ class FormulationLab:
                             fixed_thetas[agg] = (copy.deepcopy(self.ctx.model.state_dict()), grad_j)
                     elif k == n:
                         out.append({"kind": "after", "mismatch": mismatch, "N": n, "k": k, "method": method, "agg": agg,
-                                    **self._state_row()})
+                                    "J_old": self.J, **self._state_row()})
                     if k < n:
                         optimizer_step(updater, minis[k])
         for agg, (state, grad_j) in fixed_thetas.items():  # every method at the uncorrected update's θ_{N−1}
             for method in self.spec.methods:
+                if method == "none":  # none's own trajectory row is this measurement
+                    row = next(r for r in out if r["kind"] == "trajectory" and r["method"] == "none" and r["agg"] == agg
+                               and r["k"] == n - 1)
+                    out.append({"kind": "fixed", **{k: row[k] for k in ("mismatch", "N", "k", "method", "agg", "cos",
+                                                                          "rel_err", "norm_ratio")}})
+                    continue
                 self.ctx.model.load_state_dict(state)
                 updater = updater_for(self.ctx, method, agg, self.spec.lr)
                 g = self.expected(updater, mismatch, stale=True)
@@ -266,8 +274,8 @@ class FormulationLab:
         rows += self.noise_rows()
         rows += self.mismatch_rows()
         for m in self.spec.trajectory_mismatches:
-            for n in self.spec.staleness:
-                rows += self.trajectory_rows(m, n)
+            for i, n in enumerate(self.spec.staleness):
+                rows += self.trajectory_rows(m, n, with_start=i == 0)
                 self.log(f"formulation seed {self.seed}: trajectory {m} N={n} done")
         return [{"item": "formulation", "seed": self.seed, **r} for r in rows]
 
