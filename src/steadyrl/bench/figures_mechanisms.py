@@ -35,11 +35,13 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _line(ax, xs, rows_per_x, key, label, color=None, style="-"):
+def _line(ax, xs, rows_per_x, key, label, color=None, style="-", log_y=False):
     stats = [mean_ci(values(r, key)) for r in rows_per_x]
     ys = [s[0] for s in stats]
     err = [s[1] if s[2] > 1 else 0.0 for s in stats]
-    ax.errorbar(xs, ys, yerr=err, label=label, color=color, linestyle=style, marker="o", ms=3, capsize=2, lw=1.2)
+    # on a log axis the lower bar stops just above 0 (a t-interval over 3 seeds often reaches below it)
+    low = [min(e, 0.95 * y) if log_y else e for e, y in zip(err, ys)]
+    ax.errorbar(xs, ys, yerr=[low, err], label=label, color=color, linestyle=style, marker="o", ms=3, capsize=2, lw=1.2)
 
 
 def formulation_figures(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
@@ -47,17 +49,20 @@ def formulation_figures(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
     paths = []
     axis, setup = select(f, kind="mismatch"), select(f, kind="setup")
     if axis and setup:
-        fig, (ax,) = _figure()
-        mism = [m for m in ordered(axis, "mismatch", ("fp32", "bf16", "fp8", "noise1", "noise3")) if m != "fp32"]
-        k3 = [mean_ci([r["mismatch"][m]["k3"] for r in setup])[0] for m in mism]
-        for method in ("none", "tis", "seq_is"):
-            for agg, style in (("sum", "-"), ("mean", "--")):
-                _line(ax, k3, [select(axis, mismatch=m, method=method, agg=agg) for m in mism], "rel_err",
-                      f"{method} {agg}", COLORS.get(method), style)
+        fig, (ax,) = _figure(width=4.6)
+        k3 = {(r["seed"], m): v["k3"] for r in setup for m, v in r["mismatch"].items()}
+        floor = values(axis, "rel_err", mismatch="fp32", method="none", agg="sum")
+        for method, marker in (("none", "o"), ("tis", "s"), ("seq_is", "^")):
+            pts = [(k3[(r["seed"], r["mismatch"])], r["rel_err"]) for r in select(axis, method=method, agg="sum")
+                   if r["mismatch"] != "fp32" and (r["seed"], r["mismatch"]) in k3]
+            ax.scatter([p[0] for p in pts], [p[1] for p in pts], s=14, marker=marker, color=COLORS.get(method), label=method)
+        if floor:
+            ax.axhline(max(floor), color="#bbbbbb", ls=":", lw=1, label="fp32 floor (max over seeds)")
         ax.set_xscale("log")
-        ax.set_xlabel("sampler mismatch k3 per token (bf16, fp8, noise σ=1, 3)")
+        ax.set_yscale("log")
+        ax.set_xlabel("sampler's k3 mismatch per token (one point per seed)")
         ax.set_ylabel("‖E g − c∇J‖ / ‖c∇J‖")
-        ax.set_title("N = 1: gradient bias vs mismatch", fontsize=9)
+        ax.set_title("N = 1, sum aggregation: bias vs mismatch", fontsize=9)
         ax.legend(fontsize=6)
         paths.append(_save(fig, out / "formulation_mismatch.png"))
     fixed, noise = select(f, kind="fixed"), select(f, kind="noise")
@@ -68,10 +73,12 @@ def formulation_figures(out: Path, rows: list[dict[str, Any]]) -> list[Path]:
             ns = ordered(fixed, "N", sort=int)
             for method in ordered(fixed, "method", ("none", "tis", "minirl", "ppo_clip")):
                 _line(ax, ns, [select(fixed, mismatch=m, N=n, method=method, agg="sum") for n in ns], "rel_err", method,
-                      COLORS.get(method))
+                      COLORS.get(method), log_y=True)
             if noise:
-                _line(ax, ns, [select(noise, N=n, agg="sum") for n in ns], "noise_rel", "one-batch noise", "#bbbbbb", ":")
+                _line(ax, ns, [select(noise, N=n, agg="sum") for n in ns], "noise_rel", "one-batch noise", "#bbbbbb", ":",
+                      log_y=True)
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
             ax.set_xlabel("N (mini-batches per rollout batch)")
             ax.set_ylabel("relative error at θ_{N−1}")
             ax.set_title(f"staleness, sampler {m}, sum aggregation", fontsize=9)
