@@ -158,3 +158,20 @@ def test_mean_ci_by_hand():
     mean, half, n = mean_ci([1.0, 2.0, 3.0, float("nan")])
     assert (mean, n) == (2.0, 3) and half == pytest.approx(4.303 / math.sqrt(3))
     assert fmt_ci([]) == "–" and fmt_ci([0.5]) == "0.5"
+
+
+def test_capo_lab_scores_tokens_exactly_as_the_filter_does(monkeypatch):
+    # One RL step of the collapse map's CAPO recipe: the share of tokens the lab's own scoring rejects equals
+    # the share the trainer's CapoFilter logged for the same optimizer step (capo/rejected_frac).
+    from pathlib import Path
+
+    from steadyrl.lab.capo_lab import CapoSpec, run_capo
+
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # configs/stability/ is read from the repo root
+    spec = CapoSpec(steps=1, heldout_prompts=4, heldout_samples=1, overrides=("rollout.prompts_per_step=8",))
+    rows = [r for r in run_capo(spec, "capo", 3e-3, 0) if r["kind"] == "step"]
+    assert len(rows) == 2  # N = 2 optimizer steps
+    for row in rows:
+        assert row["lab_rejected_frac"] == pytest.approx(row["rejected_frac"], abs=1e-6)
+        assert row["heldout_kl_mean"] >= 0
+    assert max(r["rejected_frac"] for r in rows) > 0  # the rule did reject something: the comparison can fail

@@ -170,6 +170,7 @@ class CapoRun:
         return {"kind": "step", "step": step, "k": k, "lr_now": self.updater.optimizer.param_groups[0]["lr"],
                 "heldout_kl_mean": float(held.mean()), "heldout_kl_p95": float(q[0]), "heldout_kl_p99": float(q[1]),
                 "heldout_kl_max": float(held.max()), "train_kl_mean": float(tokens[-1]["kl"].mean()),
+                "tokens": int(mask.sum()), "lab_rejected_frac": float(tokens[-1]["rejected"].float().mean()),
                 "rejected_frac": float(metrics.get("capo/rejected_frac", 0.0)), "reward": None}
 
     def run(self) -> list[dict[str, Any]]:
