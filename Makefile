@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,tasks
+EXTRAS ?= dev,tasks,data,lora
 LOCK   ?= requirements/lock.txt
 PIP     = $(BIN)/python -m pip -q --disable-pip-version-check
 # The newest versions pyproject.toml allows, for `make test-latest` (a separate venv; the lock is untouched).

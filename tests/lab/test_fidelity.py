@@ -147,23 +147,42 @@ def test_sequence_is_control_is_exact_under_mismatch(setup):
     assert F.compare(g, grad_j, (G - 1) / G)["rel_err"] < 1e-4
 
 
-def test_training_gradient_is_what_the_optimizer_steps_on(setup):
-    policy, _, enum, rewards = setup
+STEP_CASES = {
+    # no in-loop rejection: the loss's own mask (MiniRL's staleness mask) keeps its tokens in the count
+    "minirl": ({"loss": METHODS["minirl"]["loss"]}, "seq_mean_token_sum", False),
+    # a correction that reweights and rejects nothing: the rescale is exactly 1
+    "tis": ({"loss": "reinforce", "correction": METHODS["tis"]["correction"]}, "token_mean", False),
+    # rejections leave the normaliser (docs/normalisation.md): the updater rescales its gradient by D(before)/D(after)
+    "token_mis": ({"loss": "reinforce", "correction": {"name": "token_mis", "ratio_min": 0.8, "ratio_max": 1.25}},
+                  "token_mean", True),
+    "seq_mis": ({"loss": "reinforce", "correction": {"name": "seq_mis", "ratio_min": 0.8, "ratio_max": 1.25}},
+                "seq_mean_token_mean", True),
+}
+
+
+@pytest.mark.parametrize("case", list(STEP_CASES))
+def test_training_gradient_is_what_the_optimizer_steps_on(setup, case):
+    policy, sampler, enum, rewards = setup
+    method, agg, rejects = STEP_CASES[case]
     model = copy.deepcopy(policy)
-    spec = METHODS["minirl"]
-    cfg = method_config(loss=spec["loss"], max_new_tokens=MAX_NEW)
+    cfg = method_config(loss=method["loss"], aggregation=agg, correction=method.get("correction"), max_new_tokens=MAX_NEW)
     updater = build_updater(model, dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, grad_clip=0.0)))
-    mu = F.sampler_token_logprobs(model, enum)
+    mu = F.sampler_token_logprobs(sampler, enum)  # mismatched, so that the corrections' bands reject something
     batch = F.expected_batch(enum, rewards, mu, F.trainer_token_logprobs(model, enum), G)
-    expected = training_gradient(updater, batch, num_seqs=enum.num_rows, lr=1e-3)  # the trainer counts every row
+    expected = training_gradient(updater, batch, lr=1e-3)  # the trainer's own counts (num_seqs=None)
     seen = {}
 
     def grab(opt, args, kwargs):
         seen["g"] = torch.cat([p.grad.reshape(-1).clone() for p in model.parameters()])
 
     updater.optimizer.register_step_pre_hook(grab)
-    optimizer_step(updater, batch)
+    metrics = optimizer_step(updater, batch)
     assert torch.allclose(seen["g"], expected, rtol=1e-5, atol=1e-9)
+    # The case is what it says: the rejecting corrections did reject (so the rescale was exercised), the others not.
+    assert (metrics.get("mismatch/masked_frac", 0.0) > 0) == rejects
+    if rejects:  # and the exact expectation refuses a normaliser that is a ratio of sampled counts
+        with pytest.raises(ValueError, match="leaves the normaliser|rejected tokens"):
+            training_gradient(updater, batch, num_seqs=enum.num_prompts, lr=1e-3)
 
 
 def test_compare_and_sequence_kl_by_hand():

@@ -93,7 +93,7 @@ def test_unknown_fisher_form_is_rejected():
     hidden, weight, topk, adv = _one_token([0.0, 1.0], 0)
     with pytest.raises(ValueError, match="fisher_form"):
         token_curvature_scores(hidden, topk, adv, 1e-2, fisher_form="exact")
-    from steadyrl.train.capo import CapoFilter
+    from steadyrl.stabilisers.capo import CapoFilter
 
     model = torch.nn.Module()
     model.get_output_embeddings = lambda: torch.nn.Linear(2, 3)
@@ -103,7 +103,7 @@ def test_unknown_fisher_form_is_rejected():
 
 def test_capo_filter_passes_the_form_to_its_scores(tiny_model_dir):
     from steadyrl.models import load_model
-    from steadyrl.train.capo import CapoFilter
+    from steadyrl.stabilisers.capo import CapoFilter
 
     model = load_model(tiny_model_dir)
     assert CapoFilter(model=model, fisher_form="full")._model_kwargs(model.lm_head.weight, False)["fisher_form"] == "full"

@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from extras import requires_extra
 from steadyrl.config import ConfigError
 from steadyrl.models import build_tiny_model, tiny_model_config
 from steadyrl.rollout import HFRolloutBackend, NativeRolloutBackend, SamplingParams, left_pad
@@ -109,3 +110,65 @@ def test_trainer_runs_with_an_fp8_sampler(tiny_config):
     assert trainer.backend.sampler_quant == "fp8"
     summary = trainer.train()
     assert summary["steps"] == 1
+
+
+class _Ids:
+    pad_token_id, eos_token_id = PAD, EOS
+
+
+@pytest.mark.parametrize("name", ["hf", "native"])
+def test_registry_passes_sampler_quant_to_both_backends(name):
+    from steadyrl import registry
+
+    backend = registry.build_backend(name, _model(), _Ids(), sampler_quant="fp8")
+    assert backend.sampler_quant == "fp8" and backend.separate_sampler
+    assert all(torch.equal(fake_quant_fp8(m.weight, dim=-1), m.weight) for m in quantised_linears(backend.sampler))
+    plain = registry.build_backend(name, _model(), _Ids())
+    assert plain.sampler_quant is None and not plain.separate_sampler
+
+
+def test_sampler_quant_is_set_on_rollout_not_on_the_backend_spec():
+    # One place for it, as for sampler_dtype: rollout.sampler_quant, which the trainer hands to the registry.
+    from steadyrl import registry
+    from steadyrl.config import MethodSpec
+
+    with pytest.raises(ConfigError, match="unknown setting.*'sampler_quant'"):
+        registry.check("rollout_backend", MethodSpec("hf", {"sampler_quant": "fp8"}))
+
+
+def test_fp8_copy_in_bf16_is_quantised_in_its_own_dtype():
+    model = _model()
+    backend = HFRolloutBackend(model, pad_token_id=PAD, eos_token_id=EOS, sampler_dtype=torch.bfloat16, sampler_quant="fp8")
+    for mine, theirs in zip(quantised_linears(backend.sampler), quantised_linears(model)):
+        assert mine.weight.dtype == torch.bfloat16
+        assert torch.equal(mine.weight, fake_quant_fp8(theirs.weight.to(torch.bfloat16), dim=-1))
+
+
+@requires_extra("lora", "peft")
+def test_fp8_sampler_of_a_lora_policy_is_its_merged_copy_quantised_after_every_sync():
+    from steadyrl.config import LoraConfig
+    from steadyrl.models.lora import apply_lora, merged_state_dict
+
+    model = apply_lora(_model(), LoraConfig(r=4, alpha=8.0, target_modules=("all-linear",)))
+    with torch.no_grad():  # non-zero B factors, so the merged weights differ from the base ones
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2, generator=torch.Generator().manual_seed(3))
+    backend = HFRolloutBackend(model, pad_token_id=PAD, eos_token_id=EOS, sampler_quant="fp8")
+    head = backend.sampler.get_output_embeddings()
+
+    def check() -> None:
+        merged = merged_state_dict(model)
+        linears = [(n, m) for n, m in backend.sampler.named_modules() if isinstance(m, torch.nn.Linear) and m is not head]
+        assert linears and len(linears) == len(quantised_linears(backend.sampler))
+        for name, linear in linears:
+            assert torch.equal(linear.weight, fake_quant_fp8(merged[f"{name}.weight"], dim=-1)), name
+        assert torch.equal(head.weight, merged[next(n for n, m in backend.sampler.named_modules() if m is head) + ".weight"])
+
+    check()
+    with torch.no_grad():  # a training step moves only the adapters; the sync merges, then quantises again
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.add_(0.1)
+    backend.sync_weights()
+    check()

@@ -32,14 +32,14 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from steadyrl import registry
 from steadyrl.config import load_config
 from steadyrl.lab.context import build_updater, load_context
 from steadyrl.lab.trainer_adapter import optimizer_step, prepare_old
 from steadyrl.ops.curvature import curvature_keep, token_curvature_scores, topk_policy
-from steadyrl.rollout import build_backend
 from steadyrl.rollout.base import SamplingParams, left_pad
+from steadyrl.runtime.distributed import DistInfo
 from steadyrl.train.collect import RolloutCollector
-from steadyrl.train.distributed import DistInfo
 from steadyrl.train.forward import model_inputs, policy_forward
 from steadyrl.types import RolloutBatch
 
@@ -107,11 +107,9 @@ class CapoRun:
                                 task_kwargs=dict(self.cfg.task.kwargs), max_new_tokens=self.cfg.rollout.max_new_tokens)
         self.updater = build_updater(self.ctx.model, self.cfg, total_steps=spec.steps * self.cfg.optim.mini_batches)
         self.filter = self.updater.token_filters[0]
-        from steadyrl import registry
-
         r = self.cfg.rollout
         self.collector = RolloutCollector(
-            build_backend("hf", self.ctx.model, self.ctx.tokenizer), self.ctx.tokenizer, self.ctx.task,
+            registry.build_backend("hf", self.ctx.model, self.ctx.tokenizer), self.ctx.tokenizer, self.ctx.task,
             registry.resolve("advantage", self.cfg.advantage), params=SamplingParams(r.max_new_tokens, r.temperature),
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=DistInfo(), seed=seed,
             device=torch.device("cpu"),
@@ -122,7 +120,7 @@ class CapoRun:
         tok = self.ctx.tokenizer
         ids = [x for x in self.ctx.prompt_ids for _ in range(self.spec.heldout_samples)]
         prompt_ids, prompt_mask = left_pad(ids, tok.pad_token_id)
-        backend = build_backend("hf", self.ctx.model, tok)
+        backend = registry.build_backend("hf", self.ctx.model, tok)
         gen = torch.Generator().manual_seed(10_007 + self.seed)
         return backend.generate(prompt_ids, prompt_mask, SamplingParams(self.ctx.max_new_tokens, 1.0), generator=gen)
 

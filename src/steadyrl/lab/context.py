@@ -9,10 +9,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from steadyrl import registry
 from steadyrl.config import TrainConfig, from_dict
 from steadyrl.lab.enumeration import Enumerated
 from steadyrl.models import load_model, load_tokenizer
-from steadyrl.tasks import Prompt, build_task, score_completions
+from steadyrl.tasks import Prompt, score_completions
 from steadyrl.train.setup import build_optimizer, resolve_methods, resolve_model_path
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
 
@@ -44,7 +45,7 @@ def load_context(
     path = resolve_model_path(model_name)
     tokenizer = load_tokenizer(path)
     model = load_model(path).train()
-    built = build_task(task, **(ADDITION if task_kwargs is None else task_kwargs))
+    built = registry.build_task(task, **(ADDITION if task_kwargs is None else task_kwargs))
     prompts = built.sample(split, num_prompts, seed=seed) if split == "train" else built.eval_prompts()[:num_prompts]
     ids = [tokenizer(p.text)["input_ids"] for p in prompts]
     return LabContext(model, tokenizer, built, prompts, ids, max_new_tokens)
@@ -85,27 +86,31 @@ def method_config(
 
 
 def build_updater(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int = 1000) -> PolicyUpdater:
-    """The trainer's PolicyUpdater for ``cfg`` with one optimizer step per ``update`` call (mini_batches = 1)."""
+    """The trainer's PolicyUpdater for ``cfg`` with one optimizer step per ``update`` call (mini_batches = 1),
+    its stateful parts built from the registry with the context ``Trainer`` gives them."""
     methods = resolve_methods(cfg)
     optimizer, scheduler = build_optimizer(cfg, model, total_steps)
+    o, r = cfg.optim, cfg.rollout
     settings = UpdateSettings(
         mini_batches=1,
-        micro_batch_size=cfg.optim.micro_batch_size,
-        grad_clip=cfg.optim.grad_clip,
-        temperature=cfg.rollout.temperature,
-        max_len=cfg.rollout.max_new_tokens,
+        micro_batch_size=o.micro_batch_size,
+        grad_clip=o.grad_clip,
+        temperature=r.temperature,
+        max_len=r.max_new_tokens,
         kl_coef=cfg.kl.coef,
         routing_replay=cfg.routing_replay,
     )
+    context = {"model": model, "distributed": False,
+               "optimizer_defaults": {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}}
     return PolicyUpdater(
         model,
         optimizer,
         scheduler,
-        loss_fn=methods["loss"],
-        aggregation_fn=methods["aggregation"],
-        correction_fn=methods["correction"],
-        kl_fn=methods["kl"],
-        combiner=methods["combiner"](model=model, distributed=False),
+        loss=methods["loss"],
+        aggregation=methods["aggregation"],
+        correction=methods["correction"],
+        kl=methods["kl"],
+        combiner=registry.build("combiner", cfg.combiner, **context),
         settings=settings,
-        token_filters=[make(model=model, distributed=False) for make in methods["token_filters"]],
+        token_filters=[registry.build("token_filter", spec, **context) for spec in cfg.token_filters],
     )

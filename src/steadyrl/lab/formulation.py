@@ -43,11 +43,10 @@ from steadyrl.lab.enumeration import Enumerated, enumerate_completions
 from steadyrl.lab.samplers import make_sampler
 from steadyrl.lab.trainer_adapter import optimizer_step, training_gradient
 from steadyrl.ops.masking import masked_fill_zero
-from steadyrl.rollout import build_backend
 from steadyrl.rollout.base import SamplingParams, left_pad
+from steadyrl.rollout.text import decode_completions
 from steadyrl.tasks import score_completions
 from steadyrl.train.batch import ScoredBatch
-from steadyrl.train.collect import decode_completions
 
 METHODS: dict[str, dict[str, Any]] = {
     "none": {"loss": "reinforce"},
@@ -99,7 +98,7 @@ def updater_for(ctx: LabContext, method: str, agg: str, lr: float):
 def warm_up(ctx: LabContext, spec: FormulationSpec, seed: int) -> dict:
     """``warmup_steps`` on-policy REINFORCE steps with sampled rollouts; returns the optimizer state."""
     updater = updater_for(ctx, "none", "sum", spec.lr)
-    backend = build_backend("hf", ctx.model, ctx.tokenizer)
+    backend = registry.build_backend("hf", ctx.model, ctx.tokenizer)
     adv_fn = registry.resolve("advantage", "dr_grpo")
     eos = {ctx.tokenizer.eos_token_id}
     for step in range(spec.warmup_steps):

@@ -1,13 +1,13 @@
 """Item 6 of the lab: the stability guard's lead time and false-alarm rate over the collapse map's runs.
 
-The guard (steadyrl.train.guard) is replayed offline on every run of a collapse map's results.jsonl that ran
+The guard (steadyrl.stabilisers.guard) is replayed offline on every run of a collapse map's results.jsonl that ran
 without it: ``StabilityGuard.observe`` gets each RL step's metrics in order. With no snapshot bound, a firing
 signal is an *alarm* (never a rollback), so the replay shows when the guard would first have acted on the run
 as it actually went. Only the series the results rows keep can be replayed: ``reward/mean`` and
 ``policy/entropy`` (so the reward-drop and entropy signals; grad-spike, ESS and KL need the run directories).
 
 Per run: the first alarm step; the onset of the collapse, the first eval whose accuracy is below the collapse
-threshold (``bench.collapse.accuracy_threshold``), for runs the map judged collapsed (or that dipped). Both are
+threshold (``report.collapse.accuracy_threshold``), for runs the map judged collapsed (or that dipped). Both are
 counted in policy states: the reward of RL step i is sampled from the policy after i − 1 updates, and the eval
 at step s measures the policy after s updates, so the lead time is onset − (alarm − 1) updates (≥ 0: the guard
 saw the state no later than the eval that first shows the collapse). A false alarm is an alarm in a run that
@@ -19,9 +19,9 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from steadyrl.bench.collapse import accuracy_threshold
 from steadyrl.config import GuardConfig
-from steadyrl.train.guard import StabilityGuard
+from steadyrl.report.collapse import accuracy_threshold
+from steadyrl.stabilisers.guard import StabilityGuard
 
 GUARDED = ("grpo_guard",)
 

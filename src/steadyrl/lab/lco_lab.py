@@ -37,10 +37,9 @@ from steadyrl.lab.capo_lab import position_logprobs
 from steadyrl.lab.context import build_updater, load_context
 from steadyrl.lab.trainer_adapter import optimizer_step, prepare_old
 from steadyrl.ops.targets import logit_shift_for_target, ratio_rule_target
-from steadyrl.rollout import build_backend
 from steadyrl.rollout.base import SamplingParams
+from steadyrl.runtime.distributed import DistInfo
 from steadyrl.train.collect import RolloutCollector
-from steadyrl.train.distributed import DistInfo
 
 LOSSES: dict[str, dict[str, Any]] = {
     "lco_kld": {"name": "lco_kld", "target": "ratio", "rho_pos": 1.8, "rho_neg": 0.9},
@@ -109,7 +108,7 @@ def run_lco(spec: LcoSpec, method: str, seed: int) -> list[dict[str, Any]]:
     updater = build_updater(ctx.model, cfg, total_steps=spec.steps * n)
     r = cfg.rollout
     collector = RolloutCollector(
-        build_backend("hf", ctx.model, ctx.tokenizer), ctx.tokenizer, ctx.task, registry.resolve("advantage", cfg.advantage),
+        registry.build_backend("hf", ctx.model, ctx.tokenizer), ctx.tokenizer, ctx.task, registry.resolve("advantage", cfg.advantage),
         params=SamplingParams(r.max_new_tokens, r.temperature), prompts_per_step=r.prompts_per_step,
         group_size=r.group_size, info=DistInfo(), seed=seed, device=torch.device("cpu"),
     )

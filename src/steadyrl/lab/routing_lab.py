@@ -11,7 +11,7 @@ seq_mean_token_sum) over one sampled batch in N mini-batches, and at θ_0 and θ
 gradient of the replayed loss against ∇J_S(θ) of the policy's own routing, and how much of the routing at
 θ_{N−1} still agrees with θ_old's (the routing part of staleness, what R2 removes). The routing agreement of
 sampler and trainer, and the mismatch k3 KL(μ ‖ π_old) with and without replay, come from the trainer's own
-π_old pass (``prepare_old_logprobs``) on a sampled batch.
+π_old pass (the score stage, ``Scorer.score``) on a sampled batch.
 """
 
 from __future__ import annotations

@@ -18,7 +18,7 @@ import copy
 
 import torch
 
-from steadyrl.rollout import build_backend
+from steadyrl import registry
 
 MISMATCHES = ("fp32", "bf16", "fp8", "noise")
 
@@ -45,9 +45,9 @@ def make_sampler(policy: torch.nn.Module, tokenizer, kind: str, *, noise_sigma: 
     if kind == "fp32":
         return policy
     if kind == "bf16":
-        return build_backend("hf", policy, tokenizer, sampler_dtype=torch.bfloat16).sampler
+        return registry.build_backend("hf", policy, tokenizer, sampler_dtype=torch.bfloat16).sampler
     if kind == "fp8":
-        return build_backend("hf", policy, tokenizer, sampler_quant="fp8").sampler
+        return registry.build_backend("hf", policy, tokenizer, sampler_quant="fp8").sampler
     if kind == "noise":
         return noisy_head_copy(policy, noise_sigma, seed)
     raise ValueError(f"unknown mismatch {kind!r}; valid: {', '.join(MISMATCHES)}.")

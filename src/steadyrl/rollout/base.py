@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from steadyrl.models.lora import is_peft_model, merged_copy, merged_state_dict, unwrap_peft
 from steadyrl.models.routing import supported_moe_layers
 from steadyrl.rollout.quant import check_sampler_quant, install_fake_quant, quantize_weights
 from steadyrl.types import RolloutBatch
@@ -53,7 +54,11 @@ class RolloutBackend(Protocol):
 class SamplerCopyMixin:
     """What both backends share: the policy, its sampler (a separate copy in ``sampler_dtype`` when that differs
     from the policy's dtype, or fake-quantised with ``sampler_quant``, so the train-inference gap is real), and
-    MoE routing recording."""
+    MoE routing recording.
+
+    A LoRA policy (a peft model) samples through the causal LM inside the wrapper, its LoRA layers active; a
+    separate sampler of it is a plain copy with the adapters merged in (models/lora.py), refreshed by merging.
+    ``sampler_quant`` quantises that merged copy (rollout/quant.py), after every refresh as for a full model."""
 
     def _init_sampler(
         self,
@@ -71,9 +76,12 @@ class SamplerCopyMixin:
         param_dtype = next(model.parameters()).dtype
         self.sampler_quant = sampler_quant
         self.separate_sampler = (sampler_dtype is not None and sampler_dtype != param_dtype) or sampler_quant is not None
-        self.sampler = copy.deepcopy(model).to(sampler_dtype or param_dtype).eval() if self.separate_sampler else model
+        self.lora = is_peft_model(model)
         if self.separate_sampler:
-            self.sampler.requires_grad_(False)
+            copied = merged_copy(model) if self.lora else copy.deepcopy(model)
+            self.sampler = copied.to(sampler_dtype or param_dtype).eval().requires_grad_(False)
+        else:
+            self.sampler = unwrap_peft(model)  # peft's own forward hides the cache API the backends call
         if sampler_quant is not None:  # rollout/quant.py: weights now and after every sync, activations per forward
             install_fake_quant(self.sampler, sampler_quant)
         if record_routing is None:
@@ -85,8 +93,13 @@ class SamplerCopyMixin:
         """Copy the policy's current parameters into the low-precision sampler (no-op when it is the policy)."""
         if not self.separate_sampler:
             return
-        for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
-            dst.copy_(src)
+        if self.lora:
+            merged = merged_state_dict(self.policy)
+            for name, dst in self.sampler.named_parameters():
+                dst.copy_(merged[name])
+        else:
+            for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
+                dst.copy_(src)
         if self.sampler_quant is not None:
             quantize_weights(self.sampler)
 

@@ -18,12 +18,14 @@ mismatch of about 1e-3 per token against the fp32 policy.
 
 from __future__ import annotations
 
+import typing
+
 import torch
 from torch import Tensor
 
-from steadyrl.config import ConfigError
+from steadyrl.config import ConfigError, SamplerQuant
 
-SAMPLER_QUANTS = ("fp8",)
+SAMPLER_QUANTS: tuple[str, ...] = typing.get_args(SamplerQuant)
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = 448.0
 
