@@ -14,6 +14,34 @@ STABILISERS: list[tuple[str, str, str, str, str]] = [
         "docs/methods/routing-replay.md",
     ),
     (
+        "adaptive_entropy",
+        "loss_term",
+        "entropy bonus −c·H̄ with Skywork-OR1's adaptive coefficient toward a target entropy (TRL use_adaptive_entropy)",
+        "arXiv 2505.22312",
+        "docs/methods/adopted.md",
+    ),
+    (
+        "vcpo",
+        "update_hook",
+        "VCPO: ESS-scaled learning rate per optimizer step + off-policy optimal baseline from per-trajectory grad norms",
+        "arXiv 2602.17616",
+        "docs/methods/adopted.md",
+    ),
+    (
+        "lm_head_fp32",
+        "precision",
+        "FP32 LM head: fp32 head weights and logits in trainer and sampler (ScaleRL; TRL cast_lm_head_to_fp32)",
+        "arXiv 2510.13786",
+        "docs/methods/adopted.md",
+    ),
+    (
+        "fp16",
+        "precision",
+        "fp16 training (float16 autocast, fp32 master weights, dynamic loss scaling) and an fp16 sampler (Precision-RL)",
+        "arXiv 2510.26788",
+        "docs/methods/adopted.md",
+    ),
+    (
         "stability_guard",
         "trainer_hook",
         "stability guard (config guard): on a collapse signal, roll back to an in-memory snapshot, cut the LR, tighten ε",
@@ -35,6 +63,9 @@ CONFIG_KEYS = {
     "combiner": "combiner.name",
     "model_hook": "routing_replay: R2 | R3",
     "trainer_hook": "guard: {...}",
+    "loss_term": "entropy: {coef, adaptive, target, ...}",
+    "update_hook": "vcpo: {...}",
+    "precision": "model.lm_head_fp32 | model.autocast: float16 + rollout.sampler_dtype: float16",
 }
 
 

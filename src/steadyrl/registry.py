@@ -46,7 +46,9 @@ from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, Loss
 
 
 class AdvantageFn(Protocol):
-    def __call__(self, rewards: Tensor, group_size: int) -> AdvantageResult: ...  # rewards (B,)
+    # rewards (B,), or (B, K) for an entry with ``reads_components``; an entry with ``reads_old_statistics``
+    # also takes old_logprobs=, sum_pi_squared=, response_mask= (B, T) and returns (B, T) advantages
+    def __call__(self, rewards: Tensor, group_size: int) -> AdvantageResult: ...
 
 
 class LossFn(Protocol):
@@ -83,6 +85,13 @@ class Entry:
     """advantage: the smallest group an estimator can use (group-relative baselines need two completions)."""
     reads_old: bool = False
     """kl: the estimator also takes ``old_logprobs`` (π_old, the policy that sampled; DeepSeek-V3.2's IS weight)."""
+    reads_old_statistics: bool = False
+    """advantage: the estimator also takes π_old's per-token statistics (``old_logprobs``, ``sum_pi_squared`` =
+    Σ_v π_old(v)², ``response_mask``) and returns (B, T) advantages; the score stage computes them after its
+    π_old forward instead of the collect stage (the optimal token baseline)."""
+    reads_components: bool = False
+    """advantage: ``rewards`` may be (B, K), column k the task's k-th named reward component (GDPO); the
+    collect stage passes the components instead of their sum (tasks/base.py ``RewardScores``)."""
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -110,9 +119,10 @@ ADVANTAGES: dict[str, Entry] = dict(
         _e("batch_std", advantages.batch_std_advantages, "group mean baseline, batch std scale", "REINFORCE++ style"),
         _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582", min_group_size=1),
         _e("bnpo", advantages.bnpo_advantages, "Beta-density normalisation of pass rates", "arXiv 2506.02864"),
-        _e("gdpo", advantages_multi.gdpo_advantages, "per-component group z-scores, weighted sum, batch norm (rewards (B, K))", "arXiv 2601.05242", "docs/methods/adopted.md"),
+        _e("gdpo", advantages_multi.gdpo_advantages, "per-component group z-scores, weighted sum, batch norm (rewards (B, K))", "arXiv 2601.05242", "docs/methods/adopted.md", reads_components=True),
         _e("maxrl", advantages_multi.maxrl_advantages, "MaxRL: (R − mean)/mean, 0 when the mean is 0", "arXiv 2602.02710", "docs/methods/adopted.md"),
         _e("gpg", advantages_multi.gpg_advantages, "GPG: α·(R − mean), α = N / non-zero count (loss: reinforce)", "arXiv 2504.02546", "docs/methods/adopted.md"),
+        _e("optimal_token_baseline", advantages_multi.optimal_token_baseline_advantages, "per-token baseline weighted by cumulative logit-gradient energy (Σπ² from the π_old forward)", "arXiv 2602.07078", "docs/methods/adopted.md", reads_old_statistics=True),
     ]
 )
 
@@ -223,7 +233,11 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "advantage": Family(ADVANTAGES, frozenset({"rewards", "group_size"}), AdvantageFn),
+    "advantage": Family(
+        ADVANTAGES,
+        frozenset({"rewards", "group_size", "old_logprobs", "sum_pi_squared", "response_mask", "rollout_is_weights"}),
+        AdvantageFn,
+    ),
     "loss": Family(LOSSES, frozenset({"inputs"}), LossFn),
     "correction": Family(CORRECTIONS, frozenset({"inputs"}), CorrectionFn),
     "aggregation": Family(AGGREGATIONS, frozenset({"loss", "mask", "counts"}), AggregationFn),

@@ -14,7 +14,7 @@ from steadyrl.config import TrainConfig, from_dict
 from steadyrl.lab.enumeration import Enumerated
 from steadyrl.models import load_model, load_tokenizer
 from steadyrl.tasks import Prompt, score_completions
-from steadyrl.train.setup import build_optimizer, resolve_methods, resolve_model_path
+from steadyrl.train.setup import autocast_dtype, build_optimizer, resolve_methods, resolve_model_path
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
 
 ADDITION = {"min_digits": 1, "max_digits": 3, "operations": "+"}
@@ -87,7 +87,14 @@ def method_config(
 
 def build_updater(model: torch.nn.Module, cfg: TrainConfig, *, total_steps: int = 1000) -> PolicyUpdater:
     """The trainer's PolicyUpdater for ``cfg`` with one optimizer step per ``update`` call (mini_batches = 1),
-    its stateful parts built from the registry with the context ``Trainer`` gives them."""
+    its stateful parts built from the registry with the context ``Trainer`` gives them. The lab measures the
+    loss's own gradient, so the optional parts of a step (entropy bonus, VCPO, fp16 loss scale, autocast, FP32
+    head) are refused rather than left out silently."""
+    optional = {"entropy": cfg.entropy.enabled, "vcpo": cfg.vcpo is not None, "model.autocast": autocast_dtype(cfg) is not None,
+                "model.lm_head_fp32": cfg.model.lm_head_fp32}
+    if any(optional.values()):
+        on = ", ".join(k for k, v in optional.items() if v)
+        raise ValueError(f"the lab's updater builds the loss alone; turn off {on} in its config.")
     methods = resolve_methods(cfg)
     optimizer, scheduler = build_optimizer(cfg, model, total_steps)
     o, r = cfg.optim, cfg.rollout

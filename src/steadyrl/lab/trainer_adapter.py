@@ -63,6 +63,10 @@ def training_gradient(
     ratio of sampled counts, not a constant), so with ``num_seqs`` set a rejection raises ValueError.
     """
     s = updater.settings
+    extras = {"entropy bonus": updater.entropy_bonus, "VCPO": updater.vcpo, "fp16 loss scale": updater.loss_scale}
+    if any(v is not None for v in extras.values()):
+        on = ", ".join(k for k, v in extras.items() if v is not None)
+        raise ValueError(f"training_gradient measures the loss's own gradient; build the updater without {on}.")
     params = [p for p in updater.model.parameters() if p.requires_grad]
     before = global_counts(scored.token_mask, s.max_len)
     counts = before if num_seqs is None else dataclasses.replace(

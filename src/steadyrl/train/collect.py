@@ -3,6 +3,9 @@
 Every rank draws the same global prompt list for the step (seeded by the step number) and keeps its own slice
 of whole groups. Rewards are gathered from all ranks so that advantages, including estimators with
 batch-level statistics (batch std, BNPO), are computed on the global batch exactly as on one process.
+Two registry facts of the advantage estimator change this stage: ``reads_components`` (GDPO) gets the
+task's named reward components (B, K) instead of their sum; ``reads_old_statistics`` (the optimal token
+baseline) needs π_old's per-token statistics, so its advantages are left to the score stage (zeros here).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.seeding import step_seed
 from steadyrl.tasks import Prompt, Task, score_batch
 from steadyrl.train.batch import ScoredBatch
+from steadyrl.types import AdvantageResult
 
 
 def gather_rewards(local: Tensor, info: DistInfo) -> Tensor:
@@ -90,7 +94,14 @@ class RolloutCollector:
         scores = score_batch(self.task, prompts, completions)  # rewards, named parts, scoring metrics
         rewards = scores.rewards.to(self.device)  # (B,) NaN = unscorable
         all_rewards = gather_rewards(rewards, self.info)  # estimators see the global batch, as on one process
-        adv = self.advantage_fn(all_rewards, self.group_size)
+        entry = getattr(self.advantage_fn, "entry", None)
+        if getattr(entry, "reads_old_statistics", False):  # computed by the score stage after π_old
+            adv = AdvantageResult(torch.zeros_like(all_rewards), torch.isfinite(all_rewards), {})
+        elif getattr(entry, "reads_components", False):
+            columns = torch.stack(list(scores.components.values()), dim=1) if scores.components else rewards[:, None]
+            adv = self.advantage_fn(gather_rewards(columns.to(self.device), self.info), self.group_size)
+        else:
+            adv = self.advantage_fn(all_rewards, self.group_size)
         mine = slice(self.info.rank * len(prompts), (self.info.rank + 1) * len(prompts))
         advantages, sample_mask = adv.advantages[mine], adv.sample_mask[mine]
         if self.mask_truncated:

@@ -30,9 +30,10 @@ from steadyrl.types import RolloutBatch
 @dataclass
 class PolicyOutput:
     logprobs: Tensor  # (B, T) log π(y_t) at the sampling temperature
-    entropy: Tensor | None  # (B, T) detached full-vocabulary entropy
+    entropy: Tensor | None  # (B, T) full-vocabulary entropy, detached unless asked with its gradient
     hidden: Tensor | None  # (B, T, H) final hidden state predicting y_t (CAPO's features), when asked
     token_logits: Tensor | None = None  # (B, T) raw logit of y_t (LCO's logit regression)
+    sum_pi_squared: Tensor | None = None  # (B, T) Σ_v π_v², detached (the optimal token baseline's statistic)
 
 
 def model_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,6 +71,8 @@ def policy_forward(
     keep_hidden: bool = False,
     chunk_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
+    compute_sum_pi_squared: bool = False,
+    entropy_grad: bool = False,
     support: tuple[int, float] = (0, 1.0),
 ) -> PolicyOutput:
     """π(y_t) of the batch's completions; ``support`` = (top_k, top_p) scores on the sampler's truncated
@@ -87,7 +90,7 @@ def policy_forward(
     prompt_len = batch.prompt_ids.shape[1]
     # hidden[t] predicts token t+1: completion token j is predicted at position prompt_len - 1 + j.
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]
-    logprobs, entropy, token_logits = logprobs_from_hidden(
+    logprobs, entropy, token_logits, *sum_pi_squared = logprobs_from_hidden(
         hidden,
         head.weight,
         batch.completion_ids,
@@ -96,10 +99,13 @@ def policy_forward(
         chunk_size=chunk_size,
         compute_entropy=compute_entropy,
         return_token_logits=True,
+        compute_sum_pi_squared=compute_sum_pi_squared,
+        entropy_grad=entropy_grad,
         top_k=support[0],
         top_p=support[1],
     )
-    return PolicyOutput(logprobs, entropy, hidden if keep_hidden else None, token_logits)
+    kept = hidden if keep_hidden else None
+    return PolicyOutput(logprobs, entropy, kept, token_logits, sum_pi_squared[0] if sum_pi_squared else None)
 
 
 def routing(

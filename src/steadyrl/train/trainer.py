@@ -38,6 +38,7 @@ from steadyrl.models.lora import (
     export_merged,
     is_peft_model,
 )
+from steadyrl.models.precision import DynamicLossScale, cast_lm_head_to_fp32
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report, read_metrics
 from steadyrl.rollout.base import SamplingParams
@@ -51,21 +52,28 @@ from steadyrl.runtime.checkpoint import (
 from steadyrl.runtime.distributed import DistInfo, all_reduce_, barrier, init_distributed
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.runtime.seeding import step_seed
+from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
+from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.collect import RolloutCollector
 from steadyrl.train.doctor import check_ratios
 from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
+    autocast_dtype,
     build_optimizer,
+    checkpoint_extra,
+    computes_in_float16,
     resolve_device,
     resolve_methods,
     resolve_model_path,
     validate_batch_arithmetic,
+    validate_precision,
+    validate_reward_components,
     validate_run_dir,
 )
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
-from steadyrl.train.watch import RunWatch, TrainingFailed
+from steadyrl.train.watch import RunWatch, TrainingFailed, print_warnings
 
 _OWN_FILES = ("model", "optimizer", "scheduler")
 """Training state with a file of its own in a checkpoint; the rest goes into its state.pt."""
@@ -76,15 +84,23 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.run.device if cfg.run.device != "auto" else _auto_device())
         validate_batch_arithmetic(cfg, self.info)
+        validate_precision(cfg)
         validate_run_dir(cfg)
         self.methods = resolve_methods(cfg)
+        autocast = autocast_dtype(cfg)
+        entropy_bonus = EntropyBonus(cfg.entropy) if cfg.entropy.enabled else None  # checks its settings
+        rows_per_step = cfg.rollout.prompts_per_step // self.info.world_size * cfg.rollout.group_size // cfg.optim.mini_batches
+        vcpo = VCPO(cfg.vcpo, group_size=cfg.rollout.group_size, rows_per_step=rows_per_step) if cfg.vcpo else None
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
+        validate_reward_components(cfg, self.task)
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.renderer = renderer_for(cfg.model, self.tokenizer)  # chat template or raw, the same in training and eval
         self.model = model if model is not None else self._load_model(model_path)
+        if cfg.model.lm_head_fp32:  # before a LoRA wrapper, as TRL
+            cast_lm_head_to_fp32(self.model)
         self.lora = cfg.model.lora is not None
         if self.lora and not is_peft_model(self.model):
             try:  # only the adapters train; the base weights stay frozen (models/lora.py)
@@ -99,8 +115,9 @@ class Trainer:
         if kl_on and cfg.kl.reference == "initial" and not self.lora:  # LoRA: the base model is the reference
             # Loaded from the source, not copied, so a resumed run gets the same reference.
             ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
+            if cfg.model.lm_head_fp32:
+                cast_lm_head_to_fp32(ref_model)
         o, r = cfg.optim, cfg.rollout
-        autocast = torch.bfloat16 if cfg.model.autocast_bf16 else None
         settings = UpdateSettings(
             mini_batches=o.mini_batches, epochs=o.epochs, micro_batch_size=o.micro_batch_size, grad_clip=o.grad_clip,
             temperature=r.temperature, max_len=r.max_new_tokens, kl_coef=cfg.kl.coef, autocast_dtype=autocast,
@@ -124,14 +141,16 @@ class Trainer:
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
             device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
         )
+        token_advantage = self.methods["advantage"].entry.reads_old_statistics  # computed after π_old
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
             temperature=r.temperature, micro_batch_size=o.micro_batch_size, autocast_dtype=autocast,
             routing_replay=cfg.routing_replay,
-            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old"),
+            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old") or vcpo is not None,
             kl_to=cfg.kl.reference if kl_on else None,
             routing_diagnostics=cfg.routing_diagnostics and bool(supported_moe_layers(self.model, strict=False)),
+            group_size=r.group_size,
             support=_support(r),
-        ))
+        ), advantage=self.methods["advantage"] if token_advantage else None)
         context = {"model": self.model, "distributed": self.info.enabled,
                    "optimizer_defaults": {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}}
         self.updater = PolicyUpdater(
@@ -140,6 +159,9 @@ class Trainer:
             kl=self.methods["kl"], combiner=registry.build("combiner", cfg.combiner, **context), settings=settings,
             token_filters=[registry.build("token_filter", spec, **context) for spec in cfg.token_filters],
             aux_terms=self.retention.aux_terms if self.retention else (), distributed=self.info.enabled,
+            entropy_bonus=entropy_bonus,
+            loss_scale=DynamicLossScale() if computes_in_float16(cfg) and o.loss_scale == "dynamic" else None,
+            vcpo=vcpo,
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.start_step = 0
@@ -176,7 +198,7 @@ class Trainer:
             state = self.training_state()
             loaded = load_checkpoint(ckpt, **{k: state[k] for k in _OWN_FILES}, map_location=self.device)
             self.start_step = int(loaded["step"])
-            extra = _current_layout(loaded.get("extra") or {})
+            extra = checkpoint_extra(loaded.get("extra") or {})
             for name, obj in state.items():
                 if name not in _OWN_FILES:
                     obj.load_state_dict(extra.get(name, {}))
@@ -351,33 +373,13 @@ class Trainer:
                 export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
             elif self.cfg.checkpoint.save_final_model and not failed:
                 save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
-            _print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
+            print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
             if self.cfg.logging.report:
                 make_report(self.run_dir)
         barrier()
         return summary
-
-
-def _print_warnings(summary: dict, exported: bool) -> None:
-    warnings, verdict = summary["warnings"], summary["verdict"]
-    if warnings:
-        shown = warnings[-10:]
-        print(f"\nwarnings ({len(warnings)}):" + "".join(f"\n  {w}" for w in shown), flush=True)
-    if verdict["collapsed"] or verdict["unscorable"]:
-        tail = "" if exported else "; the final model was not exported"
-        print(f"the run failed: {'; '.join(verdict['reasons'])}{tail}", flush=True)
-
-
-def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's extra state as written today; steadyrl 0.1 wrote trainer_state / skipped_steps /
-    token_filters at the top level."""
-    if "progress" in extra or "trainer_state" not in extra:
-        return extra
-    progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
-    updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
-    return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}
 
 
 def _support(r) -> tuple[int, float]:
