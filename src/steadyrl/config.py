@@ -226,6 +226,11 @@ class CheckpointConfig:
     """Checkpoints kept (at least 1)."""
     save_final_model: bool = True
     """Export the final policy (HF format + tokenizer) to RUN_DIR/final."""
+    hf_format: bool = True
+    """Also write the policy in Hugging Face format into every checkpoint, RUN_DIR/checkpoints/step-N/hf/ (with
+    LoRA the merged model there and the adapter in step-N/hf-adapter/), which ``from_pretrained`` loads while the
+    run goes on, as TRL's checkpoint-N directories are; it appears and is pruned with its checkpoint (keep_last).
+    Costs one more copy of the weights on disk per kept checkpoint; false = the resumable state only."""
 
 
 @dataclass(frozen=True)
@@ -251,6 +256,12 @@ class RunConfig:
     """Continue the run in output_dir from its latest checkpoint (only with the run's own config)."""
     preflight: bool = True
     """Before step 1 of a new run, check that the sampler/trainer ratio is 1 at equal weights (`steadyrl doctor`)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun --nproc_per_node N) share the work; each rank samples and trains on whole
+    groups either way, and gradients are summed over ranks. ddp = every rank holds the full model, gradients and
+    optimizer state (runtime/distributed.py); fsdp = FSDP2 shards parameters, gradients and AdamW state over the
+    ranks, for a model whose training state does not fit one device; the samplers keep a full copy of the weights
+    (train/sharded.py says what is gathered when, and what is refused: LoRA, routing replay)."""
 
 
 @dataclass(frozen=True)
@@ -317,6 +328,25 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """The sampling layer between rollout and advantage (steadyrl.sampling, docs/methods/sampling.md): which
+    prompts, which groups, which rewards.  The defaults are plain uniform sampling with nothing else."""
+
+    selector: MethodSpec = field(default_factory=lambda: MethodSpec("uniform"))
+    """Registered prompt selector: uniform (fresh draws, or a fixed pool with pool_size) | vade."""
+    filters: tuple[MethodSpec, ...] = ()
+    """Group filters, applied in order: dynamic_sampling (DAPO, over-samples) | iqr_entropy (M-GRPO)."""
+    augmenters: tuple[MethodSpec, ...] = ()
+    """Group augmenters for groups without reward variance: r3_replay | sage_hints."""
+    reward_shapers: tuple[MethodSpec, ...] = ()
+    """Reward shapers, applied in order: overlong_penalty (DAPO) | majority_vote (M-GRPO, label-free)."""
+    advantage: MethodSpec | None = None
+    """A layer advantage (dcpo | riskpo | adora | copo); when set it replaces the top-level ``advantage``."""
+    store_capacity: int = 65536
+    """Prompts the per-prompt store remembers (least recently seen evicted)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -349,6 +379,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     guard: GuardConfig | None = None
     """Stability guard (GuardConfig); None = off. `--set guard.max_rollbacks=3` turns it on with defaults."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Prompt selection, group filters / augmenters, reward shaping, stateful advantages (SamplingConfig)."""
 
 
 # ----------------------------------------------------------------------------- loading

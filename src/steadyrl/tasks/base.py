@@ -22,11 +22,13 @@ order (train/collect.py); everything else sees the reward.
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import random
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 import torch
@@ -236,3 +238,19 @@ def score_batch(task: Task, prompts: list[Prompt], completions: list[str]) -> Ta
             f"{len(prompts)} completions; return one reward per completion"
         )
     return scores
+
+
+def jsonl_objects(path: Path):
+    """(line number, JSON object) of each non-blank line of a JSONL file; a line that is not a JSON object is a
+    TaskError naming the file and the line."""
+    with path.open(encoding="utf-8") as handle:
+        for line_number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise TaskError(f"{path} line {line_number} is not valid JSON ({error.msg})") from error
+            if not isinstance(row, dict):
+                raise TaskError(f"{path} line {line_number} is a JSON {type(row).__name__}, not an object")
+            yield line_number, row

@@ -24,6 +24,7 @@ from steadyrl.models.lora import unwrap_peft
 from steadyrl.models.routing import RoutingReplayer, WeightRule
 from steadyrl.ops.logprobs import logprobs_from_hidden
 from steadyrl.rollout.base import position_ids_from_mask
+from steadyrl.runtime.fsdp import FORWARD_METHOD
 from steadyrl.types import RolloutBatch
 
 
@@ -76,7 +77,33 @@ def policy_forward(
     support: tuple[int, float] = (0, 1.0),
 ) -> PolicyOutput:
     """π(y_t) of the batch's completions; ``support`` = (top_k, top_p) scores on the sampler's truncated
-    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary."""
+    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary. A model sharded with FSDP
+    (runtime/fsdp.py) runs it as its root unit's forward method, which gathers the embeddings and LM head."""
+    kwargs = dict(
+        temperature=temperature, compute_entropy=compute_entropy, keep_hidden=keep_hidden, chunk_size=chunk_size,
+        autocast_dtype=autocast_dtype, compute_sum_pi_squared=compute_sum_pi_squared, entropy_grad=entropy_grad,
+        support=support,
+    )
+    sharded = getattr(model, FORWARD_METHOD, None)
+    if sharded is not None:
+        return sharded(batch, **kwargs)
+    return chunked_policy_forward(model, batch, **kwargs)
+
+
+def chunked_policy_forward(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = True,
+    keep_hidden: bool = False,
+    chunk_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+    compute_sum_pi_squared: bool = False,
+    entropy_grad: bool = False,
+    support: tuple[int, float] = (0, 1.0),
+) -> PolicyOutput:
+    """The body of ``policy_forward``: the decoder once, then the LM head chunk by chunk."""
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
     device_type = input_ids.device.type

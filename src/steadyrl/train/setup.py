@@ -14,6 +14,7 @@ from steadyrl.config import ConfigError, TrainConfig, to_dict
 from steadyrl.runtime import rundir
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.paths import check_writable_dir
+from steadyrl.sampling.layer import check_sampling
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -158,6 +159,7 @@ def resolve_methods(cfg: TrainConfig) -> dict:
         registry.check("token_filter", spec)
     registry.check("combiner", cfg.combiner)
     registry.check("rollout_backend", cfg.rollout.backend)
+    check_sampling(cfg)
     return {
         "advantage": registry.resolve("advantage", cfg.advantage),
         "loss": registry.resolve("loss", cfg.loss),

@@ -1,6 +1,7 @@
 """The RL trainer. One step is three stages, then bookkeeping:
 
     batch   = collector.collect(step)     prompts → rollout → reward → advantage              (train/collect.py)
+                                          (which prompts / groups / rewards: the sampling layer, sampling/)
     scorer.score(batch)                   π_old, π_ref, MoE routing record, at θ_old          (train/score.py)
     updater.update(batch)                 mini-batches × micro-batches → optimizer steps      (train/update.py)
     → log, stability guard, eval, checkpoint
@@ -29,6 +30,7 @@ from steadyrl.config import ConfigError, TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.chat import renderer_for
+from steadyrl.models.export import hf_checkpoint_writers, with_state_dict
 from steadyrl.models.loading import check_tokenizer_fits_model
 from steadyrl.models.lora import (
     AdapterState,
@@ -50,8 +52,10 @@ from steadyrl.runtime.checkpoint import (
     save_pretrained_atomic,
 )
 from steadyrl.runtime.distributed import DistInfo, all_reduce_, barrier, init_distributed
+from steadyrl.runtime.fsdp import full_model_state_dict
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.runtime.seeding import step_seed
+from steadyrl.sampling.layer import build_sampling_layer
 from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
@@ -72,6 +76,7 @@ from steadyrl.train.setup import (
     validate_reward_components,
     validate_run_dir,
 )
+from steadyrl.train.sharded import ShardedPolicy, check_fsdp
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
 from steadyrl.train.watch import RunWatch, TrainingFailed, print_warnings
 
@@ -86,6 +91,7 @@ class Trainer:
         validate_batch_arithmetic(cfg, self.info)
         validate_precision(cfg)
         validate_run_dir(cfg)
+        check_fsdp(cfg, self.info)
         self.methods = resolve_methods(cfg)
         autocast = autocast_dtype(cfg)
         entropy_bonus = EntropyBonus(cfg.entropy) if cfg.entropy.enabled else None  # checks its settings
@@ -118,6 +124,9 @@ class Trainer:
             if cfg.model.lm_head_fp32:
                 cast_lm_head_to_fp32(ref_model)
         o, r = cfg.optim, cfg.rollout
+        sampler_dtype = resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None
+        # FSDP: a full sampler copy is kept, then the policy (and reference) are sharded in place (train/sharded.py)
+        self.sharded = ShardedPolicy(self.model, ref_model, sampler_dtype=sampler_dtype) if cfg.run.parallel == "fsdp" else None
         settings = UpdateSettings(
             mini_batches=o.mini_batches, epochs=o.epochs, micro_batch_size=o.micro_batch_size, grad_clip=o.grad_clip,
             temperature=r.temperature, max_len=r.max_new_tokens, kl_coef=cfg.kl.coef, autocast_dtype=autocast,
@@ -132,14 +141,15 @@ class Trainer:
             cfg, self.model, self.tokenizer, retention_task, info=self.info, step_fn=lambda: self.scheduler.last_epoch
         )
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
-        sampler_dtype = resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None
-        self.backend = registry.build_backend(
-            r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype, sampler_quant=r.sampler_quant
-        )
+        self.backend = (self.sharded.backend(r.backend, self.tokenizer) if self.sharded else  # FSDP: a full copy
+                        registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype,
+                                               sampler_quant=r.sampler_quant))
+        layer = build_sampling_layer(cfg, task=self.task, tokenizer=self.tokenizer, model=self.model, info=self.info,
+                                     device=self.device)
         self.collector = RolloutCollector(
             self.backend, self.tokenizer, self.task, self.methods["advantage"], params=self.sampling,
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
-            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
+            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer, layer=layer,
         )
         token_advantage = self.methods["advantage"].entry.reads_old_statistics  # computed after π_old
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
@@ -156,7 +166,8 @@ class Trainer:
         self.updater = PolicyUpdater(
             self.model, self.optimizer, self.scheduler,
             loss=self.methods["loss"], aggregation=self.methods["aggregation"], correction=self.methods["correction"],
-            kl=self.methods["kl"], combiner=registry.build("combiner", cfg.combiner, **context), settings=settings,
+            kl=self.methods["kl"], settings=settings,  # under FSDP the reduce-scatter has summed the gradients already
+            combiner=registry.build("combiner", cfg.combiner, **{**context, "distributed": self.info.enabled and not self.sharded}),
             token_filters=[registry.build("token_filter", spec, **context) for spec in cfg.token_filters],
             aux_terms=self.retention.aux_terms if self.retention else (), distributed=self.info.enabled,
             entropy_bonus=entropy_bonus,
@@ -176,9 +187,12 @@ class Trainer:
 
     def training_state(self) -> dict[str, Any]:
         """Everything a checkpoint restores besides the run's progress, each with state_dict / load_state_dict;
-        the stability guard's rollback restores exactly this."""
+        the stability guard's rollback restores exactly this (the sampling layer's per-prompt state included:
+        see sampling/layer.py for why a rollback rewinds it)."""
         model = AdapterState(self.model) if self.lora else self.model  # LoRA: the adapters; the base is the source
-        return {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
+        state = {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater,
+                 "sampling": self.collector.layer}
+        return {**state, **self.sharded.training_state(self.optimizer)} if self.sharded else state  # FSDP: own shards
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -196,7 +210,10 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir) if self.cfg.run.resume else None
         if ckpt is not None:
             state = self.training_state()
-            loaded = load_checkpoint(ckpt, **{k: state[k] for k in _OWN_FILES}, map_location=self.device)
+            own = {k: state[k] for k in _OWN_FILES}
+            if self.sharded:  # the full state of the files, each rank keeping its shards
+                own.update(self.sharded.checkpoint_state(self.optimizer, gather=False))
+            loaded = load_checkpoint(ckpt, **own, map_location="cpu" if self.sharded else self.device)
             self.start_step = int(loaded["step"])
             extra = checkpoint_extra(loaded.get("extra") or {})
             for name, obj in state.items():
@@ -338,16 +355,19 @@ class Trainer:
         return metrics
 
     def save(self, step: int) -> None:
+        full = self.sharded.checkpoint_state(self.optimizer, gather=True) if self.sharded else {}  # every rank
         if self.info.is_main:
-            state = self.training_state()
+            state = {**self.training_state(), **full}
             extra = {name: obj.state_dict() for name, obj in state.items() if name not in _OWN_FILES}
             extra["progress"] = dict(self.progress)
             extra["watch"] = self.watch.state_dict()
             if self.guard is not None:
                 extra["guard"] = self.guard.state_dict()
+            weights = full["model"].state_dict() if full else None
+            exports = hf_checkpoint_writers(self.model, self.tokenizer, state_dict=weights) if self.cfg.checkpoint.hf_format else None
             save_checkpoint(
                 self.run_dir, step, **{k: state[k] for k in _OWN_FILES}, extra=extra,
-                keep_last=self.cfg.checkpoint.keep_last,
+                keep_last=self.cfg.checkpoint.keep_last, exports=exports,  # step-N/hf: from_pretrained loads it
             )
         barrier()
 
@@ -363,6 +383,8 @@ class Trainer:
             "skipped_steps": self.progress["skipped_steps"],
             "world_size": self.info.world_size,
         }
+        gather = self.sharded and self.cfg.checkpoint.save_final_model
+        weights = full_model_state_dict(self.model) if gather else None  # FSDP: every rank takes part
         if self.info.is_main:
             self.logger.flush()
             verdict = self.watch.verdict(read_metrics(self.run_dir), self.cfg.optim.steps)
@@ -372,7 +394,7 @@ class Trainer:
                 export_merged(self.model, self.tokenizer, self.run_dir / "final")  # loads without peft
                 export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
             elif self.cfg.checkpoint.save_final_model and not failed:
-                save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
+                save_pretrained_atomic(with_state_dict(self.model, weights), self.tokenizer, self.run_dir / "final")
             print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()

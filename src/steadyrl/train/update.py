@@ -43,6 +43,7 @@ from steadyrl.ops.kl import kl_k3
 from steadyrl.ops.masking import masked_fill_zero, masked_mean
 from steadyrl.registry import Method
 from steadyrl.runtime.distributed import all_reduce_sum
+from steadyrl.runtime.fsdp import full, local
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.stabilisers.combiners import GradientCombiner
 from steadyrl.stabilisers.entropy import EntropyBonus
@@ -337,6 +338,7 @@ class PolicyUpdater:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        norm = full(norm)  # FSDP: the norm over every rank's shards is a DTensor
         skipped = not torch.isfinite(norm).item()
         if self.loss_scale is not None:
             self.loss_scale.update(finite=not skipped)
@@ -364,7 +366,7 @@ class PolicyUpdater:
 
     def _weights_nonfinite(self) -> Tensor:
         """1.0 when a parameter holds NaN / inf after the step (a finite gradient can still overflow a weight)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        finite = torch.stack([torch.isfinite(local(p)).all() for p in self.params]).all()  # FSDP: this rank's shards
         return (~finite).float()
 
     def _aux(self, j: int, n: int) -> dict[str, Tensor]:
