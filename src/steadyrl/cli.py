@@ -200,6 +200,32 @@ def _cmd_bench_stability(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_bench_mechanisms(args: argparse.Namespace) -> int:
+    from steadyrl.bench.mechanisms import full_spec, quick_spec
+
+    changes: dict = {"force": args.force}
+    for name, parse in (("items", str), ("seeds", int)):
+        value = getattr(args, name)
+        if value:
+            try:
+                changes[name] = tuple(parse(v) for v in value.split(",") if v.strip())
+            except ValueError as exc:
+                raise ConfigError(f"--{name} {value!r} must be a comma-separated list, e.g. --seeds 0,1,2.") from exc
+    for name in ("out", "workers"):
+        if getattr(args, name) is not None:
+            changes[name] = getattr(args, name)
+    spec = (quick_spec if args.quick else full_spec)(**changes)
+    if args.report_only:
+        from steadyrl.bench.report_mechanisms import rerender
+
+        print("\n".join(str(p) for p in rerender(spec.out)))
+        return 0
+    from steadyrl.bench.mechanisms import run_mechanisms
+
+    run_mechanisms(spec, command=" ".join(["steadyrl", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None)
+    return 0
+
+
 def _json_object(text: str, flag: str = "--task-kwargs") -> dict:
     """A JSON-object option, or a ConfigError that shows the expected form."""
     try:
@@ -391,7 +417,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("run_dir")
     r.set_defaults(fn=_cmd_report)
 
-    b = sub.add_parser("bench", help="benchmarks: `bench stability` runs the collapse map (docs/stability-lab.md)")
+    b = sub.add_parser(
+        "bench", help="benchmarks: `bench stability` (the collapse map), `bench mechanisms` (docs/stability-lab.md)"
+    )
     bench = b.add_subparsers(dest="bench", required=True)
     st = bench.add_parser("stability", help="methods x learning rates x seeds; collapse map report")
     st.add_argument("--quick", action="store_true", help="the CPU map: 7 methods, 3 LRs, 2 seeds, 40 steps, 2 workers")
@@ -408,6 +436,15 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--force", action="store_true", help="rerun cells that already have a result.json")
     st.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.jsonl")
     st.set_defaults(fn=_cmd_bench_stability)
+    mk = bench.add_parser("mechanisms", help="the mechanism lab: each seed method's claimed quantity, measured")
+    mk.add_argument("--quick", action="store_true", help="the CPU lab: 3 seeds, small grids, 2 workers")
+    mk.add_argument("--items", default=None, help="comma-separated subset of formulation,routing,capo,capo_collapse,pcr,lco,guard")
+    mk.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    mk.add_argument("--workers", type=int, default=None, help="parallel processes (default: 2 quick, cpu count full)")
+    mk.add_argument("--out", default=None, help="output directory (default runs/mechanisms-quick or runs/mechanisms)")
+    mk.add_argument("--force", action="store_true", help="rerun jobs that already have a result")
+    mk.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.jsonl")
+    mk.set_defaults(fn=_cmd_bench_mechanisms)
 
     d = sub.add_parser(
         "doctor",

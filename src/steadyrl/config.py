@@ -22,6 +22,10 @@ class ConfigError(ValueError):
     """A configuration a person has to fix; the message says how."""
 
 
+SamplerQuant = Literal["fp8"]
+"""rollout.sampler_quant's choices (rollout/quant.py implements each)."""
+
+
 @dataclass(frozen=True)
 class MethodSpec:
     """A registry name plus its hyper-parameters (bound once with functools.partial)."""
@@ -107,6 +111,10 @@ class RolloutConfig:
     """0 disables top-k."""
     sampler_dtype: str | None = None
     """Sample with a copy of the policy in this dtype (e.g. bfloat16) to create a real train-inference gap."""
+    sampler_quant: SamplerQuant | None = None
+    """fp8: sample with a copy whose linear layers are fake-quantised to FP8 E4M3, weights re-quantised after
+    every sync and activations per token (rollout/quant.py); an FP8 inference engine's gap. Combines with
+    sampler_dtype (the copy's dtype) and with LoRA (the merged copy is quantised)."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens out of the loss (DAPO's overlong filtering)."""
     trainer_truncation: bool = False

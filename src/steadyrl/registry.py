@@ -291,7 +291,8 @@ FAMILIES: dict[str, Family] = {
     "combiner": Family(COMBINERS, frozenset({"self", "model", "distributed"})),
     "task": Family(TASKS, frozenset({"self"}), error=TaskError),
     "rollout_backend": Family(
-        ROLLOUT_BACKENDS, frozenset({"self", "model", "pad_token_id", "eos_token_id", "sampler_dtype", "record_routing"})
+        ROLLOUT_BACKENDS,
+        frozenset({"self", "model", "pad_token_id", "eos_token_id", "sampler_dtype", "sampler_quant", "record_routing"}),
     ),
     "prompt_selector": Family(PROMPT_SELECTORS, _LAYER_CONTEXT),
     "group_filter": Family(GROUP_FILTERS, _LAYER_CONTEXT),
@@ -460,8 +461,11 @@ def build_task(spec: MethodSpec | str, **kwargs: Any) -> Any:
     return build("task", spec)
 
 
-def build_backend(spec: MethodSpec | str, model: Any, tokenizer: Any, *, sampler_dtype: Any = None) -> Any:
-    """A registered rollout backend on ``model``, with the tokenizer's pad / EOS ids and the spec's options."""
+def build_backend(
+    spec: MethodSpec | str, model: Any, tokenizer: Any, *, sampler_dtype: Any = None, sampler_quant: str | None = None
+) -> Any:
+    """A registered rollout backend on ``model``, with the tokenizer's pad / EOS ids, the sampler copy's dtype and
+    fake quantisation (rollout.sampler_dtype / sampler_quant) and the spec's options."""
     return build(
         "rollout_backend",
         spec,
@@ -469,4 +473,5 @@ def build_backend(spec: MethodSpec | str, model: Any, tokenizer: Any, *, sampler
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         sampler_dtype=sampler_dtype,
+        sampler_quant=sampler_quant,
     )

@@ -42,6 +42,15 @@ def test_a_bf16_sampler_is_within_its_precision(tmp_path):
     assert report.ok and 1e-4 < report.abs_log_ratio_mean < report.tolerance
 
 
+def test_an_fp8_sampler_is_within_its_precision_and_named_at_fp32_tolerance(tmp_path, monkeypatch):
+    trainer = _trainer(tmp_path, "rollout.sampler_quant=fp8")
+    report = check_ratios(trainer)
+    assert report.ok and report.tolerance == 5e-2 and report.abs_log_ratio_mean > 1e-4  # a real gap, like bf16's
+    monkeypatch.setattr("steadyrl.train.doctor._tolerance", lambda trainer: 1e-4)  # judged as an fp32 sampler
+    report = check_ratios(trainer)
+    assert not report.ok and any("an fp8 fake-quantised copy (rollout.sampler_quant)" in c for c in report.causes)
+
+
 def test_doctor_command_prints_the_verdict_and_exits_1_when_biased(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("model: {name_or_path: 'embedded:tiny-adder'}\nrollout: {prompts_per_step: 8, top_p: 0.8}\n"

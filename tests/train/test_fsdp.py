@@ -156,7 +156,7 @@ def _local_shards_round_trip(trainer: Trainer) -> bool:
 def _refusals(model_dir: str, work_dir: Path) -> list[str]:
     messages = []
     for overrides in (("model.lora={r: 2}",), ("guard.max_rollbacks=3",), ("routing_replay=R3",),
-                      ("sampling.reward_shapers=[{name: majority_vote}]",)):
+                      ("sampling.reward_shapers=[{name: majority_vote}]",), ("rollout.sampler_quant=fp8",)):
         try:
             Trainer(_config(model_dir, work_dir / "refused", (*overrides, "run.parallel=fsdp")), task=SevensTask())
         except ConfigError as error:
@@ -257,11 +257,12 @@ def test_fsdp_on_one_process_is_refused(tiny_config):
 
 def test_unsupported_combinations_are_refused_with_a_reason(runs):
     _, ranks, _ = runs
-    lora, guard, replay, vote = ranks[0]["refused"]
+    lora, guard, replay, vote, quant = ranks[0]["refused"]
     assert "model.lora with run.parallel=fsdp" in lora and "run.parallel=ddp" in lora
     assert "guard.checkpoint_snapshots=false" in guard
     assert "routing_replay with run.parallel=fsdp" in replay
     assert "majority_vote with run.parallel=fsdp" in vote
+    assert "rollout.sampler_quant with run.parallel=fsdp" in quant
 
 
 def test_a_whole_fsdp_run_resumes_and_matches_the_ddp_run(runs):

@@ -13,6 +13,7 @@ largest logits of each position:
     s_t   = v_tᵀ δz_t,  and ⟨g_t, u_t⟩ = Â_t s_t because g_t has rank one
     F_t   = diag(π_t) − π_t π_tᵀ,    H_t = Â_t [ s_t² − δz_tᵀ F_t δz_t ]
     m_F   = ½ η² s_t²                          predicted KL(π_old ‖ π_new) of the token (Fisher score)
+            or ½ η² δz_tᵀ F_t δz_t             with ``fisher_form="full"`` (see below)
     m_H   = η Â_t s_t + ½ η² H_t               second-order prediction of the token's objective change
 
 η is the current learning rate. For sgd everything factors through h exactly: δz_t = Â_t ‖h_t‖² v_t. For
@@ -24,6 +25,13 @@ averaging token scores: the group's gradient row of vocabulary id j is the mean 
 group's valid (t, k) with top-K id j; the optimizer model turns it into ū; then δz_t[k] = ū[id]·h_t and
     m_F(group) = ½ η² mean_t s_t²,   m_H(group) = η Σ_j ⟨ḡ_j, ū_j⟩ + ½ η² mean_t H_t
 (global: the token means are taken per sequence, then averaged over the sequences of every rank).
+
+Fisher form. The code's m_F uses the *sampled-token* (empirical) Fisher v_t v_tᵀ, whose quadratic form
+s_t² = (v_tᵀ δz_t)² is a one-sample estimate of the true Fisher's δz_tᵀ F_t δz_t = E_{a∼π_t}[(e_a − π_t)ᵀ δz_t]².
+The second-order expansion of KL(softmax(z) ‖ softmax(z + η δz)) is ½ η² δzᵀ F δz, so ``fisher_form="full"``
+predicts the token's KL exactly to second order, while the sampled form over-predicts it for improbable
+sampled tokens and under-predicts it for confident ones (tests/ops/test_curvature.py checks both against the
+exact KL). ``"sampled"`` (default) is the official code's [CODE]; ``"full"`` (the true Fisher) is an option of steadyrl [INF].
 
 Masks (the code's rule, ``_compute_{fisher,hessian}_token_mask``): keep iff m_F < τ_F and −τ_H < m_H < τ_H
 (symmetric) or 0 ≤ m_H < τ_H (not symmetric); τ = 0 switches a criterion off. Theorem 5.1 of the paper instead
@@ -41,6 +49,7 @@ from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
 OPTIMIZER_MODELS = ("sgd", "adam", "adamw")
+FISHER_FORMS = ("sampled", "full")
 
 
 def _identity(x: Tensor) -> Tensor:
@@ -229,11 +238,18 @@ def _logit_change_terms(
     probs: Tensor,  # (N, K)
     direction: Tensor,  # (N, K)
     advantages: Tensor,  # (N,)
-) -> tuple[Tensor, Tensor]:  # s_t (N,), H_t (N,)
+) -> tuple[Tensor, Tensor, Tensor]:  # s_t (N,), H_t (N,), δz_tᵀ F_t δz_t (N,)
     s = (direction * delta_logits).sum(-1)
     mean_shift = (probs * delta_logits).sum(-1)
     fisher_form = (probs * delta_logits * delta_logits).sum(-1) - mean_shift * mean_shift  # δzᵀ F δz
-    return s, advantages * (s * s - fisher_form)
+    return s, advantages * (s * s - fisher_form), fisher_form
+
+
+def _fisher_quadratic(s: Tensor, true_form: Tensor, fisher_form: str) -> Tensor:
+    """s² (the sampled-token Fisher, the code's) or δzᵀ F δz (the true Fisher), per token."""
+    if fisher_form not in FISHER_FORMS:
+        raise ValueError(f"fisher_form must be one of {', '.join(FISHER_FORMS)}, got {fisher_form!r}.")
+    return s * s if fisher_form == "sampled" else true_form
 
 
 # ----------------------------------------------------------------------------- token level
@@ -280,8 +296,10 @@ def token_curvature_scores(
     eps: float = 1e-8,
     weight_decay: float = 0.0,
     chunk_size: int = 128,
+    fisher_form: str = "sampled",
 ) -> CurvatureScores:  # (B, T) each
-    """Per-token m_F and m_H (module docstring) under the optimizer model ``sgd`` | ``adam`` | ``adamw``.
+    """Per-token m_F and m_H (module docstring) under the optimizer model ``sgd`` | ``adam`` | ``adamw``;
+    ``fisher_form`` "sampled" (the code's s_t²) or "full" (δz_tᵀ F_t δz_t) for m_F.
 
     sgd (and adam before any moment exists, where u_t = g_t): exact factoring, δz_t = Â_t ‖h_t‖² v_t.
     adam / adamw: U_t is formed ``chunk_size`` tokens at a time from the moment rows of the token's K ids
@@ -310,8 +328,8 @@ def token_curvature_scores(
             else:
                 pieces.append(_chunk_logit_change(*args))
         delta = torch.cat(pieces) if pieces else direction.new_zeros(direction.shape)
-    s, hess = _logit_change_terms(delta, probs, direction, adv)
-    fisher = 0.5 * lr**2 * s * s
+    s, hess, true_form = _logit_change_terms(delta, probs, direction, adv)
+    fisher = 0.5 * lr**2 * _fisher_quadratic(s, true_form, fisher_form)
     hessian = lr * adv * s + 0.5 * lr**2 * hess
     return CurvatureScores(fisher.view(batch, length), hessian.view(batch, length))
 
@@ -380,6 +398,7 @@ def group_curvature_scores(
     weight_decay: float = 0.0,
     chunk_size: int = 128,
     reduce_sum: Callable[[Tensor], Tensor] = _identity,
+    fisher_form: str = "sampled",
 ) -> CurvatureScores:  # (B,) for "sequence", () for "global"
     """Scores of a group's averaged update (module docstring), per sequence or for the whole batch.
 
@@ -425,9 +444,10 @@ def group_curvature_scores(
         grad_dot = torch.zeros(batch + 1, dtype=torch.float32, device=h.device)
         grad_dot = grad_dot.index_add_(0, torch.div(unique, vocab, rounding_mode="floor"), per_key)[:batch]
         row_index = inverse
-    s, hess = _shared_update_terms(h, topk, adv, valid, update, row_index, chunk_size)
+    s, hess, true_form = _shared_update_terms(h, topk, adv, valid, update, row_index, chunk_size)
+    quad = _fisher_quadratic(s, true_form, fisher_form)
     n = valid.view(batch, length).sum(-1).float()
-    seq_fisher = torch.where(valid, s * s, torch.zeros_like(s)).view(batch, length).sum(-1) / n.clamp(min=1.0)
+    seq_fisher = torch.where(valid, quad, torch.zeros_like(s)).view(batch, length).sum(-1) / n.clamp(min=1.0)
     seq_hess = torch.where(valid, hess, torch.zeros_like(hess)).view(batch, length).sum(-1) / n.clamp(min=1.0)
     if level == "sequence":
         return CurvatureScores(0.5 * lr**2 * seq_fisher, lr * grad_dot + 0.5 * lr**2 * seq_hess)

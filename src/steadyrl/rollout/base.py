@@ -12,6 +12,7 @@ from torch import Tensor
 from steadyrl.models.lora import is_peft_model, merged_copy, merged_state_dict, unwrap_peft
 from steadyrl.models.precision import body_dtype, cast_lm_head_to_fp32
 from steadyrl.models.routing import supported_moe_layers
+from steadyrl.rollout.quant import check_sampler_quant, install_fake_quant, quantize_weights
 from steadyrl.types import RolloutBatch
 
 
@@ -53,10 +54,12 @@ class RolloutBackend(Protocol):
 
 class SamplerCopyMixin:
     """What both backends share: the policy, its sampler (a separate copy in ``sampler_dtype`` when that differs
-    from the policy's dtype, so the train-inference gap is real), and MoE routing recording.
+    from the policy's dtype, or fake-quantised with ``sampler_quant``, so the train-inference gap is real), and
+    MoE routing recording.
 
     A LoRA policy (a peft model) samples through the causal LM inside the wrapper, its LoRA layers active; a
-    separate sampler of it is a plain copy with the adapters merged in (models/lora.py), refreshed by merging."""
+    separate sampler of it is a plain copy with the adapters merged in (models/lora.py), refreshed by merging.
+    ``sampler_quant`` quantises that merged copy (rollout/quant.py), after every refresh as for a full model."""
 
     def _init_sampler(
         self,
@@ -65,20 +68,25 @@ class SamplerCopyMixin:
         eos_token_id: int | list[int],
         sampler_dtype: torch.dtype | None,
         record_routing: bool | None,
+        sampler_quant: str | None = None,
     ) -> None:
+        check_sampler_quant(sampler_quant)
         self.policy = model
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
         param_dtype = body_dtype(model)
-        self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
+        self.sampler_quant = sampler_quant
+        self.separate_sampler = (sampler_dtype is not None and sampler_dtype != param_dtype) or sampler_quant is not None
         self.lora = is_peft_model(model)
         if self.separate_sampler:
             copied = merged_copy(model) if self.lora else copy.deepcopy(model)
-            self.sampler = copied.to(sampler_dtype).eval().requires_grad_(False)
+            self.sampler = copied.to(sampler_dtype or param_dtype).eval().requires_grad_(False)
             if getattr(model, "lm_head_fp32", False):  # the copy samples from an fp32 head too
                 cast_lm_head_to_fp32(self.sampler)
         else:
             self.sampler = unwrap_peft(model)  # peft's own forward hides the cache API the backends call
+        if sampler_quant is not None:  # rollout/quant.py: weights now and after every sync, activations per forward
+            install_fake_quant(self.sampler, sampler_quant)
         if record_routing is None:
             record_routing = bool(supported_moe_layers(self.sampler, strict=False))
         self.record_routing = record_routing
@@ -92,9 +100,11 @@ class SamplerCopyMixin:
             merged = merged_state_dict(self.policy)
             for name, dst in self.sampler.named_parameters():
                 dst.copy_(merged[name])
-            return
-        for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
-            dst.copy_(src)
+        else:
+            for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
+                dst.copy_(src)
+        if self.sampler_quant is not None:
+            quantize_weights(self.sampler)
 
 
 def left_pad(sequences: list[list[int]], pad_id: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

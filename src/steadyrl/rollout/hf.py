@@ -46,6 +46,7 @@ class HFRolloutBackend(SamplerCopyMixin):
 
     ``sampler_dtype`` (e.g. torch.bfloat16) samples with a separate copy of the policy in that dtype, kept in
     sync by ``sync_weights``: a real, measurable train-inference mismatch as with a bf16/fp8 inference engine.
+    ``sampler_quant="fp8"`` fake-quantises that copy's linear layers to FP8 (rollout/quant.py).
 
     ``record_routing`` (default: whenever the sampler is a supported MoE model, see models/routing.py) fills
     ``RolloutBatch.routed_experts`` with the sampler's own expert choices for prompt + completion (R3).
@@ -59,8 +60,9 @@ class HFRolloutBackend(SamplerCopyMixin):
         eos_token_id: int | list[int],
         sampler_dtype: torch.dtype | None = None,
         record_routing: bool | None = None,
+        sampler_quant: str | None = None,
     ) -> None:
-        self._init_sampler(model, pad_token_id, eos_token_id, sampler_dtype, record_routing)
+        self._init_sampler(model, pad_token_id, eos_token_id, sampler_dtype, record_routing, sampler_quant)
 
     @torch.no_grad()
     def generate(

@@ -63,7 +63,8 @@ class NativeRolloutBackend(SamplerCopyMixin):
     """RolloutBackend with its own decode loop over a static KV cache.
 
     Arguments as ``HFRolloutBackend``: ``sampler_dtype`` samples with a separate copy of the policy in that
-    dtype, refreshed by ``sync_weights``; ``record_routing`` (default: whenever the sampler is a supported MoE
+    dtype, refreshed by ``sync_weights`` (``sampler_quant="fp8"`` fake-quantises it; its hooks select the HF
+    forward); ``record_routing`` (default: whenever the sampler is a supported MoE
     model) fills ``routed_experts`` for prompt + completion (R3). Plus:
 
     fused: decode with the op-for-op Llama / Qwen2 step (``LlamaFamilyDecodeStep``) instead of the HF
@@ -85,6 +86,7 @@ class NativeRolloutBackend(SamplerCopyMixin):
         eos_token_id: int | list[int],
         sampler_dtype: torch.dtype | None = None,
         record_routing: bool | None = None,
+        sampler_quant: str | None = None,
         fused: bool | None = None,
         compile: bool = False,
         stop_check_every: int = 8,
@@ -92,7 +94,7 @@ class NativeRolloutBackend(SamplerCopyMixin):
     ) -> None:
         if stop_check_every < 1 or cache_bucket < 1:
             raise ValueError("stop_check_every and cache_bucket must be >= 1.")
-        self._init_sampler(model, pad_token_id, eos_token_id, sampler_dtype, record_routing)
+        self._init_sampler(model, pad_token_id, eos_token_id, sampler_dtype, record_routing, sampler_quant)
         supported = LlamaFamilyDecodeStep.supports(self.sampler)
         if fused and not supported:
             raise ValueError(

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from steadyrl.config import ConfigError
 from steadyrl.ops.curvature import (
+    FISHER_FORMS,
     OPTIMIZER_MODELS,
     AdamMoments,
     CurvatureScores,
@@ -63,6 +64,8 @@ class CapoFilter(TokenFilter):
                                   the trainer's AdamW settings (``optim.*``), as the code reads them from
                                   TrainingArguments; set them here only to model a different optimizer.
         top_k                     K of the top-K softmax (the code: the sampler's top_k, 50).
+        fisher_form               sampled | full: m_F from the sampled-token Fisher (s_t², the code's) or the
+                                  true Fisher ("full": δz_tᵀ F_t δz_t, the second-order KL; ops/curvature.py).
         fisher_lambda, hessian_lambda
                                   > 0: add λ·m_F / λ·m_H to the per-token loss instead of masking with that
                                   score [*_token_lambda]. The code computes the scores under no_grad, so its
@@ -92,6 +95,7 @@ class CapoFilter(TokenFilter):
         eps: float | None = None,
         weight_decay: float | None = None,
         top_k: int = 50,
+        fisher_form: str = "sampled",
         fisher_lambda: float = 0.0,
         hessian_lambda: float = 0.0,
         penalty_grad: bool = True,
@@ -109,6 +113,8 @@ class CapoFilter(TokenFilter):
             raise ConfigError(
                 f"capo optimizer_model must be one of {', '.join(OPTIMIZER_MODELS)}, got {optimizer_model!r}."
             )
+        if fisher_form not in FISHER_FORMS:
+            raise ConfigError(f"capo fisher_form must be one of {', '.join(FISHER_FORMS)}, got {fisher_form!r}.")
         if len(betas) != 2:
             raise ConfigError(f"capo betas must be two numbers [β1, β2], got {betas!r}.")
         if min(fisher_tau, hessian_tau, fisher_lambda, hessian_lambda, weight_decay) < 0:
@@ -136,6 +142,7 @@ class CapoFilter(TokenFilter):
         self.beta1, self.beta2 = float(betas[0]), float(betas[1])
         self.eps, self.weight_decay = float(eps), float(weight_decay)
         self.top_k = int(top_k)
+        self.fisher_form = fisher_form
         self.fisher_lambda, self.hessian_lambda = float(fisher_lambda), float(hessian_lambda)
         self.penalty_grad = bool(penalty_grad)
         self.chunk_size, self.logits_chunk_size = int(chunk_size), int(logits_chunk_size)
@@ -250,6 +257,7 @@ class CapoFilter(TokenFilter):
             "eps": self.eps,
             "weight_decay": self.weight_decay,
             "chunk_size": self.chunk_size,
+            "fisher_form": self.fisher_form,
         }
 
     def _record(self, hidden: Tensor, topk, advantages: Tensor, kept: Tensor, vocab_size: int) -> None:

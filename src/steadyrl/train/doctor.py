@@ -49,8 +49,9 @@ class RatioReport:
 
 
 def _tolerance(trainer) -> float:
-    """fp32 on both sides agrees to rounding; a bf16 / fp16 sampler or autocast to its precision (≈ 1e-2)."""
-    low = trainer.cfg.rollout.sampler_dtype not in (None, "float32") or trainer.cfg.model.dtype != "float32"
+    """fp32 on both sides agrees to rounding; a bf16 / fp16 / fp8 sampler or autocast to its precision (≈ 1e-2)."""
+    r = trainer.cfg.rollout
+    low = r.sampler_dtype not in (None, "float32") or r.sampler_quant is not None or trainer.cfg.model.dtype != "float32"
     return 5e-2 if low or autocast_dtype(trainer.cfg) is not None else 1e-4  # model.autocast or autocast_bf16
 
 
@@ -104,9 +105,11 @@ def check_ratios(trainer, step: int = 0) -> RatioReport:
     if trainer.backend.separate_sampler:
         sampler_logprobs = _score_with(trainer, trainer.backend.sampler, batch)
         if closes(_gap(sampler_logprobs, batch)):
+            copy_of = (f"an {r.sampler_quant} fake-quantised copy (rollout.sampler_quant)" if r.sampler_quant
+                       else f"a {r.sampler_dtype} copy (rollout.sampler_dtype)")
             report.causes.append(
-                f"the sampler is a {r.sampler_dtype} copy (rollout.sampler_dtype): the gap is its precision; keep it "
-                "and correct for it (e.g. correction: token_tis), or sample in the training dtype"
+                f"the sampler is {copy_of}: the gap is its precision; keep it and correct for it (e.g. correction: "
+                "token_tis), or sample in the training dtype"
             )
     one = _score(trainer, batch, micro_batch_size=1)
     if not torch.allclose(one, logprobs, atol=1e-5, rtol=0):

@@ -71,6 +71,11 @@ def check_fsdp(cfg: TrainConfig, info: DistInfo) -> None:
             "routing_replay with run.parallel=fsdp is not supported (the replay hooks are untested on sharded MoE "
             "blocks); use run.parallel=ddp."
         )
+    if cfg.rollout.sampler_quant is not None:
+        raise ConfigError(
+            "rollout.sampler_quant with run.parallel=fsdp is not supported: the fake-quantised sampler is a lab "
+            "instrument for one process or data parallel; use run.parallel=ddp."
+        )
     if any(shaper.name == "majority_vote" for shaper in cfg.sampling.reward_shapers):
         raise ConfigError(
             "sampling.reward_shapers majority_vote with run.parallel=fsdp is not supported: its momentum policy is a "

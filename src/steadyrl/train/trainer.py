@@ -142,7 +142,8 @@ class Trainer:
         )
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
         self.backend = (self.sharded.backend(r.backend, self.tokenizer) if self.sharded else  # FSDP: a full copy
-                        registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype))
+                        registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype,
+                                               sampler_quant=r.sampler_quant))
         layer = build_sampling_layer(cfg, task=self.task, tokenizer=self.tokenizer, model=self.model, info=self.info,
                                      device=self.device)
         self.collector = RolloutCollector(
