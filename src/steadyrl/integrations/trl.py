@@ -140,13 +140,16 @@ class SteadyGRPOTrainer(GRPOTrainer):
         mask, summed over the step's micro-batches and all processes; stored in every micro-batch."""
         local = []
         for mb in micro_batches:
-            inputs = self._loss_inputs(mb, logprobs=None)
-            if self.correction_fn is not None and inputs.rollout_logprobs is None:
+            if self.correction_fn is not None and mb.get("sampling_per_token_logps") is None:
                 raise ConfigError(
                     f"correction {self.steady_specs['correction'].name!r} needs the sampler's log-probs, which TRL "
                     "returns only with use_vllm=True (sampling_per_token_logps); turn vLLM on or drop the correction."
                 )
-            den = denominator_mask(inputs, self.correction_fn)
+            old = mb.get("old_per_token_logps")  # π_old exists only when the batch feeds > 1 optimizer step
+            if old is not None and self.correction_fn is not None:
+                den = denominator_mask(self._loss_inputs(mb, logprobs=old), self.correction_fn)
+            else:
+                den = self._token_mask(mb)
             mb["steady_den_mask"] = den
             local.append(torch.stack([den.sum(), mb["steady_sample_mask"].sum()]).double())
         per_step = torch.stack(local).view(-1, group, 2).sum(dim=1)  # (steps, 2)
@@ -155,21 +158,25 @@ class SteadyGRPOTrainer(GRPOTrainer):
         for i, mb in enumerate(micro_batches):
             mb["steady_counts"] = per_step[i // group]
 
-    def _loss_inputs(self, inputs: dict, logprobs: Tensor | None, entropy: Tensor | None = None) -> LossInputs:
-        completion_mask = inputs["completion_mask"].bool()
+    @staticmethod
+    def _token_mask(inputs: dict) -> Tensor:
+        """(B, T) bool: completion tokens (less tool output) of the samples that take part in the loss."""
+        mask = inputs["completion_mask"].bool()
         if "tool_mask" in inputs:
-            completion_mask = completion_mask & inputs["tool_mask"].bool()
-        mask = completion_mask & inputs["steady_sample_mask"].bool()[:, None]
+            mask = mask & inputs["tool_mask"].bool()
+        return mask & inputs["steady_sample_mask"].bool()[:, None]
+
+    def _loss_inputs(self, inputs: dict, logprobs: Tensor, entropy: Tensor | None = None) -> LossInputs:
+        mask = self._token_mask(inputs)
         old = inputs.get("old_per_token_logps")
-        if old is None and logprobs is not None:
-            old = logprobs.detach()
+        old = logprobs.detach() if old is None else old
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
-            advantages = advantages[:, None].expand_as(completion_mask)
+            advantages = advantages[:, None].expand_as(mask)
         advantages = masked_fill_zero(advantages.float(), mask)
         return LossInputs(
-            logprobs=logprobs if logprobs is not None else (old if old is not None else torch.zeros_like(advantages)),
-            old_logprobs=old if old is not None else torch.zeros_like(advantages),
+            logprobs=logprobs,
+            old_logprobs=old,
             advantages=advantages,
             response_mask=mask,
             rollout_logprobs=inputs.get("sampling_per_token_logps"),
