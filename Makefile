@@ -36,11 +36,15 @@ test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
 # Refresh the lock: newest versions within pyproject.toml's bounds, resolved for every platform and Python
-# the project supports, against TORCH_SPEC. Then run `make test` and commit requirements/lock.txt.
+# the project supports, against TORCH_SPEC, for every extra but pyproject's [tool.steadyrl] unlocked-extras.
+# Then run `make test` and commit requirements/lock.txt.
+LOCKED_EXTRA_FLAGS = $(shell $(BIN)/python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb')); \
+	skip = p['tool']['steadyrl']['unlocked-extras']; \
+	print(' '.join('--extra ' + e for e in p['project']['optional-dependencies'] if e not in skip))")
 lock: setup
 	$(PIP) install -c $(LOCK) uv
 	@printf '%s\n' "$(TORCH_SPEC)" > $(VENV)/torch-constraint.txt
-	$(BIN)/uv pip compile pyproject.toml requirements/tools.in --all-extras --universal --upgrade \
+	$(BIN)/uv pip compile pyproject.toml requirements/tools.in $(LOCKED_EXTRA_FLAGS) --universal --upgrade \
 		--constraint $(VENV)/torch-constraint.txt --no-emit-package torch \
 		--custom-compile-command "make lock" --quiet -o $(LOCK)
 

@@ -253,3 +253,37 @@ def test_every_registered_loss_runs_one_step(model_path, tmp_path, monkeypatch):
 
 
 _ = copy  # (kept for readers adapting the helpers: models are reloaded, never deep-copied)
+
+
+def test_guard_callback_rolls_back_model_optimizer_lr_and_trust_region(model_path, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from steadyrl.integrations.trl_guard import GuardCallback
+
+    trl_model, _, _, trainer = _trl_step(model_path, tmp_path, monkeypatch, guard={"lr_factor": 0.5, "clip_factor": 0.5})
+    (callback,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, GuardCallback)]
+    start = dict(AutoModelForCausalLM.from_pretrained(model_path).named_parameters())
+    assert any(not torch.equal(p, start[n]) for n, p in trl_model.named_parameters())  # the step moved the model
+    loss_fn = trainer.loss_fn
+    logs = {"grad_norm": float("nan"), "reward": 0.5, "loss": 0.0}
+    callback.on_log(trainer.args, trainer.state, None, logs=logs)
+    # the snapshot taken at train begin is restored: the initial weights, LR x 0.5, ε x 0.5
+    assert all(torch.equal(p, start[n]) for n, p in trainer.model.named_parameters())
+    assert trainer.optimizer.param_groups[0]["lr"] == pytest.approx(LR * 0.5)
+    assert trainer.loss_fn is not loss_fn and logs["guard/rollbacks"] == 1.0
+    assert (tmp_path / "trl" / "guard.jsonl").read_text().count('"rollback"') == 1
+
+
+def test_guard_needs_every_step_logged(model_path, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+    from trl import GRPOConfig
+
+    from steadyrl.integrations.trl import SteadyGRPOTrainer, task_dataset, task_reward
+
+    task = ArithmeticTask()
+    prompts = task.sample("train", 8, seed=1)
+    args = GRPOConfig(output_dir=str(tmp_path), logging_steps=5, use_cpu=True, report_to=[], bf16=False,
+                      per_device_train_batch_size=8, num_generations=G)
+    with pytest.raises(ConfigError, match="logging_steps=1"):
+        SteadyGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=task_reward(task, prompts),
+                          args=args, train_dataset=task_dataset(task, prompts), guard={"max_rollbacks": 1})

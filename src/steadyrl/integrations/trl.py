@@ -4,6 +4,7 @@
         model=model, reward_funcs=reward, args=GRPOConfig(...), train_dataset=dataset,
         advantage="dr_grpo", loss={"name": "cispo", "clip_high": 5.0}, aggregation="token_mean",
         correction={"name": "token_tis", "cap": 2.0}, token_filters=[{"name": "capo"}],
+        guard={"max_rollbacks": 3},   # steadyrl's stability guard as a TrainerCallback (trl_guard.py)
     )
 
 Each method is a registry name or a mapping ``{name: ..., <hyper-parameter>: value}``, parsed and validated by
@@ -64,6 +65,7 @@ class SteadyGRPOTrainer(GRPOTrainer):
         token_filters: Sequence[MethodLike] = (),
         kl: str = "kl_k3",
         max_len: int | None = None,
+        guard: Any = None,
         **kwargs: Any,
     ) -> None:
         # Names and hyper-parameters are checked before TRL loads anything (steadyrl's registry does it).
@@ -81,6 +83,10 @@ class SteadyGRPOTrainer(GRPOTrainer):
         self.correction_fn = None if spec is None else registry.resolve("correction", spec)
         filter_makers = [registry.resolve("token_filter", s) for s in self.steady_specs["token_filters"]]
         self.kl_fn = registry.resolve("kl", kl)
+        if guard is not None:
+            from steadyrl.integrations.trl_guard import guard_config
+
+            guard = guard_config(guard)
         args_ = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         if args_ is not None:
             _check_args(args_, self.correction_fn is not None)
@@ -92,6 +98,10 @@ class SteadyGRPOTrainer(GRPOTrainer):
         self._steady_rewards: Tensor | None = None
         if self.token_filters:
             self.add_callback(_TokenFilterSteps(self.token_filters))
+        if guard is not None:
+            from steadyrl.integrations.trl_guard import GuardCallback
+
+            self.add_callback(GuardCallback(self, guard))
         on_policy = self.args.steps_per_generation == self.args.gradient_accumulation_steps and self.num_iterations == 1
         if self.steady_specs["loss"].name in _NEEDS_TOKEN_LOGITS and not on_policy:
             raise ConfigError(
