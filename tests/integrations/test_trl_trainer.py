@@ -287,3 +287,19 @@ def test_guard_needs_every_step_logged(model_path, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="logging_steps=1"):
         SteadyGRPOTrainer(model=AutoModelForCausalLM.from_pretrained(model_path), reward_funcs=task_reward(task, prompts),
                           args=args, train_dataset=task_dataset(task, prompts), guard={"max_rollbacks": 1})
+
+
+def test_documented_script_runs(tmp_path, monkeypatch):
+    """docs/integrations/trl.md's script, for one step instead of 60 and a smaller batch."""
+    import re
+    from pathlib import Path
+
+    doc = (Path(__file__).resolve().parents[2] / "docs/integrations/trl.md").read_text()
+    script = re.search(r"```python\n(.*?)```", doc, re.S).group(1)
+    assert len([line for line in script.splitlines() if line.strip()]) <= 16
+    script = script.replace("max_steps=60", "max_steps=1").replace("per_device_train_batch_size=256",
+                                                                   "per_device_train_batch_size=16")
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {}
+    exec(compile(script, "trl.md", "exec"), namespace)
+    assert namespace["trainer"].state.global_step == 1

@@ -319,3 +319,28 @@ def test_unequal_groups_are_refused_with_the_fix():
 
     with pytest.raises(ConfigError, match="same number of completions"):
         _verl_advantage("steadyrl/grpo", torch.ones(3), np.array(["a", "a", "b"], dtype=object))
+
+
+def test_documented_command_line_composes():
+    """docs/integrations/verl.md's main_ppo overrides, composed with verl's ppo_trainer config by hydra, build an
+    actor config whose loss is steadyrl's, and verl's own config validation passes."""
+    import importlib.resources
+    import re
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+    from verl.utils.config import omega_conf_to_dataclass, validate_config
+
+    from steadyrl.integrations.verl import SteadyPolicyLossConfig
+
+    doc = (Path(__file__).resolve().parents[2] / "docs/integrations/verl.md").read_text()
+    block = re.search(r"python3 -m verl\.trainer\.main_ppo \\\n(.*?)```", doc, re.S).group(1)
+    overrides = [line.strip().rstrip("\\").strip() for line in block.splitlines() if line.strip()]
+    config_dir = str(importlib.resources.files("verl") / "trainer" / "config")
+    with initialize_config_dir(config_dir=config_dir, version_base=None):
+        cfg = compose(config_name="ppo_trainer", overrides=overrides)
+    actor = omega_conf_to_dataclass(cfg.actor_rollout_ref.actor)
+    assert isinstance(actor.policy_loss, SteadyPolicyLossConfig)
+    assert actor.policy_loss.loss_mode == "steadyrl/cispo" and actor.policy_loss.kwargs == {"clip_high": 5.0}
+    assert cfg.algorithm.adv_estimator == "steadyrl/dr_grpo"
+    validate_config(cfg, use_reference_policy=False, use_critic=False)  # what main_ppo checks before Ray starts

@@ -2,7 +2,8 @@
 
 The adapters iterate over the registry, so a method added to it is carried by default; the tables below are
 the only place that names exceptions, each with its reason. ``status_table()`` renders the whole picture
-(docs/integrations/README.md prints it: ``python -m steadyrl.integrations.status``).
+(``python -m steadyrl.integrations.status`` prints it; ``--write`` refreshes it in docs/integrations/README.md,
+which tests/integrations/test_status.py keeps in step with the registry).
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ from __future__ import annotations
 CARRIED = "carried"
 LIMITED = "carried with a limit"
 NOT_CARRIED = "not carried"
+
+BEGIN, END = "<!-- status table: begin -->", "<!-- status table: end -->"
 
 _ENTROPY = (
     "needs the per-token entropy H_t; verl passes entropy only to a whole-loss function installed from the "
@@ -56,6 +59,12 @@ TRL_LOSS_LIMITS: dict[str, str] = {
     "off-policy needs π_old's raw token logits, which TRL's π_old forward does not keep",
     "lco_lch": "on-policy only, as lco_mse",
 }
+TRL_STABILISER_LIMITS: dict[str, str] = {
+    "capo": "its optimizer-model state is not saved in TRL checkpoints, and TRL does not skip a step with a "
+    "non-finite gradient, so CAPO records that step too",
+    "guard": "a TrainerCallback (trl_guard.py) that needs logging_steps=1; its snapshots are not saved in TRL "
+    "checkpoints, and a rollback keeps completions TRL already buffered for the generation batch",
+}
 TRL_CORRECTION_LIMIT = (
     "needs the sampler's log-probs, which TRL has only with use_vllm=True (sampling_per_token_logps)"
 )
@@ -79,7 +88,7 @@ TRAINER_ONLY: dict[str, tuple[str, str]] = {
     ),
     "retention": ("an auxiliary SFT term on a second data set; not a policy loss", "as verl"),
     "routing_replay": (
-        "use verl's own router replay (actor.<engine>.router_replay.mode=R2|R3, Megatron / VeOmni engines)",
+        "use verl's own router replay (actor.<engine>.router_replay.mode R2 or R3, Megatron / VeOmni engines)",
         "TRL has no routing replay",
     ),
 }
@@ -118,7 +127,8 @@ def status_rows() -> list[tuple[str, str, str, str, str]]:
     stabilisers.pop("sum", None)
     for name in [*stabilisers, "guard", "retention", "routing_replay"]:
         verl_why, trl_why = TRAINER_ONLY.get(name, ("not assessed", "not assessed"))
-        trl = NOT_CARRIED if trl_why else CARRIED
+        trl = NOT_CARRIED if trl_why else (LIMITED if name in TRL_STABILISER_LIMITS else CARRIED)
+        trl_why = trl_why or TRL_STABILISER_LIMITS.get(name, "")
         why = f"verl: {verl_why}" + (f"; TRL: {trl_why}" if trl_why else "")
         rows.append((stabilisers.get(name, "stabiliser"), name, NOT_CARRIED, trl, why))
     return rows
@@ -131,5 +141,20 @@ def status_table() -> str:
     return "\n".join(lines)
 
 
+def write_table(path: str) -> None:
+    """Replace the table between BEGIN and END in the Markdown file ``path``."""
+    from pathlib import Path
+
+    text = Path(path).read_text()
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    Path(path).write_text(f"{head}{BEGIN}\n{status_table()}\n{END}{tail}")
+
+
 if __name__ == "__main__":
-    print(status_table())
+    import sys
+
+    if sys.argv[1:2] == ["--write"]:
+        write_table(sys.argv[2] if len(sys.argv) > 2 else "docs/integrations/README.md")
+    else:
+        print(status_table())
