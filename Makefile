@@ -8,13 +8,17 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= dev,tasks
+# trl: SteadyGRPOTrainer's equivalence tests run in `make test` (~30 s of install, locked). verl cannot share the
+# lock (pyproject [tool.steadyrl] unlocked-extras): its tests run in their own venv, `make test-verl`.
+EXTRAS ?= dev,tasks,trl
 LOCK   ?= requirements/lock.txt
 PIP     = $(BIN)/python -m pip -q --disable-pip-version-check
+# verl's plug-in tests in a venv of their own, resolved by pip from pyproject's `verl` extra (transformers < 5.11).
+VERL_VENV ?= .venv-verl
 # The newest versions pyproject.toml allows, for `make test-latest` (a separate venv; the lock is untouched).
 LATEST ?= .venv-latest
 
-.PHONY: setup demo test test-all test-latest lock lint bench-stability clean
+.PHONY: setup demo test test-all test-verl test-latest lock lint bench-stability clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +38,13 @@ test: setup
 
 test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
+
+test-verl:
+	$(PYTHON) -m venv $(VERL_VENV)
+	$(VERL_VENV)/bin/python -c "import torch" 2>/dev/null || \
+		$(VERL_VENV)/bin/python -m pip -q --disable-pip-version-check install "$(TORCH_SPEC)"
+	$(VERL_VENV)/bin/python -m pip -q --disable-pip-version-check install -e ".[dev,verl]"
+	$(VERL_VENV)/bin/python -m pytest -q tests/integrations/test_verl_plugin.py
 
 # Refresh the lock: newest versions within pyproject.toml's bounds, resolved for every platform and Python
 # the project supports, against TORCH_SPEC, for every extra but pyproject's [tool.steadyrl] unlocked-extras.
@@ -68,4 +79,4 @@ lint: setup
 	$(BIN)/ruff check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(LATEST) runs .pytest_cache
+	rm -rf $(VENV) $(LATEST) $(VERL_VENV) runs .pytest_cache
