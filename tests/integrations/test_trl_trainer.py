@@ -11,8 +11,6 @@ Run: .venv/bin/python -m pytest -q tests/integrations/test_trl_trainer.py
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -32,8 +30,13 @@ MAX_NEW = 6
 
 
 def steadyrl_update(trainer, scored: ScoredBatch) -> None:
-    """steadyrl's own update of one scored batch: the only place this test touches the trainer's internals
-    (after the three-stage redesign: trainer.score(...) / trainer.update(...))."""
+    """One update of steadyrl's own trainer on a scored batch, with plain SGD (as TRL's optim='sgd', constant LR).
+
+    The only place this test touches the trainer's internals; after the three-stage redesign it becomes
+    trainer.score(...) / trainer.update(...) with the optimizer swapped the same way."""
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    trainer.optimizer = trainer.updater.optimizer = torch.optim.SGD(params, lr=LR)
+    trainer.scheduler = trainer.updater.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
     trainer.prepare_logprobs(scored)
     trainer.updater.update(scored)
 
@@ -41,13 +44,6 @@ def steadyrl_update(trainer, scored: ScoredBatch) -> None:
 @pytest.fixture(scope="module")
 def model_path():
     return resolve_model_path("embedded:tiny-adder")
-
-
-def _sgd(trainer) -> None:
-    """Plain SGD on steadyrl's side, as TRL's optim='sgd' with a constant schedule."""
-    params = [p for p in trainer.model.parameters() if p.requires_grad]
-    trainer.optimizer = trainer.updater.optimizer = torch.optim.SGD(params, lr=LR)
-    trainer.scheduler = trainer.updater.scheduler = torch.optim.lr_scheduler.LambdaLR(trainer.optimizer, lambda _: 1.0)
 
 
 def _trl_step(model_path, tmp_path, monkeypatch, *, per_device=8, ga=2, spg=None, iterations=1, steps=1, **methods):
@@ -105,14 +101,13 @@ def _steadyrl_step(model_path, tmp_path, batch, rewards, *, micro, mini_batches=
     from steadyrl.train.trainer import Trainer
 
     trainer = Trainer(cfg)
-    _sgd(trainer)
     mask = batch["completion_mask"].bool()
     rollout = RolloutBatch(
         prompt_ids=batch["prompt_ids"], prompt_mask=batch["prompt_mask"].bool(), completion_ids=batch["completion_ids"],
         response_mask=mask, rollout_logprobs=batch["sampling_per_token_logps"],
         truncated=torch.zeros(mask.shape[0], dtype=torch.bool),
     )
-    adv = trainer.methods["advantage"](rewards, G)
+    adv = registry.resolve("advantage", cfg.advantage)(rewards, G)
     advantages = adv.advantages[:, None].expand_as(mask) if adv.advantages.dim() == 1 else adv.advantages
     scored = ScoredBatch(rollout, rewards=rewards, advantages=torch.where(mask, advantages.float(), 0.0),
                          sample_mask=adv.sample_mask)
@@ -252,8 +247,6 @@ def test_every_registered_loss_runs_one_step(model_path, tmp_path, monkeypatch):
         assert all(torch.isfinite(p).all() for p in trl_model.parameters()), name
 
 
-_ = copy  # (kept for readers adapting the helpers: models are reloaded, never deep-copied)
-
 
 def test_guard_callback_rolls_back_model_optimizer_lr_and_trust_region(model_path, tmp_path, monkeypatch):
     from transformers import AutoModelForCausalLM
@@ -303,3 +296,16 @@ def test_documented_script_runs(tmp_path, monkeypatch):
     namespace: dict = {}
     exec(compile(script, "trl.md", "exec"), namespace)
     assert namespace["trainer"].state.global_step == 1
+
+
+def test_lora_adapter_trains_with_capo_and_hidden_states(model_path, tmp_path, monkeypatch):
+    """PEFT: the hidden-state hook and CAPO's LM head are found under the adapter wrapper; only LoRA weights move."""
+    from peft import LoraConfig
+
+    model, _, _, trainer = _trl_step(
+        model_path, tmp_path, monkeypatch, peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]),
+        token_filters=[{"name": "capo"}],
+    )
+    moved = {n for n, p in model.named_parameters() if "lora_B" in n and p.abs().sum() > 0}
+    assert moved and all(not p.requires_grad for n, p in model.named_parameters() if "lora" not in n)
+    assert "steadyrl/capo/rejected_frac" in trainer.state.log_history[0]
