@@ -344,3 +344,35 @@ def test_documented_command_line_composes():
     assert actor.policy_loss.loss_mode == "steadyrl/cispo" and actor.policy_loss.kwargs == {"clip_high": 5.0}
     assert cfg.algorithm.adv_estimator == "steadyrl/dr_grpo"
     validate_config(cfg, use_reference_policy=False, use_critic=False)  # what main_ppo checks before Ray starts
+
+
+def test_self_check_command_lists_what_verl_resolves():
+    out = subprocess.run([sys.executable, "-m", "steadyrl.integrations.verl"], capture_output=True, text=True,
+                         timeout=300, check=True).stdout
+    assert "steadyrl/ppo_clip" in out and "steadyrl/grpo" in out and "not carried: steer" in out
+
+
+@pytest.mark.parametrize(
+    ("ours", "kwargs", "rollout_is", "threshold"),
+    [("token_tis", {"cap": 2.0}, "token", 2.0), ("seq_tis", {"cap": 2.0}, "sequence", 2.0),
+     ("icepop", {"ratio_min": 0.5, "ratio_max": 5.0}, "token", "0.5_5.0")],
+)
+def test_corrections_equal_verls_rollout_correction_weights(ours, kwargs, rollout_is, threshold):
+    """Decoupled mode (anchor π_old): steadyrl's weight × keep-mask = verl's rollout_is_weights. (verl's IcePop
+    zeroes the weight and keeps the token in response_mask, i.e. in the normaliser; steadyrl removes it.)"""
+    from verl.trainer.ppo.rollout_corr_helper import compute_rollout_correction_and_rejection_mask
+
+    b = _batch(seed=11)
+    old, mask = b["old"], b["response_mask"]
+    mu = old + 0.6 * torch.randn(old.shape, generator=torch.Generator().manual_seed(3), dtype=old.dtype)
+    inputs = LossInputs(logprobs=old.clone(), old_logprobs=old, advantages=b["adv"], response_mask=mask,
+                        rollout_logprobs=mu)
+    result = registry.resolve("correction", MethodSpec(ours, kwargs))(inputs)
+    proto, verl_mask, _ = compute_rollout_correction_and_rejection_mask(
+        old_log_prob=old, rollout_log_prob=mu, response_mask=mask.long(), rollout_is=rollout_is,
+        rollout_is_threshold=threshold,
+    )
+    theirs = proto.batch["rollout_is_weights"]
+    ours_w = torch.where(mask & result.mask, result.weights, 0.0)
+    torch.testing.assert_close(ours_w, torch.where(mask, theirs, 0.0), rtol=1e-6, atol=1e-9)
+    assert torch.equal(verl_mask.bool(), mask)
