@@ -35,7 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 from transformers import TrainerCallback
-from trl import GRPOTrainer
+
+try:
+    from trl import GRPOTrainer
+except ImportError as exc:  # pragma: no cover - depends on the environment
+    raise ImportError(f"SteadyGRPOTrainer needs TRL ({exc}); install it with pip install 'steadyrl[trl]'.") from exc
 
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec, from_dict
