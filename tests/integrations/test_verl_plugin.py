@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+import zlib
 
 import pytest
 import torch
@@ -77,7 +78,8 @@ def verl_ppo_loss(b: dict, actor_config, with_weights: bool = False):
 
     B, Tp, T = b["logp"].shape[0], b["Tp"], b["T"]
     attention = torch.cat([b["prompt_mask"], b["response_mask"]], dim=1)
-    input_ids = torch.randint(3, 20, (B, Tp + T)) * attention
+    # its own generator: the global RNG must reach the loss as seeded (clip_cov breaks ties at random)
+    input_ids = torch.randint(3, 20, (B, Tp + T), generator=torch.Generator().manual_seed(0)) * attention
     position_ids = (attention.long().cumsum(1) - 1).clamp(min=0)
     fields = {
         "prompts": input_ids[:, :Tp],
@@ -122,7 +124,7 @@ def _close(a: torch.Tensor, b: torch.Tensor, rel: float = 1e-6) -> None:
 
 @pytest.mark.parametrize("name", CARRIED)
 def test_every_carried_loss_matches_steadyrl_through_verl_ppo_loss(name):
-    b = _batch(seed=hash(name) % 1000)
+    b = _batch(seed=zlib.crc32(name.encode()) % 1000)
     torch.manual_seed(0)  # clip_cov breaks ties at random
     ref_loss, ref_grad = steadyrl_reference(b, name, {}, "token-mean", with_weights=True)
     torch.manual_seed(0)
