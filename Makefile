@@ -8,9 +8,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
-# trl: SteadyGRPOTrainer's equivalence tests run in `make test` (~30 s of install, locked). verl cannot share the
-# lock (pyproject [tool.steadyrl] unlocked-extras): its tests run in their own venv, `make test-verl`.
-EXTRAS ?= dev,tasks,trl
+# trl: SteadyGRPOTrainer's equivalence tests and the TRL parity tests run in `make test` (locked). verl cannot
+# share the lock (pyproject [tool.steadyrl] unlocked-extras): its tests run in a venv of their own, `make test-verl`.
+EXTRAS ?= dev,tasks,data,lora,trl
 LOCK   ?= requirements/lock.txt
 PIP     = $(BIN)/python -m pip -q --disable-pip-version-check
 # verl's plug-in tests in a venv of their own, resolved by pip from pyproject's `verl` extra (transformers < 5.11).

@@ -6,7 +6,7 @@ same run.
     python benchmarks/overhead.py --device cuda --out overhead_gpu.md
     python benchmarks/overhead.py --smoke                          # seconds (tests/bench)
 
-What is timed, per configuration: ``Trainer.prepare_logprobs`` (the π_old / π_ref forwards the configuration
+What is timed, per configuration: ``Trainer.scorer.score`` (the π_old / π_ref forwards the configuration
 needs: π_ref for KL, π_old for N > 1 mini-batches or R2, the MoE routing diagnostics) plus
 ``PolicyUpdater.update`` (every optimizer step of the rollout batch). Rollout and reward are not timed: every
 configuration sees the same batch, generated once with the HF backend; its rewards are Bernoulli(0.5) with a
@@ -48,9 +48,9 @@ from steadyrl.config import load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.ops.masking import masked_fill_zero
-from steadyrl.tasks import build_task
+from steadyrl.registry import build_task
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
 from steadyrl.train.batch import ScoredBatch
-from steadyrl.train.checkpoint import save_pretrained_atomic
 from steadyrl.train.setup import embedded_available, resolve_model_path
 from steadyrl.train.trainer import Trainer
 
@@ -117,7 +117,7 @@ def build_cases(shape: Shape) -> list[Case]:
     for name in registry.LOSSES:
         if name != "ppo_clip":
             cases.append(Case(f"loss={name}", "loss", [f"loss={name}"], "grpo"))
-    for name in registry.CORRECTIONS:
+    for name in registry.FAMILIES["correction"].table:
         cases.append(Case(f"correction={name}", "correction", [f"correction={name}"], "grpo"))
     for name in registry.TOKEN_FILTERS:
         if name != "capo":
@@ -275,31 +275,30 @@ class Runner:
 
     def __init__(self, case: Case, trainer: Trainer, batch: ScoredBatch, init: dict, ref_model, sync: Callable):
         self.case, self.trainer, self.batch, self.init, self.sync = case, trainer, batch, init, sync
-        if trainer.ref_model is not None:
-            trainer.ref_model = ref_model  # one shared frozen reference instead of one per configuration
-        self.filter_states: list[dict] | None = None
+        if trainer.scorer.ref_model is not None:
+            trainer.scorer.ref_model = ref_model  # one shared frozen reference instead of one per configuration
+        self.filter_states: dict | None = None
 
     def restore(self) -> None:
         t = self.trainer
         t.model.load_state_dict(self.init["model"])
         t.optimizer.load_state_dict(copy.deepcopy(self.init["optimizer"]))
         if self.filter_states is not None:
-            for f, state in zip(t.updater.token_filters, self.filter_states):
-                f.load_state_dict(copy.deepcopy(state))
+            t.updater.load_state_dict(copy.deepcopy(self.filter_states))
 
     def keep_filter_state(self) -> None:
-        self.filter_states = [copy.deepcopy(f.state_dict()) for f in self.trainer.updater.token_filters]
+        self.filter_states = copy.deepcopy(self.trainer.updater.state_dict())
 
     def run_once(self, record: bool) -> None:
         self.restore()
-        scored = dataclasses.replace(self.batch)  # prepare_logprobs fills old / ref log-probs (and R2 routing)
+        scored = dataclasses.replace(self.batch)  # score fills old / ref log-probs (and R2 routing)
         cuda = self.batch.advantages.device.type == "cuda"
         if cuda:
             self.sync()
             before = torch.cuda.memory_allocated()
             torch.cuda.reset_peak_memory_stats()
         start, start_cpu = time.perf_counter(), time.process_time()
-        self.trainer.prepare_logprobs(scored)
+        self.trainer.scorer.score(scored)
         self.trainer.updater.update(scored)
         self.sync()
         wall, cpu_time = time.perf_counter() - start, time.process_time() - start_cpu
@@ -343,8 +342,8 @@ def make_runners(args, shape: Shape, cases: list[Case], root: Path, info: dict) 
                         "optimizer": fresh_adam_state(trainer.optimizer),
                     },
                 }
-            if trainer.ref_model is not None and kind["ref"] is None:
-                kind["ref"] = trainer.ref_model
+            if trainer.scorer.ref_model is not None and kind["ref"] is None:
+                kind["ref"] = trainer.scorer.ref_model
             runners.append(Runner(case, trainer, kind["batch"], kind["init"], kind["ref"], sync))
         except Exception as err:  # noqa: BLE001 - one broken configuration must not hide the others
             case.error = f"{type(err).__name__}: {err}"
@@ -482,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{models}"
         f"Batch: {shape.prompts} prompts x {shape.group} completions, {shape.new_tokens} new tokens max, "
         f"Bernoulli(0.5) rewards (seed {args.seed}), GRPO advantages; warm-up {args.warmup}, median of {args.repeats}\n"
-        f"Timed: prepare_logprobs + update, as {timed}; ratio = median / reference median, "
+        f"Timed: score + update, as {timed}; ratio = median / reference median, "
         f"range = min-max of the per-round ratios (the noise)\n"
     )
     text = header + "\n" + table(cases) + "\n"

@@ -52,8 +52,9 @@ from steadyrl.models import (
     tiny_model_config,
 )
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
-from steadyrl.tasks import Prompt, build_task
-from steadyrl.train.checkpoint import save_pretrained_atomic
+from steadyrl.registry import build_task
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
+from steadyrl.tasks import Prompt
 from steadyrl.train.setup import embedded_available, resolve_model_path
 from steadyrl.train.trainer import Trainer
 
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cpu":
         torch.set_num_threads(args.threads)
     s = resolve_setting(args)
-    from steadyrl.rollout import BACKENDS
+    from steadyrl.registry import ROLLOUT_BACKENDS as BACKENDS
 
     sides = [f"steadyrl ({b})" for b in args.backends if b in BACKENDS]
     skipped = [b for b in args.backends if b not in BACKENDS]

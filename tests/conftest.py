@@ -11,7 +11,7 @@ import torch
 from steadyrl.config import load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
-from steadyrl.train.checkpoint import save_pretrained_atomic
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
 
 torch.set_num_threads(1)
 

@@ -286,8 +286,9 @@ def mismatch_metrics(trainer, rollout, mask):
         "mismatch/chi2": token_mean([[math.exp(x) ** 2 for x in row] for row in log_rho], mask) - 1.0
         if abs_diffs
         else 0.0,
+        "mismatch/ratio_mean": token_mean([[math.exp(x) for x in row] for row in log_rho], mask),
         "mismatch/abs_logprob_diff_mean": token_mean([[abs(x) for x in row] for row in log_rho], mask),
-        "mismatch/abs_logprob_diff_max": max(abs_diffs, default=0.0),
+        "mismatch/abs_logprob_diff_max": max(abs_diffs, default=-math.inf),
         "mismatch/log_ppl_abs_diff_mean": seq_mean(gaps, valid),
     }
 
@@ -335,22 +336,6 @@ def zero_variance_group_frac(rewards, group_size):
         if len(present) <= 1 or all(r == present[0] for r in present):
             flat_count += 1
     return flat_count / len(groups)
-
-
-def grad_cosine(grads_a, grads_b):
-    dot = sq_a = sq_b = 0.0
-    for a, b in zip(grads_a, grads_b):
-        a = a or [0.0] * len(b or [])
-        b = b or [0.0] * len(a)
-        for x, y in zip(a, b):
-            dot += x * y
-        sq_a += sum(x * x for x in a)
-        sq_b += sum(y * y for y in b)
-    return dot / math.sqrt(sq_a * sq_b) if sq_a > 0 and sq_b > 0 else 0.0
-
-
-def grad_global_norm(grads):
-    return math.sqrt(sum(x * x for g in grads if g is not None for x in g))
 
 
 # ---------------------------------------------------------------- logprobs

@@ -20,7 +20,7 @@ from steadyrl import registry
 from steadyrl.cli import main
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
-from steadyrl.train.checkpoint import save_pretrained_atomic
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
 
 CONFIG = """\
 task:
@@ -83,7 +83,8 @@ def trained(tmp_path_factory, model_dir, config_file):
 def test_methods_lists_every_registered_name():
     code, out, _ = _run(["methods"])
     assert code == 0
-    for family, table in registry.FAMILIES.items():
+    for family in registry.METHOD_FAMILIES:
+        table = registry.FAMILIES[family].table
         if table:
             assert re.search(rf"^{family}\s+\[.*\]:$", out, re.MULTILINE), f"no header for {family}"
         for name, entry in table.items():
@@ -95,8 +96,8 @@ def test_methods_markdown_has_one_row_per_name():
     code, out, _ = _run(["methods", "--markdown"])
     assert code == 0
     rows = [line for line in out.splitlines() if line.startswith("| ") and "`" in line]
-    for family, table in registry.FAMILIES.items():
-        for name in table:
+    for family in registry.METHOD_FAMILIES:
+        for name in registry.FAMILIES[family].table:
             assert any(row.startswith(f"| {family} (") and f"| `{name}` |" in row for row in rows), f"{family} {name}"
 
 
@@ -196,7 +197,9 @@ def test_eval_prints_json_metrics(model_dir):
         (["model.name_or_path=/no/such/model"], "model path /no/such/model does not exist"),
         (["optim.mini_batches=3"], "choose a divisor of 16"),
         (["optim.steps=two"], "optim.steps must be an integer"),
-        (["task.kwargs={digits: 3}"], "unknown option(s) ['digits'] for task 'arithmetic'"),
+        (["task.kwargs={digits: 3}"], "unknown setting(s) 'digits' for task 'arithmetic'"),
+        (["model.prompt_format=chat"], "model.prompt_format is chat but the tokenizer"),
+        (["task={name: python, kwargs: {reward: nope.py:f, data: x.jsonl}}"], "reward file nope.py does not exist"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(config_file, model_dir, tmp_path, overrides, fragment):
@@ -213,8 +216,9 @@ def test_bad_input_exits_2_with_one_line(config_file, model_dir, tmp_path, overr
     [
         (["--task-kwargs", "{max_digits: 3}"], "is not valid JSON"),
         (["--task-kwargs", "[3]"], "must be a JSON object"),
-        (["--task-kwargs", '{"digits": 3}'], "unknown option(s) ['digits'] for task 'arithmetic'"),
+        (["--task-kwargs", '{"digits": 3}'], "unknown setting(s) 'digits' for task 'arithmetic'"),
         (["--task", "sudoku"], "unknown task 'sudoku'"),
+        (["--prompt-format", "chat"], "has no chat template"),
     ],
 )
 def test_eval_bad_task_options_exit_2(model_dir, extra, fragment):

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,7 @@ from steadyrl.config import (
     load_config,
     to_dict,
 )
-from steadyrl.train.distributed import DistInfo
+from steadyrl.runtime.distributed import DistInfo
 from steadyrl.train.setup import resolve_methods, validate_batch_arithmetic
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,3 +258,38 @@ def test_every_shipped_recipe_loads_and_resolves(path):
     assert callable(methods["loss"]) and callable(methods["advantage"]) and callable(methods["aggregation"])
     validate_batch_arithmetic(cfg, DistInfo())  # and the batch splits on one process
     assert load_config(path, ["optim.steps=1"]).optim.steps == 1  # recipes stay overridable
+
+
+@pytest.mark.parametrize(
+    "override,valid",
+    [
+        ("optim.schedule=cosin", "constant, cosine, linear"),
+        ("kl.reference=frozen", "initial, old"),
+        ("routing_replay=r3", "none, R2, R3"),
+        ("model.dtype=fp16", "float32, bfloat16, float16"),
+    ],
+)
+def test_choice_settings_are_checked_when_the_config_loads(override, valid):
+    # one place for every enum-like string: the config, before any module sees it
+    with pytest.raises(ConfigError, match=rf"{re.escape(override.split('=')[0])}=.*; valid: {valid}\."):
+        load_config(None, [override])
+
+
+def test_the_rollout_backend_is_a_registry_spec_with_options():
+    cfg = load_config(None, ["rollout.backend=native", "rollout.backend.compile=true"])
+    assert cfg.rollout.backend == MethodSpec("native", {"compile": True})
+    assert load_config(None, ["rollout.backend.cache_bucket=64"]).rollout.backend == MethodSpec("hf", {"cache_bucket": 64})
+
+
+def test_switching_a_recipes_method_by_name_does_not_inherit_its_hyperparameters(tmp_path):
+    # a recipe's PPO ε (0.2 / 0.28) is not GSPO's (3e-4 / 4e-4): the switch starts from GSPO's defaults, noted
+    path = _write(tmp_path, "loss: {name: ppo_clip, clip_low: 0.2, clip_high: 0.28}\n")
+    notes: list[str] = []
+    cfg = load_config(path, ["loss.name=gspo"], notes=notes)
+    assert cfg.loss == MethodSpec("gspo")
+    assert notes == [
+        "loss: ppo_clip → gspo starts from gspo's defaults; dropped clip_high, clip_low "
+        "(set them again with --set loss.<key>=... if gspo takes them)"
+    ]
+    assert load_config(path, ["loss.name=gspo", "loss.clip_low=2e-4"]).loss == MethodSpec("gspo", {"clip_low": 2e-4})
+    assert load_config(path, ["loss.name=ppo_clip"]).loss.kwargs == {"clip_low": 0.2, "clip_high": 0.28}  # same name

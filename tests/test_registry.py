@@ -19,18 +19,19 @@ import torch
 
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec
-from steadyrl.train.combiners import GradientCombiner
-from steadyrl.train.filters import TokenFilter
+from steadyrl.stabilisers.combiners import GradientCombiner
+from steadyrl.stabilisers.filters import TokenFilter
 from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, LossInputs, LossResult
 
 TESTS_DIR = Path(__file__).parent
 NO_BASELINE = {"raw_reward"}
 """Advantage estimators without a group baseline: a group of equal rewards keeps them (documented)."""
-ALL_ENTRIES = [(family, name) for family, table in registry.FAMILIES.items() for name in table]
+ALL_ENTRIES = [(family, name) for family in registry.METHOD_FAMILIES for name in registry.FAMILIES[family].table]
+"""The stabilisation methods; tasks and rollout backends have tests of their own below and in their packages."""
 
 
 def _entries(family: str) -> list[str]:
-    return list(registry.FAMILIES[family])
+    return list(registry.FAMILIES[family].table)
 
 
 def _random_inputs(
@@ -94,15 +95,15 @@ def test_every_registered_name_resolves(family, name):
     entry = registry.lookup(family, name)
     assert entry.name == name
     assert entry.description.strip() and entry.reference.strip(), f"{family} {name}: empty description/reference"
-    assert registry.resolve(family, name) is entry.fn  # no hyper-parameters: the function itself, unwrapped
+    plain = registry.resolve(family, name)
+    assert plain.entry is entry and plain.kwargs == {}  # no hyper-parameters: the function as registered
     defaults = registry.hyperparameters(family, name)
     for key, default in defaults.items():
         # A hyper-parameter without a default would make a config that omits it fail at the first step.
         assert default is not inspect.Parameter.empty, f"{family} {name}: hyper-parameter {key!r} has no default"
     # Every reported hyper-parameter is accepted back, and binds as given.
     bound = registry.resolve(family, MethodSpec(name, dict(defaults)))
-    if defaults:
-        assert bound.func is entry.fn and bound.keywords == defaults
+    assert bound.entry.fn is entry.fn and bound.kwargs == defaults
 
 
 @pytest.mark.parametrize(
@@ -111,7 +112,7 @@ def test_every_registered_name_resolves(family, name):
         ("advantage", "grpo", {"eps": 1e-6, "std_unbiased": True}),  # grpo_advantages(*, eps=1e-6, std_unbiased=True)
         ("advantage", "rloo", {}),
         ("loss", "ppo_clip", {"clip_low": 0.2, "clip_high": 0.2, "dual_clip": None}),
-        ("loss", "cispo", {"clip_high": 5.0, "clip_low": None}),
+        ("loss", "cispo", {"clip_high": 4.0, "clip_low": None}),
         ("correction", "token_tis", {"anchor": "old", "cap": 2.0}),
         ("aggregation", "token_mean", {}),  # the data arguments (loss, mask, counts) are not hyper-parameters
         ("kl", "kl_k3", {"log_ratio_clamp": 20.0, "kl_clamp": 10.0}),
@@ -124,7 +125,7 @@ def test_hyperparameters_are_the_signature_defaults(family, name, expected):
 
 def test_partial_binds_only_the_given_hyperparameters():
     bound = registry.resolve("loss", MethodSpec("ppo_clip", {"clip_high": 0.28}))
-    assert bound.keywords == {"clip_high": 0.28}
+    assert bound.kwargs == {"clip_high": 0.28}
     inputs = _random_inputs(0)
     expected = registry.lookup("loss", "ppo_clip").fn(inputs, clip_high=0.28).loss
     torch.testing.assert_close(bound(inputs).loss, expected)
@@ -133,10 +134,10 @@ def test_partial_binds_only_the_given_hyperparameters():
 @pytest.mark.parametrize("family", list(registry.FAMILIES))
 def test_unknown_name_lists_every_valid_name(family):
     with pytest.raises(ConfigError) as info:
-        registry.resolve(family, MethodSpec("no_such_method"))
+        registry.check(family, MethodSpec("no_such_method"))
     message = str(info.value)
     assert "no_such_method" in message and family in message
-    for name in registry.FAMILIES[family]:
+    for name in registry.FAMILIES[family].table:
         assert name in message, f"valid {family} {name!r} missing from: {message}"
 
 
@@ -310,12 +311,65 @@ def test_every_token_filter_returns_masks_and_detached_weights(name):
     inputs = _random_inputs(6)
     b, t = inputs.response_mask.shape
     hidden = torch.randn(b, t, 16) if token_filter.needs_hidden else None
-    keep, weights, metrics = token_filter(inputs, hidden, 1e-3)
+    keep, weights, penalty, metrics = token_filter(inputs, hidden, 1e-3)
     assert keep.shape == (b, t) and keep.dtype == torch.bool
     assert weights.shape == (b, t) and not weights.requires_grad and torch.isfinite(weights).all()
     _check_metrics(metrics, f"token_filter {name}")
-    penalty = token_filter.loss_penalty()
     assert penalty is None or (penalty.shape == (b, t) and torch.isfinite(penalty).all())
+
+
+# ----------------------------------------------------------------------------- protocols and facts
+
+
+@pytest.mark.parametrize("family,name", [(f, n) for f, n in ALL_ENTRIES if registry.FAMILIES[f].protocol])
+def test_every_function_takes_its_familys_protocol_arguments_first(family, name):
+    protocol = registry.FAMILIES[family].protocol
+    expected = [p for p in inspect.signature(protocol.__call__).parameters if p != "self"]
+    params = list(inspect.signature(registry.lookup(family, name).fn).parameters.values())
+    positional = [p.name for p in params if p.kind == p.POSITIONAL_OR_KEYWORD]
+    assert positional == expected, f"{family} {name}: positional {positional}, the {protocol.__name__} takes {expected}"
+    assert set(expected) <= set(registry.FAMILIES[family].data_params)
+
+
+@pytest.mark.parametrize("name", _entries("loss"))
+def test_trust_region_facts_name_real_numeric_hyperparameters(name):
+    entry = registry.lookup("loss", name)
+    defaults = registry.hyperparameters("loss", name)
+    for key in entry.trust_region:
+        assert key in defaults, f"loss {name}: trust_region names {key!r}, not a hyper-parameter"
+    tightened = registry.resolve("loss", name).with_trust_region_scale(0.5)
+    for key in entry.trust_region:
+        if isinstance(defaults[key], float):
+            assert tightened.kwargs[key] == pytest.approx(0.5 * defaults[key])
+
+
+def test_trust_region_scale_starts_from_the_configured_widths():
+    ppo = registry.resolve("loss", MethodSpec("ppo_clip", {"clip_high": 0.28}))
+    assert ppo.with_trust_region_scale(0.5).kwargs == {"clip_low": 0.1, "clip_high": 0.14}
+    assert registry.resolve("loss", "cispo").with_trust_region_scale(0.5).kwargs == {"clip_high": 2.0}  # None stays
+    dppo = registry.resolve("loss", MethodSpec("dppo_binary_tv", {"is_cap": 10.0})).with_trust_region_scale(0.5)
+    assert dppo.kwargs["is_cap"] == 10.0 and dppo.kwargs["delta_low"] == pytest.approx(0.5 * 0.15)
+    lco = registry.resolve("loss", MethodSpec("lco_kld", {"rho_pos": 1.8})).with_trust_region_scale(0.5)
+    assert lco.kwargs == {"rho_pos": 1.8}  # LCO has no trust region to tighten
+
+
+def test_min_group_size_is_a_fact_of_the_advantage():
+    assert registry.lookup("advantage", "grpo").min_group_size == 2
+    assert registry.lookup("advantage", "mc_grpo").min_group_size == 1
+
+
+def test_tasks_and_backends_build_from_the_registry():
+    from steadyrl.models import ARITHMETIC_ALPHABET, build_char_tokenizer, build_tiny_model, tiny_model_config
+
+    task = registry.build_task("arithmetic", max_digits=2, eval_size=5)
+    assert len(task.eval_prompts()) == 5
+    tokenizer = build_char_tokenizer(ARITHMETIC_ALPHABET)
+    config = tiny_model_config("qwen2", vocab_size=len(tokenizer), hidden_size=16, num_layers=1, num_heads=2)
+    model = build_tiny_model(config, seed=0)
+    backend = registry.build_backend(MethodSpec("native", {"stop_check_every": 4}), model, tokenizer)
+    assert type(backend).__name__ == "NativeRolloutBackend" and backend.stop_check_every == 4
+    with pytest.raises(ConfigError, match="unknown setting.*'warp'.*valid: .*compile"):
+        registry.check("rollout_backend", MethodSpec("native", {"warp": 9}))
 
 
 # ----------------------------------------------------------------------------- every name has tests
@@ -332,3 +386,11 @@ def test_every_registered_function_is_named_in_another_test_file():
         "registered methods without a test of their own (name the function or class in a test under tests/ "
         "other than test_registry.py): " + ", ".join(missing)
     )
+
+
+def test_every_source_folder_is_a_package():
+    # a folder without __init__.py works in an editable install and is missing from a wheel
+    root = Path(__file__).resolve().parents[1] / "src" / "steadyrl"
+    missing = [str(d.relative_to(root)) for d in root.rglob("*") if d.is_dir() and any(d.glob("*.py"))
+               and not (d / "__init__.py").is_file()]
+    assert not missing, f"add __init__.py to {missing}"

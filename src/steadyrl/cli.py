@@ -1,11 +1,15 @@
-"""``steadyrl``: train, warmstart, eval, report, methods, quickstart, bench."""
+"""steadyrl: stable RL post-training of language models with verifiable rewards (GRPO and its family).
+
+Train a model with a YAML recipe (`steadyrl train CONFIG`), see what a recipe resolves to with every key
+explained (`steadyrl config CONFIG`), list the stabilisation methods (`steadyrl methods`), evaluate a model
+(`steadyrl eval`), report on a run (`steadyrl report`), or try it all on CPU in minutes (`steadyrl quickstart`).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import shutil
 import sys
 from pathlib import Path
 
@@ -15,12 +19,45 @@ from steadyrl.config import ConfigError
 def _cmd_train(args: argparse.Namespace) -> int:
     from steadyrl.config import load_config
 
-    cfg = load_config(args.config, args.set)  # before the heavy imports: a config error is reported at once
+    notes: list[str] = []
+    cfg = load_config(args.config, args.set, notes=notes)  # before the heavy imports: an error is reported at once
+    _preflight(args, cfg)
     from steadyrl.train.trainer import Trainer
 
-    summary = Trainer(cfg).train()
-    _print_summary(summary, cfg.run.output_dir)
+    args.trainer = Trainer(cfg)  # validates every setting first: a note about a config that fails would be noise
+    for note in notes:
+        print(f"steadyrl: note: {note}", file=sys.stderr)
+    summary = args.trainer.train()
+    _print_summary(summary, cfg)
+    return _exit_code(summary)
+
+
+def _exit_code(summary: dict | None) -> int:
+    """3 when the run ended collapsed (the stability lab's verdict) or never scored a completion; else 0."""
+    verdict = (summary or {}).get("verdict") or {}
+    return 3 if verdict.get("collapsed") or verdict.get("unscorable") else 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    from steadyrl.config import load_config
+    from steadyrl.config_reference import describe
+
+    cfg = load_config(args.config, args.set)
+    sources = ([str(args.config)] if args.config else []) + ([f"--set {' '.join(args.set)}"] if args.set else [])
+    print(describe(cfg, sources, comments=not args.no_comments), end="")
     return 0
+
+
+def _preflight(args: argparse.Namespace, cfg) -> None:
+    """Checks that need only the config, run before a model loads; remembers the run for error messages."""
+    from steadyrl.runtime.paths import check_writable_dir
+
+    args.cfg = cfg
+    check_writable_dir(cfg.run.output_dir, "run.output_dir")  # Trainer checks it too; here it takes no imports
+    if cfg.logging.wandb_project:
+        from steadyrl.report.sinks import require_wandb
+
+        require_wandb()
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
@@ -30,19 +67,39 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _packaged_config("quickstart.yaml")
     overrides = [f"run.output_dir={args.out}"] + list(args.set or [])
     cfg = load_config(path, overrides)
-    out = Path(cfg.run.output_dir)
-    if (out / "config.yaml").is_file():  # the demo's own directory: each `make demo` is a fresh run
-        print(f"replacing the previous quickstart run in {out}")
-        shutil.rmtree(out)
+    _preflight(args, cfg)
+    args.starts_over = True  # a rerun replaces the previous quickstart run: never say it resumes
+    from steadyrl.runtime import rundir
+
+    # each `make demo` is a fresh run: clear steadyrl's own files from an earlier run here, never anything else
+    if rundir.clear_own(cfg.run.output_dir):
+        print(f"replacing the previous run in {cfg.run.output_dir} (files steadyrl did not write are kept)")
     print(f"steadyrl quickstart: GRPO on the embedded tiny model ({cfg.model.name_or_path}), task {cfg.task.name}")
     print(f"config {path}; run directory {cfg.run.output_dir}")
-    summary = Trainer(cfg).train()
-    _print_summary(summary, cfg.run.output_dir)
-    return 0
+    args.trainer = Trainer(cfg)
+    summary = args.trainer.train()
+    _print_summary(summary, cfg)
+    return _exit_code(summary)
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    import tempfile
+
+    from steadyrl.config import load_config
+
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = [*args.set, f"run.output_dir={tmp}/run", "run.resume=false", "logging.report=false"]
+        cfg = load_config(args.config, overrides)
+        from steadyrl.train.doctor import check_ratios
+        from steadyrl.train.trainer import Trainer
+
+        report = check_ratios(Trainer(cfg))
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
 
 
 def _cmd_warmstart(args: argparse.Namespace) -> int:
-    from steadyrl.train.sft import WarmstartConfig, check_output_dir, warmstart
+    from steadyrl.warmstart import WarmstartConfig, check_output_dir, warmstart
 
     check_output_dir(args.out, args.overwrite)
     kwargs = {"output_dir": args.out, "seed": args.seed}
@@ -65,16 +122,18 @@ def _cmd_warmstart(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
+    from steadyrl.config import ModelConfig
+    from steadyrl.evaluate import evaluate
     from steadyrl.models import load_model, load_tokenizer
-    from steadyrl.rollout import build_backend
+    from steadyrl.models.chat import renderer_for
+    from steadyrl.registry import build_backend, build_task
     from steadyrl.rollout.base import SamplingParams
-    from steadyrl.tasks import build_task
-    from steadyrl.train.evaluate import evaluate
     from steadyrl.train.setup import resolve_model_path
 
     task = build_task(args.task, **(_json_object(args.task_kwargs) if args.task_kwargs else {}))  # before loading
     path = resolve_model_path(args.model)
     tokenizer = load_tokenizer(path, pad_token=args.pad_token)
+    renderer = renderer_for(ModelConfig(prompt_format=args.prompt_format, system_prompt=args.system_prompt), tokenizer)
     model = load_model(path, device=args.device)
     prompts = task.eval_prompts()[: args.num_prompts or None]
     metrics = evaluate(
@@ -86,6 +145,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         pass_k=args.pass_k,
         seed=args.seed,
         device=args.device,
+        renderer=renderer,
     )
     print(json.dumps(metrics, indent=2))
     return 0
@@ -159,24 +219,135 @@ def _packaged_config(name: str) -> Path:
     return Path(str(resources.files("steadyrl") / "configs" / name))
 
 
-def _print_summary(summary: dict, run_dir: str) -> None:
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun only rank 0 reports
+def _print_summary(summary: dict, cfg) -> None:
+    if not _is_main_process():  # under torchrun only rank 0 reports
         return
+    run_dir = cfg.run.output_dir
     start, end = summary.get("eval_start"), summary.get("eval_end")
     metric = summary.get("eval_metric") or "held-out accuracy"
     if start is not None and end is not None:
         print(f"\n{metric}: {start:.3f} before RL -> {end:.3f} after {summary['steps']} steps ({summary['wall_s']:.0f}s)")
-    print(f"run directory: {run_dir}  (report: {run_dir}/report/index.html)")
+    report = Path(run_dir) / "report" / "index.html"
+    if cfg.logging.report and report.is_file():
+        print(f"run directory: {run_dir}  (report: {report})")
+    else:  # no report was written: say how to make one instead of pointing to a file that is not there
+        print(f"run directory: {run_dir}  (no report written; `steadyrl report {run_dir}` makes one)")
+
+
+def _is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _resume_point(run_dir: str | Path) -> int | None:
+    """The step the latest complete checkpoint in ``run_dir`` holds (what a rerun resumes from), else None."""
+    from steadyrl.runtime.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    try:
+        return int(json.loads((ckpt / "meta.json").read_text())["step"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _step_in_flight(args: argparse.Namespace) -> int | None:
+    """The step a run was in when it stopped: one past ``trainer.last_completed_step`` when the trainer has that
+    attribute, else one past the last step in RUN_DIR/metrics.jsonl (each finished step is a row there)."""
+    trainer = getattr(args, "trainer", None)
+    if trainer is None:
+        return None  # stopped while setting up: no step had started
+    done = getattr(trainer, "last_completed_step", None)
+    if done is None:
+        from steadyrl.report.sinks import read_metrics
+
+        try:
+            done = max((int(row["step"]) for row in read_metrics(args.cfg.run.output_dir)), default=0)
+        except (OSError, ValueError):
+            return None
+    return int(done) + 1
+
+
+def _how_to_resume(args: argparse.Namespace) -> str:
+    """"rerun the same command to resume from step N", or what a rerun does instead."""
+    cfg = getattr(args, "cfg", None)
+    if getattr(args, "starts_over", False):
+        return "rerun the same command to start again"
+    resumed = _resume_point(cfg.run.output_dir) if cfg is not None else None
+    if resumed is None:
+        return "rerun the same command to start again (no checkpoint was saved yet)"
+    if not cfg.run.resume:
+        return f"rerun with run.resume=true to resume from step {resumed}"
+    return f"rerun the same command to resume from step {resumed}"
+
+
+def _interrupted(args: argparse.Namespace) -> str:
+    step = _step_in_flight(args)
+    where = f"at step {step}" if step is not None else "before training started"
+    return f"interrupted {where}; {_how_to_resume(args)}"
+
+
+def _one_line(args: argparse.Namespace, exc: Exception) -> str | None:
+    """The one-line message for an error a person can act on, else None (a bug: the traceback is kept)."""
+    if isinstance(exc, ConfigError):  # tested first: _user_errors() imports transformers, seconds a typo need not wait
+        return str(exc)
+    if isinstance(exc, _user_errors()):
+        return str(exc)
+    from steadyrl.runtime.paths import disk_full_message
+
+    cfg = getattr(args, "cfg", None)
+    full = disk_full_message(exc, cfg.run.output_dir if cfg is not None else Path.cwd())
+    if full is not None:
+        return f"{full}; free some space or choose a run.output_dir on a disk with room, then {_how_to_resume(args)}"
+    return None
+
+
+_TRAIN_EPILOG = """\
+The config reference: `steadyrl config` prints every key with its default and meaning, and
+`steadyrl config CONFIG --set ...` the config this command would train with (defaults, then CONFIG, then
+--set). Recipes: configs/ in the repository.
+
+The run directory is run.output_dir. When it already holds a checkpoint of this run, training resumes from
+its latest checkpoint (run.resume=true, the default): after a crash or Ctrl-C, rerun the same command.
+"""
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("steadyrl")
+    except PackageNotFoundError:  # run from a source tree without an install
+        from steadyrl import __version__
+
+        return __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="steadyrl", description=__doc__)
+    p = argparse.ArgumentParser(
+        prog="steadyrl", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--version", action="version", version=f"steadyrl {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train with a YAML config")
-    t.add_argument("config", help="YAML config (see configs/)")
+    t = sub.add_parser(
+        "train", help="train with a YAML config (resumes a run directory that has a checkpoint)",
+        description="RL-train a model with a YAML config.", epilog=_TRAIN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    t.add_argument("config", help="YAML config, e.g. configs/quickstart.yaml (keys: `steadyrl config`)")
     t.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4")
     t.set_defaults(fn=_cmd_train)
+
+    c = sub.add_parser(
+        "config", help="print a config with every key's default and meaning (the config reference)",
+        description="Print the config `steadyrl train CONFIG --set ...` would use, as YAML that loads back, with "
+        "each key's meaning and each method's settings as comments. Without CONFIG: the defaults.",
+    )
+    c.add_argument("config", nargs="?", default=None, help="YAML config (default: none, only the defaults)")
+    c.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override, e.g. optim.lr=1e-4")
+    c.add_argument("--no-comments", action="store_true", help="the YAML alone")
+    c.set_defaults(fn=_cmd_config)
 
     q = sub.add_parser("quickstart", help="the demo: GRPO on the embedded tiny model, on CPU, in minutes")
     q.add_argument("--out", default="runs/quickstart")
@@ -197,17 +368,23 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--overwrite", action="store_true")
     w.set_defaults(fn=_cmd_warmstart)
 
-    e = sub.add_parser("eval", help="held-out accuracy of a model on a task")
-    e.add_argument("model", help="hub id, local directory or embedded:<name>")
-    e.add_argument("--task", default="arithmetic")
-    e.add_argument("--task-kwargs", default=None)
-    e.add_argument("--num-prompts", type=int, default=0)
-    e.add_argument("--pass-k", type=int, default=8)
-    e.add_argument("--max-new-tokens", type=int, default=8)
-    e.add_argument("--temperature", type=float, default=1.0)
-    e.add_argument("--pad-token", default=None)
-    e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="cpu")
+    e = sub.add_parser(
+        "eval", help="held-out accuracy of a model on a task",
+        description="Greedy accuracy and sampled pass@1 / pass@k of a model on a task's held-out prompts, as JSON.",
+    )
+    e.add_argument("model", help="hub id, local directory (e.g. RUN_DIR/final) or embedded:<name>")
+    e.add_argument("--task", default="arithmetic", help="registered task (default arithmetic; `steadyrl config` lists them)")
+    e.add_argument("--task-kwargs", default=None, help="JSON object of task options, e.g. '{\"max_digits\": 3}'")
+    e.add_argument("--num-prompts", type=int, default=0, help="held-out prompts to use (default 0 = all)")
+    e.add_argument("--pass-k", type=int, default=8, help="k of pass@k, sampled at --temperature (0 = greedy only)")
+    e.add_argument("--max-new-tokens", type=int, default=8, help="completion budget in tokens (default 8)")
+    e.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of pass@k (default 1.0)")
+    e.add_argument("--pad-token", default=None, help="pad token when the tokenizer has none (e.g. its EOS token)")
+    e.add_argument("--prompt-format", default="auto", choices=["auto", "chat", "raw"],
+                   help="as model.prompt_format in training: the chat template when the tokenizer has one (auto)")
+    e.add_argument("--system-prompt", default=None, help="as model.system_prompt in training")
+    e.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    e.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     e.set_defaults(fn=_cmd_eval)
 
     r = sub.add_parser("report", help="plots and an HTML page for a run directory")
@@ -226,11 +403,19 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--out", default=None, help="output directory (default runs/stability-quick or runs/stability)")
     st.add_argument("--model", default=None, help="model.name_or_path for every cell (default: the recipes')")
     st.add_argument("--device", default=None, help="run.device for every cell (default: cpu quick, auto full)")
-    st.add_argument("--configs", default=None, help="directory of <method>.yaml base recipes (default configs/stability)")
+    st.add_argument("--configs", default=None, help="directory of <method>.yaml base recipes (default: the packaged ones, configs/stability)")
     st.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override for every cell")
     st.add_argument("--force", action="store_true", help="rerun cells that already have a result.json")
     st.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.jsonl")
     st.set_defaults(fn=_cmd_bench_stability)
+
+    d = sub.add_parser(
+        "doctor",
+        help="check that the sampler/trainer importance ratio is 1 at equal weights, and name the cause if not",
+    )
+    d.add_argument("config", help="YAML config (the run it describes is not touched: a temporary directory is used)")
+    d.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override config keys")
+    d.set_defaults(fn=_cmd_doctor)
 
     m = sub.add_parser("methods", help="list the registered methods")
     m.add_argument("--markdown", action="store_true")
@@ -242,19 +427,27 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     """Errors a person fixes by changing their input: printed as one line, without a traceback."""
     from steadyrl.models import ModelLoadError
     from steadyrl.tasks import RewardError, TaskError
+    from steadyrl.train.watch import TrainingFailed
 
-    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError)
+    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError, TrainingFailed)
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command. Errors a person can act on are one line on stderr and exit 2; Ctrl-C says where the run
+    stopped and how to resume, exit 130. Under torchrun only rank 0 prints (every rank exits the same)."""
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except KeyboardInterrupt:
+        if _is_main_process():
+            print(f"\nsteadyrl: {_interrupted(args)}", file=sys.stderr)
+        return 130
     except Exception as exc:
-        # ConfigError is tested first: _user_errors() imports transformers, seconds a config typo need not wait.
-        if not isinstance(exc, ConfigError) and not isinstance(exc, _user_errors()):
+        message = _one_line(args, exc)
+        if message is None:
             raise
-        print(f"steadyrl: error: {exc}", file=sys.stderr)
+        if _is_main_process():
+            print(f"steadyrl: error: {message}", file=sys.stderr)
         return 2
 
 

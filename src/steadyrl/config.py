@@ -13,7 +13,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -31,11 +31,25 @@ class MethodSpec:
 
 
 @dataclass(frozen=True)
+class LoraConfig:
+    """LoRA adapters (steadyrl.models.lora, extra: lora): only they train; the base weights stay frozen."""
+
+    r: int = 16
+    """Rank of the update B·A."""
+    alpha: float = 32.0
+    """Scale: the update is (alpha / r)·B·A."""
+    dropout: float = 0.0
+    """Dropout on the adapter input in training mode; 0 keeps π_old and the training forward identical."""
+    target_modules: tuple[str, ...] = ("all-linear",)
+    """Module names to adapt (q_proj, v_proj, ...), or all-linear (every linear layer but the LM head)."""
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     name_or_path: str = "embedded:tiny-adder"
     """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
-    dtype: str = "float32"
-    """Training precision of the weights: float32 | bfloat16 | float16."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Training precision of the weights."""
     pad_token: str | None = None
     """Token to use for padding when the tokenizer has none (e.g. its EOS token)."""
     gradient_checkpointing: bool = False
@@ -44,20 +58,33 @@ class ModelConfig:
     """eager | sdpa | flash_attention_2; None lets transformers choose."""
     autocast_bf16: bool = False
     """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``."""
+    prompt_format: Literal["auto", "chat", "raw"] = "auto"
+    """How prompts become tokens (models/chat.py): auto = the tokenizer's chat template when it has one, else the
+    raw text; chat = require the template; raw = the prompt text as written. Training and eval render alike."""
+    system_prompt: str | None = None
+    """System message placed before every prompt rendered with the chat template."""
+    lora: LoraConfig | None = None
+    """Train LoRA adapters instead of every weight (LoraConfig); the KL reference is then the base model with the
+    adapters disabled, and the final export holds the merged model and the adapter. None = full fine-tuning."""
 
 
 @dataclass(frozen=True)
 class TaskConfig:
     name: str = "arithmetic"
-    """Registered task: arithmetic | reasoning_gym | jsonl_math."""
+    """Registered task: arithmetic | reasoning_gym | jsonl_math | python (your reward function and data)."""
     kwargs: dict[str, Any] = field(default_factory=dict)
     """Keyword arguments of the task's constructor (checked when the task is built)."""
+
+    @property
+    def spec(self) -> MethodSpec:
+        return MethodSpec(self.name, dict(self.kwargs))
 
 
 @dataclass(frozen=True)
 class RolloutConfig:
-    backend: str = "hf"
-    """hf (transformers generate) | native (steadyrl's static-cache sampler)."""
+    backend: MethodSpec = field(default_factory=lambda: MethodSpec("hf"))
+    """Registered rollout backend and its options: hf (transformers generate) | native (steadyrl's static-cache
+    sampler), e.g. ``{name: native, compile: true}``."""
     prompts_per_step: int = 32
     """P: prompts per RL step, summed over all ranks."""
     group_size: int = 8
@@ -73,6 +100,10 @@ class RolloutConfig:
     """Sample with a copy of the policy in this dtype (e.g. bfloat16) to create a real train-inference gap."""
     mask_truncated: bool = False
     """Leave completions that hit max_new_tokens out of the loss (DAPO's overlong filtering)."""
+    trainer_truncation: bool = False
+    """Score π_old and π_θ on the sampler's top-k / top-p support (renormalised), so that with equal weights
+    π_old/μ ≡ 1; off = the full softmax, as TRL and verl score (μ then differs from π_old on every token
+    whenever top_k or top_p truncates: `steadyrl doctor` measures it)."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +112,7 @@ class KLConfig:
     """β of the per-token KL penalty added to the loss (GRPO places it in the loss, not the reward)."""
     estimator: str = "kl_k3"
     """Registered KL estimator: kl_k1 | kl_k2 | kl_k3 | *_st (straight-through)."""
-    reference: str = "initial"
+    reference: Literal["initial", "old"] = "initial"
     """initial (frozen copy of the starting policy) | old (π_old of the current rollout batch)."""
 
 
@@ -95,7 +126,7 @@ class OptimConfig:
     eps: float = 1e-8
     warmup_steps: int = 0
     """Linear warm-up, counted in optimizer steps."""
-    schedule: str = "constant"
+    schedule: Literal["constant", "cosine", "linear"] = "constant"
     """constant | cosine | linear (decay to min_lr_ratio * lr after warm-up)."""
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
@@ -122,9 +153,10 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class CheckpointConfig:
-    every: int = 0
-    """Save every this many RL steps (0 = only at the end)."""
+    every: int = 10
+    """Save every this many RL steps (and at the end), so that a killed run can resume; 0 = only at the end."""
     keep_last: int = 2
+    """Checkpoints kept (at least 1)."""
     save_final_model: bool = True
     """Export the final policy (HF format + tokenizer) to RUN_DIR/final."""
 
@@ -135,7 +167,8 @@ class LoggingConfig:
     wandb_project: str | None = None
     """Log to Weights & Biases under this project (needs `pip install wandb`)."""
     progress: bool = True
-    """Live progress bar."""
+    """Per-step progress: a live bar on a terminal, a plain line per step when output goes to a file or pipe;
+    false prints only the eval lines."""
     report: bool = True
     """Write PNG plots and an HTML report at the end of the run."""
 
@@ -148,6 +181,9 @@ class RunConfig:
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
     resume: bool = True
+    """Continue the run in output_dir from its latest checkpoint (only with the run's own config)."""
+    preflight: bool = True
+    """Before step 1 of a new run, check that the sampler/trainer ratio is 1 at equal weights (`steadyrl doctor`)."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +205,7 @@ class RetentionConfig:
 
 @dataclass(frozen=True)
 class GuardConfig:
-    """The stability guard (steadyrl.train.guard, docs/stability-lab.md): when the step diagnostics predict a
+    """The stability guard (steadyrl.stabilisers.guard, docs/stability-lab.md): when the step diagnostics predict a
     collapse, roll back to an in-memory snapshot, cut the LR and tighten the trust region. 0 disables a signal."""
 
     window: int = 8
@@ -192,6 +228,9 @@ class GuardConfig:
     """Fire when mismatch/kl_k3 exceeds this multiple of its running median ..."""
     kl_min: float = 1.0e-3
     """... and this absolute value."""
+    ratio_drift: float = 0.01
+    """Fire when the mean sampler/trainer ratio π_old/μ (mismatch/ratio_mean, 1 in expectation) is further than
+    this from 1: a ratio that is wrong on average, not just noisy."""
     snapshot_every: int = 5
     """Healthy steps between in-memory snapshots (model, optimizer, token-filter state)."""
     keep_snapshots: int = 2
@@ -200,9 +239,8 @@ class GuardConfig:
     """Multiply the learning rate by this on every rollback (0.3: one rollback moves a collapsing LR of the lab's
     grid, 3e-3, to where plain GRPO degrades but holds, 9e-4; a second to where it is stable)."""
     clip_factor: float = 0.5
-    """Multiply the loss's trust-region widths (trust_region_keys) by this on every rollback; 1 leaves them."""
-    trust_region_keys: tuple[str, ...] = ("clip_low", "clip_high", "delta_low", "delta_high")
-    """Loss hyper-parameters scaled by clip_factor (those the loss has)."""
+    """Multiply the loss's trust-region widths by this on every rollback (which hyper-parameters those are is a
+    fact of each loss in the registry, e.g. PPO's clip_low / clip_high); 1 leaves them."""
     cooldown: int = 5
     """Steps after a rollback in which only non-finite values / skipped steps can fire."""
     max_rollbacks: int = 3
@@ -227,8 +265,11 @@ class TrainConfig:
     """Stabilisers that mask / reweight tokens from the training forward, e.g. [{name: capo, ...}]."""
     combiner: MethodSpec = field(default_factory=lambda: MethodSpec("sum"))
     """How the named loss terms become one gradient: sum | pcgrad | pcr | fixed_alpha."""
-    routing_replay: str = "none"
+    routing_replay: Literal["none", "R2", "R3"] = "none"
     """MoE Routing Replay: none | R2 (replay the old-log-prob forward's experts) | R3 (the sampler's)."""
+    routing_diagnostics: bool = True
+    """On MoE models, log routing agreement and the mismatch without replay (routing/*); costs one no-grad
+    forward per rollout batch unless a π_old forward without replay already runs."""
     optim: OptimConfig = field(default_factory=OptimConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -241,23 +282,48 @@ class TrainConfig:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig) -> Any:
-    """Read YAML (or start from defaults when ``path`` is None), apply ``key=value`` overrides, validate."""
+def load_config(
+    path: str | Path | None = None, overrides: list[str] | None = None, cls: type = TrainConfig,
+    notes: list[str] | None = None,
+) -> Any:
+    """Read YAML (or start from defaults when ``path`` is None), apply ``key=value`` overrides, validate.
+
+    ``notes`` collects one line per override that changed more than it says (a method switched by name drops
+    the hyper-parameters the file set for the previous method); the CLI prints them.
+    """
     raw: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist; pass the path of a YAML file (see configs/).")
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _read_yaml(path)
         if not isinstance(raw, dict):
             raise ConfigError(f"config file {path} must hold a mapping of sections, got {type(raw).__name__}.")
     for item in overrides or []:
-        apply_override(raw, item)
+        apply_override(raw, item, notes)
     return from_dict(cls, raw)
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, bools, lists, null)."""
+def _read_yaml(path: Path) -> Any:
+    """The parsed file, or a ConfigError naming the file, line and column of a syntax error."""
+    try:
+        return yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+        where = f"{path}, line {mark.line + 1}, column {mark.column + 1}" if mark is not None else str(path)
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(
+            f"{where}: invalid YAML ({problem}); fix the syntax there (indentation, a missing ':', an unclosed "
+            "bracket or quote)."
+        ) from exc
+
+
+def apply_override(raw: dict[str, Any], item: str, notes: list[str] | None = None) -> None:
+    """Set ``a.b.c=value`` in a nested dict; the value is parsed as YAML (numbers, bools, lists, null).
+
+    ``section.name=new`` on a method that had another name starts the section afresh: the old method's
+    hyper-parameters are not the new method's (a PPO ε is not GSPO's), so they are dropped, with a note.
+    """
     if "=" not in item:
         raise ConfigError(f"override {item!r} must look like section.key=value, e.g. optim.lr=1e-4.")
     key, value = item.split("=", 1)
@@ -269,7 +335,21 @@ def apply_override(raw: dict[str, Any], item: str) -> None:
             child = {} if not isinstance(child, str) else {"name": child}
             node[part] = child
         node = child
-    node[parts[-1]] = yaml.safe_load(value)
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({problem}); quote or fix it.") from exc
+    if parts[-1] == "name" and "name" in node and node["name"] != parsed:
+        dropped = sorted(k for k in node if k != "name")
+        if dropped and notes is not None:
+            section = ".".join(parts[:-1])
+            notes.append(
+                f"{section}: {node['name']} → {parsed} starts from {parsed}'s defaults; dropped "
+                f"{', '.join(dropped)} (set them again with --set {section}.<key>=... if {parsed} takes them)"
+            )
+        node.clear()
+    node[parts[-1]] = parsed
 
 
 def from_dict(cls: type, data: Any, where: str = "") -> Any:
@@ -340,6 +420,11 @@ def _number_if_numeric(value: Any) -> Any:
 
 def _coerce(hint: Any, value: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Literal:
+        choices = typing.get_args(hint)
+        if value not in choices:
+            raise ConfigError(f"{where}={value!r}; valid: {', '.join(map(str, choices))}.")
+        return value
     if origin in (typing.Union, types.UnionType):
         args = [a for a in typing.get_args(hint) if a is not type(None)]
         if value is None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from steadyrl.registry import FAMILIES
+from steadyrl.registry import FAMILIES, METHOD_FAMILIES
 
 # Stabilisers that act outside the per-token loss (token filters, gradient combiners, model hooks).
 STABILISERS: list[tuple[str, str, str, str, str]] = [
@@ -45,8 +45,8 @@ def _source(reference: str, doc: str) -> str:
 def methods_table(markdown: bool = False) -> str:
     rows = [
         (family, e.name, e.description, _source(e.reference, e.doc))
-        for family, table in FAMILIES.items()
-        for e in table.values()
+        for family in METHOD_FAMILIES
+        for e in FAMILIES[family].table.values()
     ]
     rows += [(layer, name, desc, _source(ref, doc)) for name, layer, desc, ref, doc in STABILISERS]
     if markdown:

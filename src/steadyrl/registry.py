@@ -1,25 +1,47 @@
-"""Name -> function for every method family, resolved once when a config is loaded.
+"""Name -> implementation for everything a config chooses by name: methods, tasks and rollout backends.
 
-Each family has one Protocol, so the trainer calls any member the same way and never branches on a name.
-Hyper-parameters are bound with ``functools.partial`` after checking them against the function's signature;
-an unknown name or hyper-parameter raises a ConfigError listing the valid choices.
+One style for every family. A config names an entry and its keyword arguments (``MethodSpec``); the
+arguments are checked against the implementation's signature before anything is loaded, and an unknown name
+or argument raises a ConfigError listing the valid ones. Function families (advantage, loss, correction,
+aggregation, kl) resolve to a ``Method``: the function with its hyper-parameters bound, called the same way
+for every member (the family's Protocol below), so the trainer never branches on a name. Class families
+(token_filter, combiner, task, rollout_backend) are built once per run with ``build(family, spec, **context)``;
+the context (the model, the tokenizer's ids ...) is not a user setting.
+
+What differs between members of a family is a fact on its ``Entry`` (``trust_region``, ``min_group_size``),
+never an ``if name == ...`` elsewhere.
 """
 
 from __future__ import annotations
 
-import functools
+import importlib
 import inspect
+import types
+import typing
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from torch import Tensor
 
 from steadyrl.config import ConfigError, MethodSpec
-from steadyrl.ops import advantages, aggregation, correction, kl, losses, losses_offpolicy, targets
-from steadyrl.train.capo import CapoFilter
-from steadyrl.train.combiners import SumCombiner
-from steadyrl.train.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
+from steadyrl.ops import (
+    advantages,
+    advantages_multi,
+    aggregation,
+    correction,
+    kl,
+    kl_is,
+    losses,
+    losses_adopted,
+    losses_offpolicy,
+    targets,
+    token_masks,
+)
+from steadyrl.stabilisers.capo import CapoFilter
+from steadyrl.stabilisers.combiners import SumCombiner
+from steadyrl.stabilisers.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
+from steadyrl.tasks import ArithmeticTask, JsonlMathTask, PythonRewardTask, ReasoningGymTask, TaskError
 from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, LossInputs, LossResult
 
 
@@ -46,18 +68,36 @@ class KLFn(Protocol):
 @dataclass(frozen=True)
 class Entry:
     name: str
-    fn: Callable[..., Any]
+    target: Callable[..., Any] | str
+    """The function (function families) or the class (class families); a ``"module:attribute"`` string is
+    imported when first used (the rollout backends import transformers, which `steadyrl methods` need not)."""
     description: str
     reference: str
     """The paper (arXiv id) or other public source a user can read."""
     doc: str = ""
-    """The project's own page for the method (under docs/methods/), where there is one."""
+    """The project's own page for the method (under docs/), where there is one."""
+    trust_region: tuple[str, ...] = ()
+    """loss: the hyper-parameters that are trust-region widths (PPO ε, DPPO δ), which the stability guard
+    tightens through ``Method.with_trust_region_scale``."""
+    min_group_size: int = 2
+    """advantage: the smallest group an estimator can use (group-relative baselines need two completions)."""
+    reads_old: bool = False
+    """kl: the estimator also takes ``old_logprobs`` (π_old, the policy that sampled; DeepSeek-V3.2's IS weight)."""
+
+    @property
+    def fn(self) -> Callable[..., Any]:
+        if isinstance(self.target, str):
+            module, attribute = self.target.split(":")
+            return getattr(importlib.import_module(module), attribute)
+        return self.target
 
 
-def _e(name: str, fn: Callable[..., Any], description: str, reference: str, doc: str = "") -> tuple[str, Entry]:
-    return name, Entry(name, fn, description, reference, doc)
+def _e(name: str, fn: Callable[..., Any] | str, description: str, reference: str, doc: str = "", **facts: Any) -> tuple[str, Entry]:
+    return name, Entry(name, fn, description, reference, doc, **facts)
 
 
+_PPO = ("clip_low", "clip_high")
+_DPPO = ("delta_low", "delta_high")
 # The sampler/trainer mismatch corrections come from two technical reports, not papers.
 _MISMATCH = "Yao et al. 2025 (fengyao.notion.site/off-policy-rl); Liu et al. 2025 'When Speed Kills Stability'"
 
@@ -65,34 +105,43 @@ ADVANTAGES: dict[str, Entry] = dict(
     [
         _e("grpo", advantages.grpo_advantages, "group mean/std normalised reward", "arXiv 2402.03300"),
         _e("dr_grpo", advantages.dr_grpo_advantages, "group-mean baseline, no std division", "arXiv 2503.20783"),
-        _e("raw_reward", advantages.raw_reward_advantages, "the reward itself, no baseline (REINFORCE)", "arXiv 2510.00819", "docs/methods/capo.md"),
+        _e("raw_reward", advantages.raw_reward_advantages, "the reward itself, no baseline (REINFORCE)", "arXiv 2510.00819", "docs/methods/capo.md", min_group_size=1),
         _e("rloo", advantages.rloo_advantages, "leave-one-out group baseline", "arXiv 2402.14740"),
         _e("batch_std", advantages.batch_std_advantages, "group mean baseline, batch std scale", "REINFORCE++ style"),
-        _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582"),
+        _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582", min_group_size=1),
         _e("bnpo", advantages.bnpo_advantages, "Beta-density normalisation of pass rates", "arXiv 2506.02864"),
+        _e("gdpo", advantages_multi.gdpo_advantages, "per-component group z-scores, weighted sum, batch norm (rewards (B, K))", "arXiv 2601.05242", "docs/methods/adopted.md"),
+        _e("maxrl", advantages_multi.maxrl_advantages, "MaxRL: (R − mean)/mean, 0 when the mean is 0", "arXiv 2602.02710", "docs/methods/adopted.md"),
+        _e("gpg", advantages_multi.gpg_advantages, "GPG: α·(R − mean), α = N / non-zero count (loss: reinforce)", "arXiv 2504.02546", "docs/methods/adopted.md"),
     ]
 )
 
 LOSSES: dict[str, Entry] = dict(
     [
         _e("reinforce", losses.reinforce_loss, "on-policy REINFORCE −Â·log π", "Williams 1992 (REINFORCE); arXiv 2402.03300"),
-        _e("ppo_clip", losses.ppo_clip_loss, "PPO/GRPO clipped surrogate, asymmetric ε, dual clip", "arXiv 2402.03300 / 2503.14476"),
-        _e("gspo", losses.gspo_loss, "sequence-level clipped ratio", "arXiv 2507.18071"),
-        _e("gspo_token", losses.gspo_token_loss, "GSPO-token (per-token advantages)", "arXiv 2507.18071"),
-        _e("cispo", losses.cispo_loss, "clipped detached IS weight, all tokens kept", "arXiv 2506.13585"),
-        _e("steer", losses.steer_loss, "entropy-change token reweighting of dual-clip PPO", "arXiv 2510.10150"),
-        _e("clip_cov", losses.clip_cov_loss, "covariance-selected gradient masking", "arXiv 2505.22617"),
-        _e("kl_cov", losses.kl_cov_loss, "covariance-selected KL penalty", "arXiv 2505.22617"),
-        _e("reinforce_is", losses_offpolicy.reinforce_is_loss, "MiniRL: truncated-IS REINFORCE + staleness mask", "arXiv 2512.01374", "docs/methods/minirl.md"),
-        _e("dppo_binary_tv", losses_offpolicy.dppo_binary_tv_loss, "DPPO binary-TV trust-region mask", "arXiv 2602.04879"),
-        _e("dppo_binary_kl", losses_offpolicy.dppo_binary_kl_loss, "DPPO binary-KL trust-region mask", "arXiv 2602.04879"),
-        _e("cpgd", losses_offpolicy.cpgd_loss, "clipped log-ratio PG + policy-drift KL", "arXiv 2505.12504"),
+        _e("ppo_clip", losses.ppo_clip_loss, "PPO/GRPO clipped surrogate, asymmetric ε, dual clip", "arXiv 2402.03300 / 2503.14476", trust_region=_PPO),
+        _e("gspo", losses.gspo_loss, "sequence-level clipped ratio", "arXiv 2507.18071", trust_region=_PPO),
+        _e("gspo_token", losses.gspo_token_loss, "GSPO-token (per-token advantages)", "arXiv 2507.18071", trust_region=_PPO),
+        _e("cispo", losses.cispo_loss, "clipped detached IS weight, all tokens kept", "arXiv 2506.13585", trust_region=_PPO),
+        _e("steer", losses.steer_loss, "entropy-change token reweighting of dual-clip PPO", "arXiv 2510.10150", trust_region=_PPO),
+        _e("clip_cov", losses.clip_cov_loss, "covariance-selected gradient masking", "arXiv 2505.22617", trust_region=_PPO),
+        _e("kl_cov", losses.kl_cov_loss, "covariance-selected KL penalty", "arXiv 2505.22617", trust_region=_PPO),
+        _e("reinforce_is", losses_offpolicy.reinforce_is_loss, "MiniRL: truncated-IS REINFORCE + staleness mask", "arXiv 2512.01374", "docs/methods/minirl.md", trust_region=_PPO),
+        _e("dppo_binary_tv", losses_offpolicy.dppo_binary_tv_loss, "DPPO binary-TV trust-region mask", "arXiv 2602.04879", trust_region=_DPPO),
+        _e("dppo_binary_kl", losses_offpolicy.dppo_binary_kl_loss, "DPPO binary-KL trust-region mask", "arXiv 2602.04879", trust_region=_DPPO),
+        _e("cpgd", losses_offpolicy.cpgd_loss, "clipped log-ratio PG + policy-drift KL", "arXiv 2505.12504", trust_region=_PPO),
         _e("bapo", losses_offpolicy.bapo_loss, "adaptive asymmetric clip bounds", "arXiv 2510.18927"),
         _e("vespo", losses_offpolicy.vespo_loss, "soft sequence-weight kernel W^c1·exp(c2(1−W))", "arXiv 2602.10693"),
         _e("lco_kld", targets.lco_kld_loss, "LCO: KL to a one-logit-shifted target of π_old (logit-convex)", "arXiv 2603.00963", "docs/methods/lco.md"),
         _e("lco_mse", targets.lco_mse_loss, "LCO: squared error of the sampled-token logit shift", "arXiv 2603.00963", "docs/methods/lco.md"),
         _e("lco_lch", targets.lco_lch_loss, "LCO: log-cosh of the sampled-token logit shift", "arXiv 2603.00963", "docs/methods/lco.md"),
         _e("minpro", losses_offpolicy.minpro_loss, "prefix-min ratio weight (inferred reading)", "arXiv 2601.22718"),
+        _e("sapo", losses_adopted.sapo_loss, "SAPO soft gate σ(τ(r − 1))·4/τ instead of the clip", "arXiv 2511.20347", "docs/methods/adopted.md"),
+        _e("gmpo", losses_adopted.gmpo_loss, "GMPO geometric-mean ratio with log-space token clip", "arXiv 2507.20673", "docs/methods/adopted.md", trust_region=_PPO),
+        _e("luspo", losses_adopted.luspo_loss, "LUSPO: GSPO term, length-weighted (pair with seq_mean_token_sum)", "arXiv 2602.05261", "docs/methods/adopted.md", trust_region=_PPO),
+        _e("dro", losses_adopted.dro_loss, "DRO: −Â log π + ½β (log π − log π_old)²", "arXiv 2405.19107", "docs/methods/adopted.md"),
+        _e("kimi_dppo", losses_adopted.kimi_dppo_loss, "prime-rl default: DPPO-TV mask + τ_KL (log π/μ)²", "arXiv 2602.02276 / 2602.04879", "docs/methods/adopted.md", trust_region=("dppo_mask_low", "dppo_mask_high")),
+        _e("dcpo", losses_adopted.dcpo_loss, "DCPO probability-dependent clip bounds", "arXiv 2509.02333", "docs/methods/adopted.md", trust_region=_PPO),
     ]
 )
 
@@ -105,7 +154,9 @@ CORRECTIONS: dict[str, Entry] = dict(
         _e("icepop", correction.icepop, "token two-sided mask", "arXiv 2510.18855"),
         _e("geo_rs", correction.geo_rs, "geometric-mean ratio rejection of sequences", _MISMATCH),
         _e("geo_rs_k3", correction.geo_rs_k3, "reject sequences whose mean k3 mismatch exceeds a bound", _MISMATCH),
-        _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "DeepSeek-V3.2 technical report (2025)"),
+        _e("opsm", correction.opsm, "off-policy sequence masking (DeepSeek-V3.2)", "arXiv 2512.02556"),
+        _e("high_entropy", token_masks.high_entropy_mask, "80/20: keep only the top-ρ entropy tokens (needs entropy)", "arXiv 2506.01939", "docs/methods/adopted.md"),
+        _e("m2po", token_masks.m2po_mask, "M2PO: drop the largest (log π_old/μ)² until their mean < τ", "arXiv 2510.01161", "docs/methods/adopted.md"),
     ]
 )
 
@@ -118,17 +169,18 @@ AGGREGATIONS: dict[str, Entry] = dict(
     ]
 )
 
+_KL_NOTE = "Schulman 2020, joschu.net/blog/kl-approx.html"
 KL_ESTIMATORS: dict[str, Entry] = dict(
     [
-        _e("kl_k1", kl.kl_k1, "log π − log π_ref", "Schulman 2020, joschu.net/blog/kl-approx.html"),
-        _e("kl_k2", kl.kl_k2, "½ (log π − log π_ref)²", "Schulman 2020, joschu.net/blog/kl-approx.html"),
-        _e("kl_k3", kl.kl_k3, "π_ref/π − log(π_ref/π) − 1, clamped", "Schulman 2020, joschu.net/blog/kl-approx.html"),
+        _e("kl_k1", kl.kl_k1, "log π − log π_ref", _KL_NOTE),
+        _e("kl_k2", kl.kl_k2, "½ (log π − log π_ref)²", _KL_NOTE),
+        _e("kl_k3", kl.kl_k3, "π_ref/π − log(π_ref/π) − 1, clamped", _KL_NOTE),
         _e("kl_k1_st", kl.kl_k1_st, "k1 value, k2 gradient (straight-through)", "verl 'k1+'"),
         _e("kl_k3_st", kl.kl_k3_st, "k3 value, k2 gradient (straight-through)", "verl 'low_var_kl+'"),
+        _e("kl_k3_is", kl_is.kl_k3_is, "(π_θ/π_old)·k3, unbiased on π_old's samples (TRL default)", "arXiv 2512.02556", "docs/methods/adopted.md", reads_old=True),
     ]
 )
 
-# Stateful stabilisers are classes built once per run as ``cls(model=..., distributed=..., **hyper_parameters)``.
 TOKEN_FILTERS: dict[str, Entry] = dict(
     [
         _e("capo", CapoFilter, "curvature-aware token mask (predicted Fisher / objective shift)", "arXiv 2510.00819", "docs/methods/capo.md"),
@@ -144,62 +196,212 @@ COMBINERS: dict[str, Entry] = dict(
     ]
 )
 
-FAMILIES: dict[str, dict[str, Entry]] = {
-    "advantage": ADVANTAGES,
-    "loss": LOSSES,
-    "correction": CORRECTIONS,
-    "aggregation": AGGREGATIONS,
-    "kl": KL_ESTIMATORS,
-    "token_filter": TOKEN_FILTERS,
-    "combiner": COMBINERS,
+TASKS: dict[str, Entry] = dict(
+    [
+        _e("arithmetic", ArithmeticTask, "procedural integer arithmetic with exact-match reward", "steadyrl", "docs/quickstart.md"),
+        _e("reasoning_gym", ReasoningGymTask, "any reasoning-gym dataset with its own verifier (extra: tasks)", "arXiv 2505.24760"),
+        _e("jsonl_math", JsonlMathTask, "math word problems from a JSONL file, math-verify reward (extra: tasks)", "huggingface/Math-Verify"),
+        _e("python", PythonRewardTask, "your reward function (file.py:function) on your data (JSONL, or any datasets source with extra: data)", "steadyrl", "docs/your-own-model.md"),
+    ]
+)
+
+ROLLOUT_BACKENDS: dict[str, Entry] = dict(
+    [
+        _e("hf", "steadyrl.rollout.hf:HFRolloutBackend", "transformers generate with steadyrl's sampling warpers", "transformers"),
+        _e("native", "steadyrl.rollout.native:NativeRolloutBackend", "steadyrl's static-cache decode loop (fused Llama/Qwen2 step, CUDA graphs)", "steadyrl", "docs/results/performance.md"),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    table: dict[str, Entry]
+    data_params: frozenset[str]
+    """Arguments every member receives from the caller; every other keyword is a user setting."""
+    protocol: type | None = None
+    error: type[Exception] = ConfigError
+
+
+FAMILIES: dict[str, Family] = {
+    "advantage": Family(ADVANTAGES, frozenset({"rewards", "group_size"}), AdvantageFn),
+    "loss": Family(LOSSES, frozenset({"inputs"}), LossFn),
+    "correction": Family(CORRECTIONS, frozenset({"inputs"}), CorrectionFn),
+    "aggregation": Family(AGGREGATIONS, frozenset({"loss", "mask", "counts"}), AggregationFn),
+    "kl": Family(KL_ESTIMATORS, frozenset({"logprobs", "ref_logprobs", "mask", "old_logprobs"}), KLFn),
+    "token_filter": Family(TOKEN_FILTERS, frozenset({"self", "model", "distributed", "optimizer_defaults"})),
+    "combiner": Family(COMBINERS, frozenset({"self", "model", "distributed"})),
+    "task": Family(TASKS, frozenset({"self"}), error=TaskError),
+    "rollout_backend": Family(
+        ROLLOUT_BACKENDS, frozenset({"self", "model", "pad_token_id", "eos_token_id", "sampler_dtype", "record_routing"})
+    ),
 }
 
-# Positional (data) parameters of each family: everything else in a signature is a hyper-parameter.
-_DATA_PARAMS = {
-    "advantage": {"rewards", "group_size"},
-    "loss": {"inputs"},
-    "correction": {"inputs"},
-    "aggregation": {"loss", "mask", "counts"},
-    "kl": {"logprobs", "ref_logprobs", "mask"},
-    "token_filter": {"self", "model", "distributed"},
-    "combiner": {"self", "model", "distributed"},
-}
+METHOD_FAMILIES = ("advantage", "loss", "correction", "aggregation", "kl", "token_filter", "combiner")
+"""The families `steadyrl methods` lists (tasks and backends are not stabilisation methods)."""
 
 
-def hyperparameters(family: str, name: str) -> dict[str, Any]:
-    """The keyword hyper-parameters of a registered function with their defaults."""
-    fn = lookup(family, name).fn
+@dataclass(frozen=True)
+class Method:
+    """A registered function with its hyper-parameters bound: ``method(*data)`` calls ``entry.fn``."""
+
+    entry: Entry
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *args: Any, **data: Any) -> Any:
+        return self.entry.fn(*args, **data, **self.kwargs)
+
+    @property
+    def name(self) -> str:
+        return self.entry.name
+
+    def with_trust_region_scale(self, scale: float) -> Method:
+        """The same loss with each trust-region width (``entry.trust_region``) multiplied by ``scale``, starting
+        from this method's own values (its defaults where the config set none); None (e.g. CISPO's one-sided
+        clip_low) stays None. This is how the stability guard tightens a loss after a rollback."""
+        defaults = parameters(self.entry.fn, frozenset())
+        kwargs = dict(self.kwargs)
+        for key in self.entry.trust_region:
+            value = kwargs.get(key, defaults[key].default)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                kwargs[key] = value * scale
+        return Method(self.entry, kwargs)
+
+
+def parameters(fn: Callable[..., Any], data_params: frozenset[str]) -> dict[str, inspect.Parameter]:
+    """The keyword parameters of ``fn`` (a function or a class's ``__init__``) that a config may set."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
     return {
-        p.name: p.default
-        for p in inspect.signature(fn).parameters.values()
-        if p.name not in _DATA_PARAMS[family] and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+        p.name: p
+        for p in inspect.signature(target).parameters.values()
+        if p.name not in data_params and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
     }
 
 
-def lookup(family: str, name: str) -> Entry:
+def hyperparameters(family: str, name: str) -> dict[str, Any]:
+    """The settable keyword arguments of a registered entry with their defaults (``inspect.Parameter.empty``
+    for a required one)."""
+    fam = _family(family)
+    return {k: p.default for k, p in parameters(lookup(family, name).fn, fam.data_params).items()}
+
+
+def _family(family: str) -> Family:
     if family not in FAMILIES:
-        raise ConfigError(f"unknown method family {family!r}; valid families: {', '.join(FAMILIES)}.")
-    table = FAMILIES[family]
-    if name not in table:
-        raise ConfigError(f"unknown {family} {name!r}; valid names: {', '.join(sorted(table))}.")
-    return table[name]
+        raise ConfigError(f"unknown family {family!r}; valid families: {', '.join(FAMILIES)}.")
+    return FAMILIES[family]
+
+
+def lookup(family: str, name: str) -> Entry:
+    fam = _family(family)
+    if name not in fam.table:
+        raise fam.error(f"unknown {family} {name!r}; valid names: {', '.join(sorted(fam.table))}.")
+    return fam.table[name]
+
+
+def check(family: str, spec: MethodSpec | str) -> None:
+    """Raise the family's error if ``spec`` names no entry or sets an argument the entry does not take."""
+    _checked(family, spec)
+
+
+_NON_NEGATIVE = ("clip_low", "clip_high", "delta_low", "delta_high", "dual_clip", "ratio_min", "ratio_max", "eps", "cap",
+                 "beta", "top_k")
+_NON_NEGATIVE_SUFFIXES = ("_cap", "_tau", "_lambda", "_coef", "_ratio", "_threshold", "temperature")
+
+
+def _check_values(family: str, entry: Entry, kwargs: dict[str, Any]) -> None:
+    """Types from the implementation's annotations, and no negative width, cap or coefficient, before anything
+    is loaded (a bad value would otherwise fail, or silently misbehave, after the first rollout)."""
+    target = entry.fn.__init__ if inspect.isclass(entry.fn) else entry.fn
+    try:
+        hints = typing.get_type_hints(target)
+    except Exception:  # an annotation this Python cannot resolve: leave the check to the function itself
+        hints = {}
+    for key, value in kwargs.items():
+        hint = hints.get(key)
+        if hint is not None and not _matches(value, hint):
+            raise ConfigError(f"{family} {entry.name!r}: {key}={value!r} is not valid; {key} must be a {_describe(hint)}.")
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if numeric and value < 0 and (key in _NON_NEGATIVE or key in entry.trust_region or key.endswith(_NON_NEGATIVE_SUFFIXES)):
+            raise ConfigError(f"{family} {entry.name!r}: {key}={value} is negative; it must be >= 0.")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list) or hint in (tuple, list):
+        return isinstance(value, list | tuple)
+    return True  # tensors, callables, generators: not config values; the function checks them
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if hint is type(None):
+        return "null"
+    return {float: "number", int: "integer", bool: "true/false", str: "string"}.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def _checked(family: str, spec: MethodSpec | str) -> tuple[Entry, dict[str, Any]]:
+    spec = MethodSpec(spec) if isinstance(spec, str) else spec
+    fam = _family(family)
+    entry = lookup(family, spec.name)
+    valid = parameters(entry.fn, fam.data_params)
+    unknown = sorted(set(spec.kwargs) - set(valid))
+    if unknown:
+        raise fam.error(
+            f"unknown setting(s) {', '.join(map(repr, unknown))} for {family} {spec.name!r}; "
+            f"valid: {', '.join(valid) or '(none)'}."
+        )
+    missing = [k for k, p in valid.items() if p.default is inspect.Parameter.empty and k not in spec.kwargs]
+    if missing:
+        raise fam.error(f"{family} {spec.name!r} needs {', '.join(map(repr, missing))}; valid: {', '.join(valid)}.")
+    _check_values(family, entry, spec.kwargs)
+    return entry, dict(spec.kwargs)
+
+
+def resolve(family: str, spec: MethodSpec | str) -> Method:
+    """A function family's entry with its hyper-parameters bound, after checking their names."""
+    entry, kwargs = _checked(family, spec)
+    return Method(entry, kwargs)
 
 
 def build(family: str, spec: MethodSpec | str, **context: Any) -> Any:
-    """Instantiate a class-based stabiliser (token_filter, combiner) with its context and hyper-parameters."""
-    return resolve(family, spec)(**context)
+    """Construct a class family's entry (a token filter, combiner, task or rollout backend) from its settings
+    and the run's ``context`` (the arguments in the family's data parameters that the class takes)."""
+    entry, kwargs = _checked(family, spec)
+    accepted = set(inspect.signature(entry.fn.__init__).parameters)
+    return entry.fn(**{k: v for k, v in context.items() if k in accepted}, **kwargs)
 
 
-def resolve(family: str, spec: MethodSpec | str) -> Callable[..., Any]:
-    """The registered function with its hyper-parameters bound, after checking their names."""
+def build_task(spec: MethodSpec | str, **kwargs: Any) -> Any:
+    """A registered task: ``build_task("arithmetic", max_digits=2)`` or ``build_task(cfg.task.spec)``."""
     if isinstance(spec, str):
-        spec = MethodSpec(spec)
-    entry = lookup(family, spec.name)
-    valid = hyperparameters(family, spec.name)
-    unknown = sorted(set(spec.kwargs) - set(valid))
-    if unknown:
-        raise ConfigError(
-            f"unknown hyper-parameter(s) {', '.join(map(repr, unknown))} for {family} {spec.name!r}; "
-            f"valid: {', '.join(valid) or '(none)'}."
-        )
-    return functools.partial(entry.fn, **spec.kwargs) if spec.kwargs else entry.fn
+        spec = MethodSpec(spec, kwargs)
+    return build("task", spec)
+
+
+def build_backend(spec: MethodSpec | str, model: Any, tokenizer: Any, *, sampler_dtype: Any = None) -> Any:
+    """A registered rollout backend on ``model``, with the tokenizer's pad / EOS ids and the spec's options."""
+    return build(
+        "rollout_backend",
+        spec,
+        model=model,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        sampler_dtype=sampler_dtype,
+    )

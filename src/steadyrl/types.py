@@ -56,6 +56,26 @@ class LossInputs:
     old_token_logits: Tensor | None = None  # (B, T) the same under π_old, detached
     token_ids: Tensor | None = None  # (B, T) sampled completion ids (CAPO's top-K membership)
 
+    def __post_init__(self) -> None:
+        # Checked once here, as rlax checks shapes at every entry, so that no op meets a silently broadcast
+        # (B, 1) or transposed tensor: every per-token tensor is (B, T), the mask bool.
+        shape = self.logprobs.shape
+        if self.logprobs.dim() != 2:
+            raise ValueError(f"LossInputs.logprobs must be (B, T), got shape {tuple(shape)}.")
+        if self.response_mask.dtype != torch.bool:
+            raise ValueError(f"LossInputs.response_mask must be bool, got {self.response_mask.dtype}.")
+        for name in _PER_TOKEN:
+            value = getattr(self, name)
+            if value is not None and value.shape != shape:
+                raise ValueError(
+                    f"LossInputs.{name} has shape {tuple(value.shape)}, logprobs {tuple(shape)}; every per-token "
+                    "tensor must be (B, T) (broadcast per-sequence values along T first)."
+                )
+
+
+_PER_TOKEN = ("old_logprobs", "advantages", "response_mask", "rollout_logprobs", "ref_logprobs", "entropy",
+              "token_logits", "old_token_logits", "token_ids")
+
 
 class AdvantageResult(NamedTuple):
     advantages: Tensor  # (B,) or (B, T)

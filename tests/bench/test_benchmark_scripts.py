@@ -131,7 +131,7 @@ def test_throughput_smoke_runs_both_sides(tmp_path):
     assert throughput.main(["--smoke", "--out", str(out)]) == 0
     text = out.read_text()
     rows = _rows(text)
-    from steadyrl.rollout import BACKENDS
+    from steadyrl.registry import ROLLOUT_BACKENDS as BACKENDS
 
     expected = {f"steadyrl ({b})" for b in ("hf", "native") if b in BACKENDS}
     try:

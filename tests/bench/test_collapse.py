@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from steadyrl.bench.collapse import (
+from steadyrl.report.collapse import (
     CollapseCriteria,
     RunCurves,
     accuracy_threshold,

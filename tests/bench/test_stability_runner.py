@@ -11,7 +11,7 @@ from steadyrl.cli import main
 from steadyrl.config import ConfigError
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
-from steadyrl.train.checkpoint import save_pretrained_atomic
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
 
 TINY = (  # shrink the lab's recipe to seconds: 4 prompts x 4 samples, 4 tokens, 8 eval prompts
     "rollout.prompts_per_step=4",

@@ -17,6 +17,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from steadyrl.config import ConfigError
 from steadyrl.report import sinks
 from steadyrl.report.sinks import METRICS_FILE, MetricLogger, read_metrics
 
@@ -208,7 +209,7 @@ def test_missing_tensorboard_warns_once_and_continues(tmp_path, monkeypatch):
 
 def test_wandb_missing_gives_install_hint(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # makes `import wandb` raise ImportError
-    with pytest.raises(ImportError, match="pip install wandb"):
+    with pytest.raises(ConfigError, match="pip install wandb"):
         MetricLogger(tmp_path, tensorboard=False, wandb={"project": "p"})
 
 

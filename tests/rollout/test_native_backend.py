@@ -16,14 +16,8 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.routing import routed_positions_mask
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
-from steadyrl.rollout import (
-    BACKENDS,
-    HFRolloutBackend,
-    NativeRolloutBackend,
-    SamplingParams,
-    build_backend,
-    left_pad,
-)
+from steadyrl.registry import ROLLOUT_BACKENDS, build_backend
+from steadyrl.rollout import HFRolloutBackend, NativeRolloutBackend, SamplingParams, left_pad
 from steadyrl.rollout.base import position_ids_from_mask
 from steadyrl.rollout.sampling import sampling_logprobs
 
@@ -362,8 +356,18 @@ def test_bad_arguments_fail_fast(models):
         NativeRolloutBackend(models["qwen2"], pad_token_id=PAD, eos_token_id=EOS, stop_check_every=0)
 
 
+def test_native_options_are_settable_from_the_config():
+    from steadyrl.config import MethodSpec
+
+    tokenizer = build_char_tokenizer(ARITHMETIC_ALPHABET)
+    cfg = tiny_model_config("qwen2", vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=2)
+    spec = MethodSpec("native", {"compile": True, "cache_bucket": 64, "fused": False})
+    backend = build_backend(spec, build_tiny_model(cfg), tokenizer)
+    assert backend.compile and backend.cache_bucket == 64 and not backend.fused
+
+
 def test_build_backend_registers_native():
-    assert "native" in BACKENDS
+    assert "native" in ROLLOUT_BACKENDS
     tokenizer = build_char_tokenizer(ARITHMETIC_ALPHABET)
     cfg = tiny_model_config("qwen2", vocab_size=len(tokenizer), hidden_size=32, num_layers=1, num_heads=2)
     backend = build_backend("native", build_tiny_model(cfg), tokenizer, sampler_dtype=torch.bfloat16)

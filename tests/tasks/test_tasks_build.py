@@ -1,4 +1,4 @@
-"""build_task: names, options, errors listing the valid choices.
+"""registry.build_task: names, options, errors listing the valid choices.
 
 Run: .venv/bin/python -m pytest -q tests/tasks/test_tasks_build.py
 """
@@ -8,20 +8,19 @@ from __future__ import annotations
 import pytest
 
 from extras import needs_tasks_extra
+from steadyrl.registry import TASKS, build_task
 from steadyrl.tasks import (
-    TASKS,
     ArithmeticTask,
     JsonlMathTask,
     ReasoningGymTask,
     Task,
     TaskError,
-    build_task,
     write_sample_math_jsonl,
 )
 
 
 def test_names():
-    assert sorted(TASKS) == ["arithmetic", "jsonl_math", "reasoning_gym"]
+    assert sorted(TASKS) == ["arithmetic", "jsonl_math", "python", "reasoning_gym"]
 
 
 @needs_tasks_extra
@@ -39,7 +38,7 @@ def test_builds_each_task(tmp_path):
 
 def test_unknown_name_lists_valid_names():
     with pytest.raises(
-        TaskError, match=r"unknown task 'gsm8k'; valid names: \['arithmetic', 'jsonl_math', 'reasoning_gym'\]"
+        TaskError, match=r"unknown task 'gsm8k'; valid names: arithmetic, jsonl_math, python, reasoning_gym\."
     ):
         build_task("gsm8k")
 
@@ -47,17 +46,17 @@ def test_unknown_name_lists_valid_names():
 def test_unknown_option_lists_valid_keys():
     with pytest.raises(
         TaskError,
-        match=r"unknown option\(s\) \['digits'\] for task 'arithmetic'; valid keys: \[.*'max_digits'",
+        match=r"unknown setting\(s\) 'digits' for task 'arithmetic'; valid: .*max_digits",
     ):
         build_task("arithmetic", digits=3)
 
 
 def test_missing_required_option():
     with pytest.raises(
-        TaskError, match=r"task 'reasoning_gym' needs \['dataset'\]; valid keys: \[.*'answer_tag'"
+        TaskError, match=r"task 'reasoning_gym' needs 'dataset'; valid: .*answer_tag"
     ):
         build_task("reasoning_gym", size=10)
-    with pytest.raises(TaskError, match=r"needs \['path'\]"):
+    with pytest.raises(TaskError, match=r"needs 'path'"):
         build_task("jsonl_math")
 
 

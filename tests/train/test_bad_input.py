@@ -22,9 +22,9 @@ from steadyrl.config import ConfigError
 from steadyrl.models import ModelLoadError, build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.report import read_metrics
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
+from steadyrl.runtime.distributed import DistInfo
 from steadyrl.tasks import RewardError
-from steadyrl.train.checkpoint import save_pretrained_atomic
-from steadyrl.train.distributed import DistInfo
 from steadyrl.train.setup import validate_batch_arithmetic
 from steadyrl.train.trainer import Trainer
 
@@ -315,3 +315,35 @@ def test_embedded_available_knows_the_shipped_models():
 
     assert embedded_available("tiny-adder") and embedded_available("tiny-adder-moe")
     assert not embedded_available("no-such")
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("loss.clip_high=abc", r"loss 'ppo_clip': clip_high='abc' is not valid; clip_high must be a number"),
+        ("loss.clip_low=-0.2", r"loss 'ppo_clip': clip_low=-0.2 is negative; it must be >= 0"),
+        ("correction={name: token_tis, cap: -1}", r"correction 'token_tis': cap=-1 is negative"),
+        ("checkpoint.keep_last=0", r"keep_last >= 1"),
+        ("checkpoint.every=-1", r"every must be >= 0"),
+    ],
+)
+def test_bad_values_fail_before_anything_is_loaded(tiny_config, tmp_path, override, message):
+    # the model path does not exist: reaching the loader would raise a different error
+    cfg = tiny_config(override, f"model.name_or_path={tmp_path / 'no-model-here'}")
+    with pytest.raises(ConfigError, match=message):
+        Trainer(cfg, task=SevensTask())
+
+
+def test_a_killed_run_has_checkpoints_to_resume_by_default(tiny_config):
+    from steadyrl.config import CheckpointConfig
+
+    assert CheckpointConfig().every == 10 and CheckpointConfig().keep_last >= 1
+
+
+def test_a_tokenizer_larger_than_the_embedding_fails_at_start(tiny_config, tmp_path):
+    tokenizer = build_char_tokenizer(ARITHMETIC_ALPHABET)
+    small = tiny_model_config("qwen2", vocab_size=len(tokenizer) - 2, hidden_size=16, num_layers=1, num_heads=2)
+    path = tmp_path / "small-embedding"
+    save_pretrained_atomic(build_tiny_model(small, seed=0), tokenizer, path)
+    with pytest.raises(ModelLoadError, match=rf"2 token\(s\) with ids from {len(tokenizer) - 2} up, outside the model's {len(tokenizer) - 2}-row"):
+        Trainer(tiny_config(f"model.name_or_path={path}"), task=SevensTask())

@@ -18,7 +18,7 @@ from steadyrl.config import ConfigError, MethodSpec, load_config
 from steadyrl.models import build_tiny_model, tiny_model_config
 from steadyrl.ops import curvature as cv
 from steadyrl.report import read_metrics
-from steadyrl.train.capo import CapoFilter
+from steadyrl.stabilisers.capo import CapoFilter
 from steadyrl.train.trainer import Trainer
 from steadyrl.types import LossInputs
 
@@ -135,7 +135,7 @@ def test_scores_and_mask_equal_brute_force_on_the_tiny_model(tiny, kind, weight_
     )  # fmt: skip
     if kind != "sgd":
         capo.load_state_dict(state)
-    keep, weights, metrics = capo(loss_inputs(advantages, mask, token_ids), hidden, LR)
+    keep, weights, _, metrics = capo(loss_inputs(advantages, mask, token_ids), hidden, LR)
     expected = (fisher < fisher_tau) & (hessian.abs() < hessian_tau) & mask
     assert torch.equal(keep, expected)
     assert torch.equal(weights, torch.ones_like(weights))
@@ -171,7 +171,7 @@ def test_moment_update_from_two_micro_batches_matches_a_loop(tiny):
     head = model.get_output_embeddings().weight.detach()
     calls = []
     for rows in (slice(0, 2), slice(2, 3)):  # two micro-batches of one optimizer step
-        keep, _, _ = capo(loss_inputs(advantages[rows], mask[rows], token_ids[rows]), hidden[rows], LR)
+        keep, *_ = capo(loss_inputs(advantages[rows], mask[rows], token_ids[rows]), hidden[rows], LR)
         topk = cv.topk_policy(hidden[rows], head, token_ids[rows], top_k=5)
         calls.append((hidden[rows], topk, advantages[rows], keep))
     assert capo.moments is None  # nothing changes until the optimizer step
@@ -188,7 +188,7 @@ def test_moment_update_from_two_micro_batches_matches_a_loop(tiny):
         j: (moments.exp_avg[moments.row_of[j]].clone(), moments.exp_avg_sq[moments.row_of[j]].clone())
         for j in first
     }
-    keep, _, _ = capo(loss_inputs(advantages[:1], mask[:1], token_ids[:1]), hidden[:1], LR)
+    keep, *_ = capo(loss_inputs(advantages[:1], mask[:1], token_ids[:1]), hidden[:1], LR)
     second = reference_step_means(
         [(hidden[:1], cv.topk_policy(hidden[:1], head, token_ids[:1], top_k=5), advantages[:1], keep)]
     )
@@ -213,10 +213,9 @@ def test_soft_penalty_replaces_the_mask_and_is_differentiable(tiny):
         model=model, fisher_tau=1e-9, hessian_tau=1e-9, fisher_lambda=2.0, top_k=5, optimizer_model="sgd"
     )
     h = hidden.clone().requires_grad_(True)
-    keep, _, metrics = capo(inputs, h, LR)
+    keep, _, penalty, metrics = capo(inputs, h, LR)
     assert metrics["capo/rejected_fisher_frac"].item() == 0.0  # the penalised score no longer masks
     assert metrics["capo/rejected_hessian_frac"].item() > 0.0
-    penalty = capo.loss_penalty()
     topk = cv.topk_policy(hidden, model.get_output_embeddings().weight.detach(), token_ids, top_k=5)
     expected = 2.0 * cv.token_curvature_scores(hidden, topk, advantages, LR, mask=mask).fisher
     torch.testing.assert_close(penalty.detach(), expected)
@@ -224,8 +223,7 @@ def test_soft_penalty_replaces_the_mask_and_is_differentiable(tiny):
     assert h.grad.abs().sum() > 0 and model.get_output_embeddings().weight.grad.abs().sum() > 0
     model.zero_grad(set_to_none=True)
     official = CapoFilter(model=model, fisher_lambda=2.0, penalty_grad=False, top_k=5, optimizer_model="sgd")
-    official(inputs, hidden.clone().requires_grad_(True), LR)
-    assert not official.loss_penalty().requires_grad  # the code's penalty is a constant
+    assert not official(inputs, hidden.clone().requires_grad_(True), LR).penalty.requires_grad  # a constant
 
 
 def test_sequence_global_and_sequential_levels(tiny):
@@ -236,20 +234,20 @@ def test_sequence_global_and_sequential_levels(tiny):
     topk = cv.topk_policy(hidden, head, token_ids, top_k=5)
     seq = cv.group_curvature_scores(hidden, topk, advantages, mask, LR, level="sequence", lm_head_weight=head)
     tau = midpoint(seq.fisher)
-    keep, _, _ = CapoFilter(fisher_tau=tau, hessian_tau=0.0, level="sequence", **kwargs)(inputs, hidden, LR)
+    keep, *_ = CapoFilter(fisher_tau=tau, hessian_tau=0.0, level="sequence", **kwargs)(inputs, hidden, LR)
     assert torch.equal(keep, (seq.fisher < tau).unsqueeze(-1) & mask)  # whole sequences
     glob = cv.group_curvature_scores(hidden, topk, advantages, mask, LR, level="global", lm_head_weight=head)
     for tau, kept in ((float(glob.fisher) * 2, True), (float(glob.fisher) / 2, False)):
-        keep, _, _ = CapoFilter(fisher_tau=tau, hessian_tau=0.0, level="global", **kwargs)(inputs, hidden, LR)
+        keep, *_ = CapoFilter(fisher_tau=tau, hessian_tau=0.0, level="global", **kwargs)(inputs, hidden, LR)
         assert torch.equal(keep, mask & kept)  # the whole batch
     # Sequential without re-scoring is the code's rule: all levels' first-pass masks at once.
     token = cv.token_curvature_scores(hidden, topk, advantages, LR, mask=mask)
     tau = midpoint(token.fisher[mask], 0.8)
     capo = CapoFilter(fisher_tau=tau, hessian_tau=0.0, level="sequential", sequential_rescore=False, **kwargs)
-    keep, _, _ = capo(inputs, hidden, LR)
+    keep, *_ = capo(inputs, hidden, LR)
     expected = (token.fisher < tau) & (seq.fisher < tau).unsqueeze(-1) & (glob.fisher < tau) & mask
     assert torch.equal(keep, expected)
-    rescored, _, _ = CapoFilter(fisher_tau=tau, hessian_tau=0.0, level="sequential", **kwargs)(
+    rescored, *_ = CapoFilter(fisher_tau=tau, hessian_tau=0.0, level="sequential", **kwargs)(
         inputs, hidden, LR
     )
     assert not (rescored & ~(token.fisher < tau)).any()  # re-scoring never un-masks a token-level rejection
@@ -308,3 +306,16 @@ def test_recipe_trains_two_steps_with_finite_metrics_and_a_nontrivial_mask(recip
     # whose (raw-reward) advantage is 0, so a zero gradient is the right outcome there.
     capo = trainer.updater.token_filters[0]
     assert isinstance(capo, CapoFilter) and capo.moments.step == 2
+
+
+def test_the_optimizer_model_takes_the_trainers_adamw_settings_unless_set(tiny_config, tmp_path):
+    from sevens_task import SevensTask
+    from steadyrl.train.trainer import Trainer
+
+    cfg = tiny_config("optim.betas=[0.8, 0.95]", "optim.eps=1e-6", "optim.weight_decay=0.1", "token_filters=[{name: capo}]")
+    (capo,) = Trainer(cfg, task=SevensTask()).updater.token_filters
+    assert (capo.beta1, capo.beta2, capo.eps, capo.weight_decay) == (0.8, 0.95, 1e-6, 0.1)
+    own = tiny_config("optim.betas=[0.8, 0.95]", "token_filters=[{name: capo, betas: [0.9, 0.999]}]",
+                      f"run.output_dir={tmp_path / 'own'}")
+    (capo,) = Trainer(own, task=SevensTask()).updater.token_filters
+    assert (capo.beta1, capo.beta2) == (0.9, 0.999)  # set on the filter: a different optimizer, modelled on purpose

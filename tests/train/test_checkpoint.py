@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from steadyrl.train import checkpoint as ckpt
-from steadyrl.train.checkpoint import (
+from steadyrl.runtime import checkpoint as ckpt
+from steadyrl.runtime.checkpoint import (
     latest_checkpoint,
     list_checkpoints,
     load_checkpoint,
@@ -347,7 +347,7 @@ def test_save_pretrained_atomic_writes_and_replaces(tmp_path):
     save_pretrained_atomic(FakePretrained({"model.bin": "v1"}), FakePretrained({"tok.json": "t1"}), out)
     assert (out / "model.bin").read_text() == "v1" and (out / "tok.json").read_text() == "t1"
     save_pretrained_atomic(FakePretrained({"model.bin": "v2"}), None, out)
-    assert sorted(p.name for p in out.iterdir()) == ["model.bin"]  # replaced as a whole, no stale files
+    assert sorted(p.name for p in out.iterdir()) == [".steadyrl-export", "model.bin"]  # replaced whole, nothing stale
     assert (out / "model.bin").read_text() == "v2"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["final"]
 

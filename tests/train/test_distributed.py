@@ -29,7 +29,7 @@ import torch.multiprocessing as mp
 
 from sevens_task import SevensTask
 from steadyrl.config import load_config
-from steadyrl.train.combiners import SumCombiner
+from steadyrl.stabilisers.combiners import SumCombiner
 from steadyrl.train.trainer import Trainer
 
 WORLD_SIZE = 2
@@ -84,7 +84,7 @@ def _update(trainer: Trainer, case: str, batch) -> tuple[dict, dict]:
     if CASES[case][1]:
         _use_sgd(trainer)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    metrics = trainer.updater.update(batch)
+    metrics = trainer.updater.update(batch).metrics
     delta = {n: p.detach() - before[n] for n, p in trainer.model.named_parameters()}
     return delta, metrics
 
@@ -137,7 +137,7 @@ def runs(tiny_model_dir, tmp_path_factory):
     for case in CASES:
         trainer = _trainer(tiny_model_dir, work / f"single-{case}", case)
         batch = trainer.collector.collect(1).batch  # sampling leaves the parameters as they were
-        trainer.prepare_logprobs(batch)  # π_ref for the KL case, computed once and shipped with the batch
+        trainer.scorer.score(batch)  # π_ref for the KL case, computed once and shipped with the batch
         torch.save(batch, work / f"{case}.batch.pt")
         single[case] = _update(trainer, case, batch)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import random
@@ -15,14 +14,8 @@ from hypothesis import strategies as st
 
 from sevens_task import SevensTask
 from steadyrl.config import GuardConfig
-from steadyrl.ops import losses, losses_offpolicy, targets
 from steadyrl.report import read_metrics
-from steadyrl.train.guard import (
-    StabilityGuard,
-    relative_slope,
-    scale_learning_rate,
-    scaled_loss_fn,
-)
+from steadyrl.stabilisers.guard import StabilityGuard, relative_slope, scale_learning_rate
 from steadyrl.train.trainer import Trainer
 
 
@@ -83,21 +76,6 @@ def test_relative_slope_matches_polyfit(seed):
 @settings(deadline=None, max_examples=50)
 def test_relative_slope_is_scale_free(values, scale):
     assert relative_slope([v * scale for v in values]) == pytest.approx(relative_slope(values), rel=1e-6, abs=1e-9)
-
-
-def test_scaled_loss_fn_scales_trust_region_widths():
-    fn = scaled_loss_fn(functools.partial(losses.ppo_clip_loss, clip_low=0.2, clip_high=0.28), 0.5)
-    assert fn.func is losses.ppo_clip_loss
-    assert fn.keywords == {"clip_low": 0.1, "clip_high": 0.14}  # 0.2·0.5, 0.28·0.5
-    # no kwargs in the config: the defaults (ε = 0.2, 0.2) are scaled
-    assert scaled_loss_fn(losses.ppo_clip_loss, 0.5).keywords == {"clip_low": 0.1, "clip_high": 0.1}
-    # CISPO: one-sided clip (clip_low=None is left out); ε_high 5 → 2.5
-    assert scaled_loss_fn(losses.cispo_loss, 0.5).keywords == {"clip_high": 2.5}
-    # DPPO δ 0.15 → 0.075, the IS cap is not a trust region
-    dppo = scaled_loss_fn(functools.partial(losses_offpolicy.dppo_binary_tv_loss, is_cap=10.0), 0.5).keywords
-    assert dppo == {"is_cap": 10.0, "delta_low": 0.075, "delta_high": 0.075}
-    # LCO has no trust-region width: unchanged
-    assert scaled_loss_fn(functools.partial(targets.lco_kld_loss, rho_pos=1.8), 0.5).keywords == {"rho_pos": 1.8}
 
 
 def test_scale_learning_rate_persists_through_the_schedule():
@@ -223,9 +201,25 @@ def test_no_snapshot_yet_gives_an_alarm():
 
 
 class _Updater:
-    def __init__(self, loss_fn):
-        self.loss_fn = loss_fn
-        self.token_filters = []
+    """The guard's view of the updater: stateful (a counter stands for filter state) and a trust-region lever."""
+
+    def __init__(self):
+        self.filter_state = 0
+        self.trust_region_scale = 1.0
+
+    def state_dict(self):
+        return {"filter_state": self.filter_state}
+
+    def load_state_dict(self, state):
+        self.filter_state = state["filter_state"]
+
+    def set_trust_region_scale(self, scale):
+        self.trust_region_scale = scale
+
+
+def _state(model, opt, sched, updater):
+    state = {"model": model, "optimizer": opt, "updater": updater}
+    return state if sched is None else {**state, "scheduler": sched}
 
 
 def test_rollback_restores_the_snapshot_and_cuts_the_lr(tmp_path):
@@ -233,9 +227,9 @@ def test_rollback_restores_the_snapshot_and_cuts_the_lr(tmp_path):
     model = torch.nn.Linear(3, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
-    updater = _Updater(functools.partial(losses.ppo_clip_loss, clip_low=0.2, clip_high=0.28))
+    updater = _Updater()
     guard = StabilityGuard(GuardConfig(keep_snapshots=2, lr_factor=0.5, clip_factor=0.5), log_path=tmp_path / "g.jsonl")
-    guard.bind(updater)
+    guard.bind(_state(model, opt, sched, updater), snapshot=False)
 
     def train_step():
         opt.zero_grad()
@@ -243,24 +237,25 @@ def test_rollback_restores_the_snapshot_and_cuts_the_lr(tmp_path):
         opt.step()
         sched.step()
 
-    kw = {"model": model, "optimizer": opt, "scheduler": sched, "updater": updater}
-    guard.apply(guard.observe(1, {"reward/mean": 0.5}), **kw)  # first healthy step: snapshot
+    guard.apply(guard.observe(1, {"reward/mean": 0.5}))  # first healthy step: snapshot
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     saved_exp_avg = opt.state_dict()["state"][0]["exp_avg"].clone() if opt.state else None
     train_step()
-    guard.apply(guard.observe(2, {"reward/mean": 0.5}), **kw)
+    updater.filter_state = 7
+    guard.apply(guard.observe(2, {"reward/mean": 0.5}))
     train_step()
     train_step()
     assert not torch.equal(model.weight, saved["weight"])
     action = guard.observe(3, {"reward/mean": 0.5, "grad/norm": math.nan})
     assert action.kind == "rollback"
-    guard.apply(action, **kw)
+    guard.apply(action)
+    assert updater.filter_state == 0  # the updater's state is restored with the weights
     for k, v in model.state_dict().items():
         assert torch.equal(v, saved[k])
     assert sched.last_epoch == 0  # three scheduler steps since the snapshot, rewound with the weights
     assert saved_exp_avg is None and not opt.state  # the snapshot was taken before any optimizer step
     assert opt.param_groups[0]["lr"] == pytest.approx(5e-3) and sched.base_lrs == [pytest.approx(5e-3)]
-    assert updater.loss_fn.keywords == {"clip_low": 0.1, "clip_high": 0.14}
+    assert updater.trust_region_scale == 0.5
     assert guard.metrics() == {"guard/rollbacks": 1.0, "guard/alarms": 0.0, "guard/lr_scale": 0.5, "guard/clip_scale": 0.5}
     events = [json.loads(line) for line in (tmp_path / "g.jsonl").read_text().splitlines()]
     assert [e["event"] for e in events] == ["snapshot", "rollback"]
@@ -270,18 +265,16 @@ def test_rollback_restores_the_snapshot_and_cuts_the_lr(tmp_path):
 def test_the_first_healthy_step_after_the_cooldown_snapshots(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    updater = _Updater(losses.ppo_clip_loss)
     guard = StabilityGuard(GuardConfig(cooldown=3, snapshot_every=5))
-    guard.bind(updater, model=model, optimizer=opt)  # snapshot of step 0
-    kw = {"model": model, "optimizer": opt, "scheduler": None, "updater": updater}
+    guard.bind(_state(model, opt, None, _Updater()))  # snapshot of step 0
     rng = random.Random(9)
-    guard.apply(guard.observe(1, healthy(rng)), **kw)
-    guard.apply(guard.observe(2, healthy(rng, **{"reward/mean": math.nan})), **kw)  # rollback to 0, cooldown 3..5
+    guard.apply(guard.observe(1, healthy(rng)))
+    guard.apply(guard.observe(2, healthy(rng, **{"reward/mean": math.nan})))  # rollback to 0, cooldown 3..5
     assert guard.rollbacks == 1 and [s.step for s in guard.snapshots] == [0]
     kinds = []
     for step in range(3, 8):
         action = guard.observe(step, healthy(rng))
-        guard.apply(action, **kw)
+        guard.apply(action)
         kinds.append(action.kind)
     assert kinds == ["none", "none", "none", "snapshot", "none"]  # steps 3-5 cool down, step 6 snapshots
     assert [s.step for s in guard.snapshots] == [0, 6]
@@ -290,12 +283,11 @@ def test_the_first_healthy_step_after_the_cooldown_snapshots(tmp_path):
 def test_state_dict_round_trip_through_torch_save(tmp_path):
     model = torch.nn.Linear(2, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    updater = _Updater(losses.ppo_clip_loss)
     guard = StabilityGuard(GuardConfig())
-    guard.bind(updater)
+    guard.bind(_state(model, opt, None, _Updater()), snapshot=False)
     rng = random.Random(7)
     for step in range(1, 12):
-        guard.apply(guard.observe(step, healthy(rng)), model=model, optimizer=opt, scheduler=None, updater=updater)
+        guard.apply(guard.observe(step, healthy(rng)))
     guard.clip_scale, guard.rollbacks = 0.25, 2
     torch.save(guard.state_dict(), tmp_path / "g.pt")
     other = StabilityGuard(GuardConfig())
@@ -303,10 +295,10 @@ def test_state_dict_round_trip_through_torch_save(tmp_path):
     assert other.state_dict()["history"] == guard.state_dict()["history"]
     assert other.rollbacks == 2 and other.best_reward == guard.best_reward
     assert [s.step for s in other.snapshots] == [s.step for s in guard.snapshots]
-    assert torch.equal(other.snapshots[0].model["weight"], guard.snapshots[0].model["weight"])
-    updater2 = _Updater(losses.ppo_clip_loss)
-    other.bind(updater2)  # a restored clip_scale is re-applied to the loss
-    assert updater2.loss_fn.keywords == {"clip_low": 0.05, "clip_high": 0.05}
+    assert torch.equal(other.snapshots[0].state["model"]["weight"], guard.snapshots[0].state["model"]["weight"])
+    updater2 = _Updater()
+    other.bind(_state(model, opt, None, updater2))  # a restored clip_scale is re-applied to the loss
+    assert updater2.trust_region_scale == 0.25
 
 
 # ----------------------------------------------------------------------------- e2e in the trainer

@@ -1,4 +1,4 @@
-"""Tests for steadyrl.train.pcr (PCR / PCGrad / fixed-α combiners) and steadyrl.train.retention, plus e2e
+"""Tests for steadyrl.stabilisers.pcr (PCR / PCGrad / fixed-α combiners) and steadyrl.stabilisers.retention, plus e2e
 runs of configs/pcr.yaml, pcgrad.yaml and grpo_kl.yaml on the tiny model.
 
 Run: .venv/bin/python -m pytest -q tests/train/test_pcr.py
@@ -21,11 +21,11 @@ from steadyrl.models import load_model, load_tokenizer
 from steadyrl.ops import gradients as G
 from steadyrl.report import read_metrics
 from steadyrl.rollout.base import SamplingParams
+from steadyrl.stabilisers.combiners import SumCombiner
+from steadyrl.stabilisers.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
+from steadyrl.stabilisers.retention import RetentionLoss, retention_metrics
 from steadyrl.tasks import ArithmeticTask
-from steadyrl.train.combiners import SumCombiner
-from steadyrl.train.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
-from steadyrl.train.retention import RetentionLoss, retention_metrics
-from steadyrl.train.sft import demonstration_batch
+from steadyrl.tasks.demonstrations import demonstration_batch
 from steadyrl.train.trainer import Trainer
 from steadyrl.types import RolloutBatch
 

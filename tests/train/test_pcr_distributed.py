@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from steadyrl.train.pcr import PCGradCombiner, PCRCombiner
+from steadyrl.stabilisers.pcr import PCGradCombiner, PCRCombiner
 
 WORLD_SIZE = 2
 NUM_MICRO = 6

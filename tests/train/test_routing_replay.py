@@ -14,7 +14,7 @@ from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_c
 from steadyrl.models.routing import RoutingRecorder, RoutingReplayer, supported_moe_layers
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.report import read_metrics
-from steadyrl.train.checkpoint import save_pretrained_atomic
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
 from steadyrl.train.forward import policy_forward
 from steadyrl.train.trainer import Trainer
 
@@ -94,7 +94,7 @@ def _collected(trainer):
 def test_r2_replays_the_old_forwards_own_routing_even_on_policy(tiny_config, qwen2_moe_dir):
     trainer = Trainer(_minirl(tiny_config, qwen2_moe_dir, "routing_replay=R2"), task=SevensTask())
     scored, sampler_routing = _collected(trainer)
-    metrics = trainer.prepare_logprobs(scored)
+    metrics = trainer.scorer.score(scored)
     assert scored.old_logprobs is not None  # π_old is computed on-policy (N = 1) because R2 records there
     rollout = scored.rollout
     with torch.no_grad(), RoutingRecorder(trainer.model) as recorder:
@@ -114,7 +114,7 @@ def test_r3_replays_the_sampler_routing_in_the_old_forward(tiny_config, qwen3_mo
     trainer = Trainer(_minirl(tiny_config, qwen3_moe_dir, "routing_replay=R3", "optim.mini_batches=2"), task=SevensTask())
     scored, sampler_routing = _collected(trainer)
     assert sampler_routing.shape[1] == scored.rollout.prompt_ids.shape[1] + scored.rollout.completion_ids.shape[1]
-    trainer.prepare_logprobs(scored)
+    trainer.scorer.score(scored)
     assert torch.equal(scored.rollout.routed_experts, sampler_routing)  # R3 keeps the sampler's routing
     with torch.no_grad(), RoutingReplayer(trainer.model, sampler_routing):
         replayed = policy_forward(trainer.model, scored.rollout, compute_entropy=False)
@@ -122,12 +122,12 @@ def test_r3_replays_the_sampler_routing_in_the_old_forward(tiny_config, qwen3_mo
     assert torch.equal(replayed.logprobs[mask], scored.old_logprobs[mask])
 
 
-def test_routing_diagnostics_can_be_turned_off(tiny_config, qwen3_moe_dir):
-    trainer = Trainer(_minirl(tiny_config, qwen3_moe_dir, "routing_replay=R3"), task=SevensTask())
-    assert trainer.updater.routing_diagnostics
-    trainer.updater.routing_diagnostics = False
+def test_routing_diagnostics_can_be_turned_off(tiny_config, qwen3_moe_dir, tmp_path):
+    assert Trainer(_minirl(tiny_config, qwen3_moe_dir, "routing_replay=R3"), task=SevensTask()).scorer.settings.routing_diagnostics
+    cfg = _minirl(tiny_config, qwen3_moe_dir, "routing_replay=R3", "routing_diagnostics=false", f"run.output_dir={tmp_path / 'off'}")
+    trainer = Trainer(cfg, task=SevensTask())
     scored, _ = _collected(trainer)
-    assert trainer.prepare_logprobs(scored) == {}
+    assert trainer.scorer.score(scored) == {}
     assert scored.old_logprobs is None  # on-policy R3 needs no π_old forward
 
 

@@ -2,6 +2,6 @@
 
     steadyrl bench stability --quick
 
-bench/collapse.py defines a collapse and the per-cell metrics, bench/stability.py runs the matrix,
+report/collapse.py defines a collapse and the per-cell metrics, bench/stability.py runs the matrix,
 bench/report_stability.py writes the report. docs/stability-lab.md is the protocol.
 """

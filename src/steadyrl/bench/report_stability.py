@@ -2,7 +2,7 @@
 
     steadyrl bench stability --report-only --out runs/stability-quick      # re-render from results.jsonl
 
-Every number comes from the results rows (bench/stability.py → bench/collapse.py). Aggregates are over the
+Every number comes from the results rows (bench/stability.py → report/collapse.py). Aggregates are over the
 seeds of a (method, lr) pair: final accuracy as mean [min, max], collapses as k/n, completions to target as
 the median over the seeds that reached it (with how many did). The "findings" section is computed, not
 written: it states the collapse regime of plain GRPO and what every other row did there.

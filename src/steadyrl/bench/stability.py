@@ -6,17 +6,18 @@
 Each cell is a base recipe ``configs/stability/<method>.yaml`` plus overrides (``optim.lr``, ``run.seed``,
 ``run.output_dir``, and with ``--quick`` fewer steps and a smaller greedy-only eval). Cells run in parallel
 worker processes (multiprocessing spawn, one intra-op thread each), each in its own run directory
-``OUT/runs/<method>_lr<lr>_s<seed>/``. A cell that raises is recorded with its error and the matrix goes
+``OUT/runs/<method>_lr<lr>_s<seed>/`` (its eval lines and warnings in ``OUT/runs/<cell>.log``). A cell that raises is recorded with its error and the matrix goes
 on; a worker process that dies is replaced and its cells retried (twice at most). A cell whose
 ``result.json`` exists is not run again (``--force`` reruns it), so an interrupted map resumes.
 
-Outputs in OUT: ``results.jsonl`` (one line per cell, bench/collapse.py's metrics + curves), ``meta.json``
+Outputs in OUT: ``results.jsonl`` (one line per cell, report/collapse.py's metrics + curves), ``meta.json``
 (command, machine, wall time), and the report: ``report.md``, ``report.html``, ``heatmap.png``,
 ``curves.png`` (bench/report_stability.py). docs/stability-lab.md explains how to read them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -99,15 +100,15 @@ def full_spec(**changes: Any) -> BenchSpec:
 
 
 def find_configs_dir(explicit: str | None = None) -> Path:
-    """configs/stability: ``explicit``, else ./configs/stability, else the one next to this source tree."""
-    candidates = [Path(explicit)] if explicit else [Path("configs/stability"), Path(__file__).resolve().parents[3] / "configs" / "stability"]
-    for path in candidates:
-        if path.is_dir():
-            return path
-    raise ConfigError(
-        f"no stability recipes found (looked in {', '.join(str(p) for p in candidates)}); run from the repository "
-        "root or pass --configs DIR holding <method>.yaml files."
-    )
+    """The base recipes: ``explicit``, else the ones shipped in the package (steadyrl/configs/stability, which
+    the repository's configs/stability links to), so the bench runs from any directory and any install."""
+    if explicit is None:
+        from importlib import resources
+
+        return Path(str(resources.files("steadyrl") / "configs" / "stability"))
+    if not Path(explicit).is_dir():
+        raise ConfigError(f"--configs {explicit} is not a directory; pass a directory holding <method>.yaml recipes.")
+    return Path(explicit)
 
 
 def plan_cells(spec: BenchSpec) -> list[Cell]:
@@ -149,9 +150,9 @@ def _init_worker() -> None:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Train one cell and return its results row; never raises (an error becomes the row's ``error``)."""
-    from steadyrl.bench.collapse import cell_metrics
     from steadyrl.config import load_config
     from steadyrl.report import read_metrics
+    from steadyrl.report.collapse import cell_metrics
 
     started = time.perf_counter()
     row: dict[str, Any] = {"method": cell.method, "lr": cell.lr, "seed": cell.seed, "run_dir": cell.run_dir}
@@ -163,7 +164,10 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         shutil.rmtree(cell.run_dir, ignore_errors=True)  # a fresh run: never resume a half-finished cell
         from steadyrl.train.trainer import Trainer
 
-        Trainer(cfg).train()
+        log = Path(f"{cell.run_dir}.log")  # the cell's eval lines and warnings, beside its run directory
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "w") as out, contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+            Trainer(cfg).train()
     except Exception as exc:  # recorded, the matrix goes on
         row.update(status="error", error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc(limit=6))
     row["wall_s"] = round(time.perf_counter() - started, 2)

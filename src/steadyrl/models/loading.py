@@ -4,12 +4,21 @@ Both hub ids (``Qwen/Qwen2.5-0.5B``) and local directories go through ``from_pre
 like a path (starts with ``/``, ``.``, ``~``, has more than one ``/``, or its first component exists on disk)
 is treated as local and checked before anything is fetched, so a typo in a checkpoint path is reported as a
 missing path instead of a confusing hub error.
+
+Before a hub id is fetched, one short TCP connection to the hub endpoint (or the configured HTTPS proxy) tells
+whether the hub can be reached at all: without a network, huggingface_hub retries every file for about a
+minute. Unreachable and cached: the cached snapshot directory is loaded. Unreachable and not cached:
+a ModelLoadError at once, saying too that no local directory has that name.
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import time
+import urllib.request
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 import transformers
@@ -100,6 +109,77 @@ def check_tokenizer_fits_model(tokenizer, model: torch.nn.Module, name_or_path: 
                 f"id {token_id}, outside the model's {vocab}-row embedding; set `model.pad_token` in the config to "
                 f"a token the model has (its EOS token {tokenizer.eos_token!r} is the usual choice)"
             )
+    # Text can encode to any non-special token: one past the embedding is an IndexError at the first rollout.
+    # (Special tokens the tokenizer invents but never emits for text, e.g. a default pad, are checked above.)
+    special = set(tokenizer.all_special_ids)
+    outside = sorted(i for i in tokenizer.get_vocab().values() if i >= vocab and i not in special)
+    if outside:
+        raise ModelLoadError(
+            f"the tokenizer of {name_or_path} has {len(outside)} token(s) with ids from {outside[0]} up, outside the "
+            f"model's {vocab}-row embedding; use the tokenizer saved with this model (or resize the model's "
+            "embeddings to the tokenizer before training)"
+        )
+
+
+_PROBE_TIMEOUT_S = 3.0
+_probe_cache: dict[tuple, tuple[float, str | None]] = {}
+
+
+def hub_unreachable_reason(timeout: float = _PROBE_TIMEOUT_S) -> str | None:
+    """None when a TCP connection to the hub endpoint (or the HTTPS proxy in the environment) opens within
+    ``timeout`` seconds, else why not; HF_HUB_OFFLINE counts as unreachable. Remembered for 60 s."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return "HF_HUB_OFFLINE is set"
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        parsed = urlparse(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = parsed.hostname or "", parsed.port or 8080
+    key = (host, port)
+    now = time.monotonic()
+    if key in _probe_cache and now - _probe_cache[key][0] < 60.0:
+        return _probe_cache[key][1]
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+        reason = None
+    except OSError as error:
+        reason = f"{host}:{port}: {error.strerror or error or type(error).__name__}"
+    _probe_cache[key] = (now, reason)
+    return reason
+
+
+def _is_cached(repo_id: str, files: tuple[str, ...]) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    for file in files:
+        try:
+            if isinstance(try_to_load_from_cache(repo_id, file), str):
+                return True
+        except ValueError:  # not a valid repo id
+            return False
+    return False
+
+
+def _hub_source(name_or_path: str, files: tuple[str, ...]) -> str:
+    """What ``from_pretrained`` should load for a hub id: the id itself when the hub answers; the cached
+    snapshot's directory when it does not but the files are cached (a local path, so that no lookup of
+    transformers' own, e.g. for an adapter config, tries the network and backs off); a ModelLoadError at once
+    when it does not and nothing is cached."""
+    reason = hub_unreachable_reason()
+    if reason is None:
+        return name_or_path
+    if _is_cached(name_or_path, files):
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(name_or_path, local_files_only=True)
+    raise ModelLoadError(
+        f"model {name_or_path!r}: no such local directory ({Path(name_or_path).absolute()}), and it could not be "
+        f"fetched from the Hugging Face hub, which is unreachable ({reason}), nor found in the local cache; pass "
+        "a local directory containing config.json, or connect to the network (HF_ENDPOINT for a mirror)"
+    )
 
 
 def _fetch_error(name_or_path: str, what: str, error: Exception) -> ModelLoadError:
@@ -134,8 +214,9 @@ def load_model(
     kwargs: dict = {_DTYPE_KWARG: torch_dtype, "trust_remote_code": trust_remote_code}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
+    source = local_path or _hub_source(name_or_path, ("config.json",))
     try:
-        model = AutoModelForCausalLM.from_pretrained(local_path or name_or_path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as error:
         if local_path is not None:
             raise ModelLoadError(
@@ -177,10 +258,9 @@ def load_tokenizer(
     if padding_side not in ("left", "right"):
         raise ModelLoadError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     local_path = _check_local_path(name_or_path, required_file=None)
+    source = local_path or _hub_source(name_or_path, ("tokenizer_config.json", "config.json"))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(
-            local_path or name_or_path, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as error:
         if local_path is not None:
             raise ModelLoadError(

@@ -25,9 +25,14 @@ RL training"):
 
     token_tis    w_t = min(ρ_t, C)                                     C = 2.0 (verl default)
     seq_tis      w_i = min(Π_t ρ_t, C), broadcast over tokens           log space: exp(min(Σ log ρ, log C))
-    token_mis    w_t = ρ_t · 𝟙[C_min ≤ ρ_t ≤ C_max], mask the rest      0.5, 2.0 (TRL defaults)
-    seq_mis      w_i = Π_t ρ_t · 𝟙[C_min ≤ Π_t ρ_t ≤ C_max]
-    icepop       token_mis with IcePop's band [0.5, 5] (arXiv 2510.18855)
+    token_mis    w_t = ρ_t · 𝟙[C_min ≤ ρ_t ≤ C_max], mask the rest      0.5, 2.0 (verl's RS band)
+    seq_mis      w_i = Π_t ρ_t · 𝟙[C_min ≤ Π_t ρ_t ≤ C_max]             0.5, 2.0 (verl decoupled_seq_is_rs)
+    icepop       token_mis with IcePop's band [0.5, 5] (arXiv 2510.18855; verl decoupled_token_icepop)
+
+TRL 1.16's ``vllm_importance_sampling_correction`` defaults to ``sequence_mask`` with C_max = 3.0 and no
+lower bound (``vllm_importance_sampling_clip_min=None``): ``seq_mis`` with ratio_min=0, ratio_max=3.0.
+TRL keeps masked tokens in its loss denominator; steadyrl's trainer removes rejected tokens from every
+normaliser (train/update.py), so with ``token_mean`` the two differ by that count.
     geo_rs       reject sequence i if exp(mean_t log ρ_t) ∉ [lower, upper]      0.999, 1.001 (verl preset)
     geo_rs_k3    reject sequence i if mean_t (ρ_t − log ρ_t − 1) > k3_max      0.01 (verl preset)
     opsm         DeepSeek-V3.2 off-policy sequence masking (arXiv 2512.02556), see ``opsm``
@@ -53,18 +58,17 @@ what the trainer logs every step.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from steadyrl.ops.diagnostics import at_least_fp32, is_weight_stats, masked_max, masked_min
-from steadyrl.ops.masking import masked_fill_zero, masked_mean, masked_sum
+from steadyrl.ops.diagnostics import at_least_fp32, is_weight_stats
+from steadyrl.ops.kl import k3
+from steadyrl.ops.masking import masked_max, masked_mean, masked_min, masked_sum
 from steadyrl.ops.ratios import LOG_RATIO_CLAMP, token_log_ratio
 from steadyrl.types import CorrectionResult, LossInputs, Metrics
 
 __all__ = [
-    "CORRECTIONS",
     "geo_rs",
     "geo_rs_k3",
     "icepop",
@@ -117,7 +121,7 @@ def _log_rho(inputs: LossInputs, anchor: str, method: str) -> tuple[Tensor, Tens
 def _kl_metrics(log_rho: Tensor, mask: Tensor) -> Metrics:
     return {
         "mismatch/kl_k1": masked_mean(-log_rho, mask),
-        "mismatch/kl_k3": masked_mean(torch.expm1(log_rho) - log_rho, mask),
+        "mismatch/kl_k3": masked_mean(k3(log_rho), mask),
     }
 
 
@@ -173,8 +177,8 @@ def token_mis(
 ) -> CorrectionResult:
     """Token-level masked IS: w_t = sg[ρ_t · 𝟙[C_min ≤ ρ_t ≤ C_max]]; tokens outside the band are rejected.
 
-    Discards instead of clipping ("toxic tails", Liu, Li et al. 2025). Defaults are TRL's
-    (``vllm_importance_sampling_mode="token_mask"``): C_min = 0.5, C_max = 2.0; the band is inclusive.
+    Discards instead of clipping ("toxic tails", Liu, Li et al. 2025). Defaults C_min = 0.5, C_max = 2.0 (verl's
+    rejection band); the band is inclusive. TRL 1.16's ``token_mask`` default is ratio_min=0, ratio_max=3.0.
     ``weights`` is ρ inside the band and 0 at rejected tokens, and ``mask`` is False there, so either alone
     removes them. Extra metrics: ``mismatch/masked_frac_low`` (ρ < C_min), ``mismatch/masked_frac_high``.
     """
@@ -188,7 +192,7 @@ def icepop(
 
     The paper's calibration M(k) = k if k ∈ [α, β] else 0 with k = π_train(y_t; θ_old)/π_infer(y_t; θ_old)
     multiplies the per-token clipped surrogate; i.e. ``token_mis`` with IcePop's band. α = 0.5, β = 5.0 are
-    the values used in public re-implementations [2nd]; the paper's own numbers were not re-read [MEM].
+    verl's ``decoupled_token_icepop`` preset; the paper's own numbers were not re-read [MEM].
     The paper evaluates the ratio at θ_old, so ``anchor="old"`` is the faithful setting; ``"current"`` is
     offered for bypass mode. Same weights / mask / metric convention as ``token_mis``.
     """
@@ -218,8 +222,8 @@ def seq_mis(
     """Sequence-level masked IS: w_i = sg[Π_t ρ_{i,t} · 𝟙[C_min ≤ Π_t ρ_{i,t} ≤ C_max]], broadcast.
 
     Whole sequences outside the (inclusive) band are rejected (mask False, weight 0); the test is done in log
-    space on Σ_t log ρ_{i,t}. Defaults are TRL's ``sequence_mask`` band (0.5, 2.0); verl's Seq-MIS preset uses
-    the same. The weight of a kept sequence is additionally capped at e^20 (overflow guard for an infinite
+    space on Σ_t log ρ_{i,t}. Defaults (0.5, 2.0) are verl's ``decoupled_seq_is_rs`` band; TRL 1.16's default
+    ``sequence_mask`` is ratio_min=0, ratio_max=3.0. The weight of a kept sequence is additionally capped at e^20 (overflow guard for an infinite
     C_max). Weight statistics are over valid kept sequences.
     """
     _check_band(ratio_min, ratio_max)
@@ -283,7 +287,7 @@ def geo_rs_k3(inputs: LossInputs, *, anchor: str = "old", k3_max: float = 0.01) 
     if k3_max < 0:
         raise ValueError(f"geo_rs_k3: k3_max must be >= 0, got {k3_max}.")
     log_rho, mask = _log_rho(inputs, anchor, "geo_rs_k3")
-    seq_k3 = masked_mean(torch.expm1(log_rho) - log_rho, mask, dim=1)
+    seq_k3 = masked_mean(k3(log_rho), mask, dim=1)
     seq_keep = seq_k3 <= k3_max
     metrics = _kl_metrics(log_rho, mask)
     metrics["mismatch/seq_k3_max"] = masked_max(seq_k3, mask.any(dim=1))
@@ -354,10 +358,12 @@ def mismatch_metrics(
 
         mismatch/kl_k1                  mean(−log ρ)             k1 estimate of KL(μ‖π)
         mismatch/kl_k3                  mean(ρ − log ρ − 1)      k3 estimate of KL(μ‖π), ≥ 0
+        mismatch/ratio_mean             mean(ρ)                  1 in expectation when π and μ are the same
+                                                                 distribution; a drift names a biased ratio
         mismatch/chi2                   mean(ρ²) − 1             estimate of χ²(π‖μ) = E_μ[ρ²] − 1, the
                                                                  variance of token IS weights
         mismatch/abs_logprob_diff_mean  mean |log ρ|
-        mismatch/abs_logprob_diff_max   max |log ρ|              (0 when nothing is valid)
+        mismatch/abs_logprob_diff_max   max |log ρ|              (−inf when nothing is valid)
         mismatch/log_ppl_abs_diff_mean  mean over valid sequences of |mean_t log μ − mean_t log π|, the
                                         absolute log-perplexity gap (verl ``log_ppl_abs_diff``)
     """
@@ -366,24 +372,10 @@ def mismatch_metrics(
     seq_valid = mask.any(dim=1)
     return {
         "mismatch/kl_k1": masked_mean(-log_rho, mask),
-        "mismatch/kl_k3": masked_mean(torch.expm1(log_rho) - log_rho, mask),
+        "mismatch/kl_k3": masked_mean(k3(log_rho), mask),
+        "mismatch/ratio_mean": masked_mean(torch.exp(log_rho), mask),
         "mismatch/chi2": masked_mean(torch.expm1(2.0 * log_rho), mask),
         "mismatch/abs_logprob_diff_mean": masked_mean(log_rho.abs(), mask),
-        "mismatch/abs_logprob_diff_max": masked_fill_zero(log_rho.abs(), mask).amax()
-        if log_rho.numel()
-        else torch.zeros((), device=log_rho.device),
+        "mismatch/abs_logprob_diff_max": masked_max(log_rho.abs(), mask),
         "mismatch/log_ppl_abs_diff_mean": masked_mean(masked_mean(log_rho, mask, dim=1).abs(), seq_valid),
     }
-
-
-CORRECTIONS: dict[str, Callable[..., CorrectionResult]] = {
-    "token_tis": token_tis,
-    "seq_tis": seq_tis,
-    "token_mis": token_mis,
-    "seq_mis": seq_mis,
-    "icepop": icepop,
-    "geo_rs": geo_rs,
-    "geo_rs_k3": geo_rs_k3,
-    "opsm": opsm,
-}
-"""Name -> correction, for the registry; every entry takes ``(inputs, *, anchor=..., **hyper_parameters)``."""

@@ -3,7 +3,7 @@
 Pure functions. Gradients are flat vectors ``(..., D)`` (one block's parameters concatenated; leading dims
 broadcast, so a stack of blocks works too), or the per-block statistics a streaming combiner keeps instead
 of the vectors themselves (inner products ⟨a, b⟩, squared norms, sums S = Σ_j g_j and Q = Σ_j ‖g_j‖²).
-The combiners that drive these functions live in ``steadyrl.train.pcr``.
+The combiners that drive these functions live in ``steadyrl.stabilisers.pcr``.
 
 Every projection here uses one coefficient,
 
@@ -90,7 +90,7 @@ def pcr_soft_projection(
     α = 1 is one-sided PCGrad, α = 0 the plain plasticity direction. [INF] Applying it only on a negative
     inner product is the PCGrad convention and the best reading of "the conflicting component" (methods.md
     §2 gaps). ‖μ_sta‖ = 0 returns μ_pla. Whether μ_sta is added afterwards is the caller's choice
-    (``steadyrl.train.pcr``, ``add_stability``).
+    (``steadyrl.stabilisers.pcr``, ``add_stability``).
     """
     return project_conflicting(mu_pla, mu_sta, alpha)
 

@@ -51,6 +51,13 @@ def kl_k2(
     return 0.5 * token_log_ratio(logprobs, ref_logprobs, mask, clamp=NO_CLAMP).square()
 
 
+def k3(log_ratio: Tensor) -> Tensor:
+    """The k3 formula on a log-ratio log r = log q − log p of a sample from p: r − 1 − log r ≥ 0, an unbiased
+    estimate of KL(p‖q). Every k3 in steadyrl (the KL penalty, the mismatch and drift metrics, the corrections'
+    rejection test) is this one function."""
+    return torch.expm1(log_ratio) - log_ratio
+
+
 def kl_k3(
     logprobs: Tensor,  # (B, T)
     ref_logprobs: Tensor,  # (B, T)
@@ -67,8 +74,7 @@ def kl_k3(
     Unclamped, ∂k3/∂log π_θ = 1 − π_ref/π_θ.  Pass ``float("inf")`` to switch a clamp off.
     """
     log_ratio = token_log_ratio(ref_logprobs, logprobs, mask, clamp=log_ratio_clamp)
-    kl = torch.exp(log_ratio) - log_ratio - 1.0
-    return masked_fill_zero(kl.clamp(-kl_clamp, kl_clamp), mask)
+    return masked_fill_zero(k3(log_ratio).clamp(-kl_clamp, kl_clamp), mask)
 
 
 def _with_k2_gradient(value: Tensor, logprobs: Tensor, ref_logprobs: Tensor, mask: Tensor) -> Tensor:

@@ -19,7 +19,8 @@ import torch
 from torch import Tensor
 from torch.utils.checkpoint import checkpoint
 
-from steadyrl.ops.diagnostics import _entropy_fp32
+from steadyrl.ops.diagnostics import entropy_fp32
+from steadyrl.ops.support import truncate
 
 __all__ = ["logprobs_from_hidden", "selective_log_softmax"]
 
@@ -68,20 +69,27 @@ def _chunk_logprobs(
     ids: Tensor,  # (n, 1) long
     temperature: float,
     compute_entropy: bool,
-) -> tuple[Tensor, Tensor, Tensor]:  # (n,) log-probs, (n,) entropy (empty when not asked), (n,) logits
+    compute_sum_pi_squared: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # (n,) log-probs, entropy, logits, Σπ² (the last two empty when not asked)
     logits = torch.nn.functional.linear(_upcast(hidden).to(weight.dtype), weight, bias)
     if temperature != 1.0:
         logits = logits / temperature
-    token_logits = logits.gather(-1, ids).squeeze(-1)
-    logprobs = token_logits - torch.logsumexp(logits, dim=-1)
+    token_logits = logits.gather(-1, ids).squeeze(-1)  # the raw logit, before any truncation
+    logits = truncate(logits, top_k, top_p)
+    log_normaliser = torch.logsumexp(logits, dim=-1)
+    logprobs = token_logits - log_normaliser
     # After the log-prob on purpose: non-reentrant checkpoint stops its recomputation once every saved
-    # tensor is back, so backward never redoes this no-grad entropy.
-    if compute_entropy:
-        with torch.no_grad():
-            entropy = _entropy_fp32(logits.detach())
-    else:
-        entropy = logits.new_empty(0)
-    return logprobs, entropy, token_logits
+    # tensor is back, so backward never redoes these no-grad statistics.
+    with torch.no_grad():
+        entropy = entropy_fp32(logits.detach()) if compute_entropy else logits.new_empty(0)
+        if compute_sum_pi_squared:
+            # Σ_v π_v² = exp(logsumexp(2z) − 2 logsumexp(z)): one more (n, V) pass, nothing kept
+            sum_pi_squared = torch.exp(torch.logsumexp(2.0 * logits.detach(), dim=-1) - 2.0 * log_normaliser.detach())
+        else:
+            sum_pi_squared = logits.new_empty(0)
+    return logprobs, entropy, token_logits, sum_pi_squared
 
 
 def logprobs_from_hidden(
@@ -94,7 +102,10 @@ def logprobs_from_hidden(
     chunk_size: int = 1024,
     compute_entropy: bool = False,
     return_token_logits: bool = False,
-) -> tuple[Tensor, ...]:  # log π(y_t) (B, T) fp32; entropy (B, T) fp32 detached, or None; [token logits (B, T)]
+    compute_sum_pi_squared: bool = False,
+    top_k: int = 0,
+    top_p: float = 1.0,
+) -> tuple[Tensor, ...]:  # log π(y_t) (B, T) fp32; entropy (B, T) fp32 detached, or None; [token logits]; [Σπ²]
     """log π(y_t) = log softmax((W h_t + b) / τ)[y_t] for every position, chunked over the B·T tokens.
 
     ``hidden[b, t]`` must be the state that predicts ``target_ids[b, t]`` (i.e. already shifted by one).
@@ -106,6 +117,14 @@ def logprobs_from_hidden(
     Masked positions are computed like any other (ids must be valid indices there, e.g. the pad id).
     With ``return_token_logits`` a third output holds the sampled tokens' raw (temperature-scaled) logits
     z_t[y_t], with gradient (LCO's logit regression needs them).
+    With ``compute_sum_pi_squared`` a last output holds Σ_v π_v² per position (B, T), detached, of the same
+    temperature-scaled distribution: the statistic of the optimal token baseline (verl
+    ``calculate_sum_pi_squared``; ‖∇_z log π(y_t)‖² = 1 − 2π(y_t) + Σ_v π_v²).  It is formed inside each
+    chunk like the entropy, so no (B·T, V) tensor exists or is kept.
+    ``top_k`` / ``top_p`` score on the sampler's support instead of the full vocabulary: the temperature-scaled
+    logits are filtered as the sampler filters them (ops/support.py) and renormalised, so π is the very
+    distribution μ sampled from; 0 / 1 (the default) is the full softmax.
+    Outputs, in order: (logprobs, entropy[, token_logits][, sum_pi_squared]).
     """
     if hidden.dim() != 3 or target_ids.shape != hidden.shape[:2]:
         raise ValueError(
@@ -129,23 +148,26 @@ def logprobs_from_hidden(
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (hidden, lm_head_weight, lm_head_bias)
     )
-    logprob_chunks, entropy_chunks, logit_chunks = [], [], []
+    logprob_chunks, entropy_chunks, logit_chunks, sum_sq_chunks = [], [], [], []
     for start in range(0, batch * length, chunk_size):
         args = (flat_hidden[start : start + chunk_size], weight, bias, flat_ids[start : start + chunk_size])
+        stats = (temperature, compute_entropy, compute_sum_pi_squared, top_k, top_p)
         if needs_grad:
-            logprobs, entropy, token_logits = checkpoint(
-                _chunk_logprobs, *args, temperature, compute_entropy, use_reentrant=False
-            )
+            logprobs, entropy, token_logits, sum_sq = checkpoint(_chunk_logprobs, *args, *stats, use_reentrant=False)
         else:
-            logprobs, entropy, token_logits = _chunk_logprobs(*args, temperature, compute_entropy)
+            logprobs, entropy, token_logits, sum_sq = _chunk_logprobs(*args, *stats)
         logprob_chunks.append(logprobs)
         entropy_chunks.append(entropy)
         logit_chunks.append(token_logits)
+        sum_sq_chunks.append(sum_sq)
     logprobs = _cat(logprob_chunks, hidden).reshape(batch, length)
     entropy = _cat(entropy_chunks, hidden).reshape(batch, length) if compute_entropy else None
+    outputs: tuple[Tensor | None, ...] = (logprobs, entropy)
     if return_token_logits:
-        return logprobs, entropy, _cat(logit_chunks, hidden).reshape(batch, length)
-    return logprobs, entropy
+        outputs += (_cat(logit_chunks, hidden).reshape(batch, length),)
+    if compute_sum_pi_squared:
+        outputs += (_cat(sum_sq_chunks, hidden).reshape(batch, length),)
+    return outputs
 
 
 def _cat(chunks: list[Tensor], like: Tensor) -> Tensor:

@@ -27,7 +27,15 @@ from typing import Literal, NamedTuple
 import torch
 from torch import Tensor
 
-from steadyrl.ops.masking import masked_count, masked_fill_zero, masked_mean, masked_sum
+from steadyrl.ops.kl import k3
+from steadyrl.ops.masking import (
+    masked_count,
+    masked_fill_zero,
+    masked_max,
+    masked_mean,
+    masked_min,
+    masked_sum,
+)
 from steadyrl.ops.ratios import gspo_token_log_ratio, sequence_log_ratio, token_log_ratio
 from steadyrl.types import LossInputs, LossResult, Metrics
 
@@ -64,18 +72,13 @@ def _weighted_logprob_loss(weight: Tensor, advantages: Tensor, logprobs: Tensor,
     return masked_fill_zero(-weight.detach() * advantages * logprobs, mask)
 
 
-def _masked_max(x: Tensor, mask: Tensor) -> Tensor:
-    """Max over valid positions of a non-negative quantity; 0 when nothing is valid."""
-    return masked_fill_zero(x.detach(), mask).amax() if x.numel() else x.new_zeros(())
-
-
 def _frac(flags: Tensor, mask: Tensor) -> Tensor:
     return masked_mean(flags.float(), mask)
 
 
-def _kl_k3_old(log_ratio: Tensor) -> Tensor:
-    """k3 estimate of KL(π_old ‖ π_θ) on tokens sampled from π_old: r − 1 − log r, r = π_θ/π_old."""
-    return torch.expm1(log_ratio) - log_ratio
+def _approx_kl_old(log_ratio: Tensor, mask: Tensor) -> Tensor:
+    """k3 estimate of KL(π_old ‖ π_θ) on tokens sampled from π_old, 0-d, log r = log π_θ − log π_old."""
+    return masked_mean(masked_fill_zero(k3(log_ratio.detach()), mask), mask)
 
 
 class _Surrogate(NamedTuple):
@@ -126,8 +129,8 @@ def _surrogate_metrics(sur: _Surrogate, ratio: Tensor, log_ratio: Tensor, mask: 
         "ratio/clip_frac_high": _frac(sur.clipped_high, mask),
         "ratio/dual_clip_frac": _frac(sur.dual_clipped, mask),
         "ratio/mean": masked_mean(ratio.detach(), mask),
-        "ratio/ratio_max": _masked_max(ratio, mask),
-        "kl/approx_old": masked_mean(_kl_k3_old(log_ratio.detach()), mask),
+        "ratio/ratio_max": masked_max(ratio, mask),
+        "kl/approx_old": _approx_kl_old(log_ratio, mask),
     }
 
 
@@ -210,14 +213,17 @@ def gspo_token_loss(inputs: LossInputs, *, clip_low: float = 3e-4, clip_high: fl
     return LossResult(sur.loss, _surrogate_metrics(sur, ratio, log_ratio, c.mask))
 
 
-def cispo_loss(inputs: LossInputs, *, clip_high: float = 5.0, clip_low: float | None = None) -> LossResult:
-    """CISPO (MiniMax-M1, arXiv 2506.13585; methods.md §6.5): clip the detached IS weight, keep every token.
+def cispo_loss(inputs: LossInputs, *, clip_high: float = 4.0, clip_low: float | None = None) -> LossResult:
+    """CISPO (MiniMax-M1, arXiv 2506.13585): clip the detached IS weight, keep every token.
 
         ℓ_t = −sg[clip(r_t, 1 − ε_low, 1 + ε_high)] · Â_t · log π_θ(y_t),     r_t = π_θ(y_t)/π_old(y_t)
 
-    ``clip_low=None`` clips only from above (TRL / ms-swift, ε_high = 5 as in ScaleRL); a number gives verl's
-    two-sided clip.  Every token keeps a gradient, so ``ratio/clip_frac_low|high`` here count tokens whose
-    weight was clipped on that side (the gradient is scaled, not zeroed).
+    ``clip_high`` is ε_high, so the weight is capped at 1 + ε_high, as in the paper and verl
+    (``clip_ratio_high``). TRL 1.16 caps at its ``epsilon_high`` itself (ScaleRL's ε_max, arXiv 2510.13786,
+    recommended 5.0): TRL ``epsilon_high=c`` is ``clip_high=c − 1`` here, and the default 4.0 is that cap of 5.
+    ``clip_low=None`` clips only from above (TRL, ScaleRL); a number gives verl's two-sided clip.  Every token
+    keeps a gradient, so ``ratio/clip_frac_low|high`` here count tokens whose weight was clipped on that side
+    (the gradient is scaled, not zeroed).
     """
     c = _clean(inputs)
     log_ratio = token_log_ratio(inputs.logprobs.detach(), c.old_logprobs, c.mask)
@@ -231,8 +237,8 @@ def cispo_loss(inputs: LossInputs, *, clip_high: float = 5.0, clip_low: float | 
         "ratio/clip_frac_low": _frac(clipped_low, c.mask),
         "ratio/clip_frac_high": _frac(ratio > 1.0 + clip_high, c.mask),
         "ratio/mean": masked_mean(ratio, c.mask),
-        "ratio/ratio_max": _masked_max(ratio, c.mask),
-        "kl/approx_old": masked_mean(_kl_k3_old(log_ratio), c.mask),
+        "ratio/ratio_max": masked_max(ratio, c.mask),
+        "kl/approx_old": _approx_kl_old(log_ratio, c.mask),
     }
     return LossResult(_weighted_logprob_loss(weight, c.advantages, c.logprobs, c.mask), metrics)
 
@@ -256,9 +262,8 @@ def _steer_weights(
     old_prob = torch.exp(c.old_logprobs).clamp(1e-8, 1.0)
     omega = c.advantages / old_prob * prob * (1.0 - prob) * (torch.log(prob) + entropy)
     omega_abs = torch.where(c.mask & torch.isfinite(omega), omega.abs(), torch.zeros_like(omega))
-    inf = torch.full_like(omega_abs, float("inf"))
-    lo = torch.where(c.mask, omega_abs, inf).amin() if omega_abs_min is None else omega_abs_min
-    hi = torch.where(c.mask, omega_abs, -inf).amax() if omega_abs_max is None else omega_abs_max
+    lo = masked_min(omega_abs, c.mask) if omega_abs_min is None else omega_abs_min
+    hi = masked_max(omega_abs, c.mask) if omega_abs_max is None else omega_abs_max
     lo, hi = (torch.as_tensor(v, dtype=omega_abs.dtype, device=omega_abs.device) for v in (lo, hi))
     if mapping == "linear":
         span = hi - lo
@@ -317,9 +322,9 @@ def steer_loss(
     sur = _clipped_surrogate(ratio, c.advantages, c.mask, 1.0 - clip_low, 1.0 + clip_high, dual_clip)
     metrics = _surrogate_metrics(sur, ratio, log_ratio, c.mask)
     metrics["steer/weight_mean"] = masked_mean(weight, c.mask)
-    metrics["steer/weight_min"] = torch.where(c.mask, weight, torch.full_like(weight, weight_max)).amin()
-    metrics["steer/weight_max"] = _masked_max(weight, c.mask)
-    metrics["steer/omega_abs_max"] = _masked_max(omega_abs, c.mask)
+    metrics["steer/weight_min"] = masked_min(weight, c.mask)
+    metrics["steer/weight_max"] = masked_max(weight, c.mask)
+    metrics["steer/omega_abs_max"] = masked_max(omega_abs, c.mask)
     return LossResult(masked_fill_zero(weight * sur.loss, c.mask), metrics)
 
 

@@ -17,16 +17,16 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from steadyrl.ops.kl import k3
 from steadyrl.ops.losses import (
     _behaviour_logprobs,
     _clean,
     _clipped_surrogate,
     _frac,
-    _masked_max,
     _surrogate_metrics,
     _weighted_logprob_loss,
 )
-from steadyrl.ops.masking import masked_fill_zero, masked_mean, masked_sum
+from steadyrl.ops.masking import masked_fill_zero, masked_max, masked_mean, masked_min, masked_sum
 from steadyrl.ops.ratios import prefix_min_log_ratio, token_log_ratio
 from steadyrl.types import LossInputs, LossResult, Metrics
 
@@ -34,7 +34,7 @@ from steadyrl.types import LossInputs, LossResult, Metrics
 def _is_metrics(prefix: str, is_ratio: Tensor, is_cap: float, mask: Tensor) -> Metrics:
     return {
         f"{prefix}/is_weight_mean": masked_mean(is_ratio.clamp(max=is_cap), mask),
-        f"{prefix}/is_weight_max": _masked_max(is_ratio.clamp(max=is_cap), mask),
+        f"{prefix}/is_weight_max": masked_max(is_ratio.clamp(max=is_cap), mask),
         f"{prefix}/is_truncated_frac": _frac(is_ratio > is_cap, mask),
     }
 
@@ -85,14 +85,14 @@ def _dppo_loss(
     prob, anchor_prob = torch.exp(logp), torch.exp(anchor_logp)
     if divergence == "tv":
         div = (prob - anchor_prob).abs()
-        too_far_up = (prob - anchor_prob) > delta_high
-        too_far_down = (prob - anchor_prob) < -delta_low
     else:  # binary KL between Bernoulli(anchor_prob) and Bernoulli(prob); 1e-8 guards 1 − p = 0
         div = anchor_prob * (anchor_logp - logp) + (1.0 - anchor_prob) * torch.log(
             (1.0 - anchor_prob + 1e-8) / (1.0 - prob + 1e-8)
         )
-        too_far_up = (div > delta_high) & (prob > anchor_prob)
-        too_far_down = (div > delta_low) & (prob < anchor_prob)
+    # A token is kept only when its divergence is within the bound (verl's form), so an impossible input
+    # (a log-prob above 0 makes the binary KL NaN) is rejected rather than kept.
+    too_far_up = ~(div <= delta_high) & (prob > anchor_prob)
+    too_far_down = ~(div <= delta_low) & (prob < anchor_prob)
     blocked_pos = c.mask & (c.advantages > 0) & too_far_up
     blocked_neg = c.mask & (c.advantages < 0) & too_far_down
     is_ratio = torch.exp(token_log_ratio(logp, mu, c.mask))
@@ -152,7 +152,7 @@ def dppo_binary_kl_loss(
 _DRIFT_ESTIMATORS = {
     "k1": lambda log_r: -log_r,
     "k2": lambda log_r: 0.5 * log_r**2,
-    "k3": lambda log_r: torch.expm1(log_r) - log_r,
+    "k3": k3,
 }
 
 
@@ -288,10 +288,10 @@ def vespo_loss(
     seq_log_w = log_w.squeeze(1)
     metrics = {
         "vespo/phi_mean": masked_mean(phi, c.mask),
-        "vespo/phi_max": _masked_max(phi, c.mask),
+        "vespo/phi_max": masked_max(phi, c.mask),
         "vespo/log_w_mean": masked_mean(seq_log_w, valid_seq),
-        "vespo/log_w_max": torch.where(valid_seq, seq_log_w, torch.full_like(seq_log_w, -log_w_clamp)).amax(),
-        "vespo/log_w_min": torch.where(valid_seq, seq_log_w, torch.full_like(seq_log_w, log_w_clamp)).amin(),
+        "vespo/log_w_max": masked_max(seq_log_w, valid_seq),
+        "vespo/log_w_min": masked_min(seq_log_w, valid_seq),
     }
     return LossResult(_weighted_logprob_loss(phi, c.advantages, c.logprobs, c.mask), metrics)
 
@@ -317,7 +317,7 @@ def minpro_loss(inputs: LossInputs, *, is_cap: float = 10.0, include_current: bo
     weight = masked_fill_zero(rho.clamp(max=is_cap) * prefix, c.mask)
     metrics = {
         "minpro/weight_mean": masked_mean(weight, c.mask),
-        "minpro/weight_max": _masked_max(weight, c.mask),
+        "minpro/weight_max": masked_max(weight, c.mask),
         "minpro/prefix_weight_mean": masked_mean(prefix, c.mask),
         "minpro/is_truncated_frac": _frac(rho > is_cap, c.mask),
     }

@@ -32,6 +32,21 @@ def masked_mean(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = Non
     return masked_sum(x, mask, dim) / masked_count(mask.expand_as(x), dim).clamp(min=1.0)
 
 
+def masked_max(x: Tensor, mask: Tensor) -> Tensor:
+    """max of x over mask, 0-d; −inf (the identity of max) when nothing is selected, so that a ``*_max``
+    metric reduces exactly over micro-batches and ranks."""
+    if not x.numel():
+        return torch.full((), float("-inf"), dtype=x.dtype, device=x.device)
+    return torch.where(mask, x.detach(), torch.full_like(x, float("-inf"))).amax()
+
+
+def masked_min(x: Tensor, mask: Tensor) -> Tensor:
+    """min of x over mask, 0-d; +inf (the identity of min) when nothing is selected."""
+    if not x.numel():
+        return torch.full((), float("inf"), dtype=x.dtype, device=x.device)
+    return torch.where(mask, x.detach(), torch.full_like(x, float("inf"))).amin()
+
+
 def masked_var(x: Tensor, mask: Tensor, dim: int | tuple[int, ...] | None = None, unbiased: bool = True) -> Tensor:
     """Variance over masked positions; with ``unbiased`` divides by (n - 1), and gives 0 where n <= 1."""
     dims = tuple(range(x.dim())) if dim is None else dim

@@ -8,15 +8,20 @@ Non-finite values (NaN, ±inf) are written as JSON ``null``, so every line is va
 reader (``jq``, pandas, a browser) accepts; ``read_metrics`` turns ``null`` back into ``float('nan')``.
 The sign of an infinity is lost on purpose: for a diagnostic, "not a finite number" is what matters.
 
+``samples.jsonl`` holds a few held-out completions per eval, one JSON object a line: ``{"step", "prompt",
+"answer", "completion", "reward" (null when unscorable), "greedy"}`` (``MetricLogger.log_samples``).
+
 Only rank 0 writes: build the logger with ``enabled=False`` on every other rank and it touches no file.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import math
 import os
+import sys
 import time
 import warnings
 from collections.abc import Mapping
@@ -24,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from steadyrl._io import atomic_write_text
+from steadyrl.config import ConfigError
 
 METRICS_FILE = "metrics.jsonl"
+SAMPLES_FILE = "samples.jsonl"
 TB_DIR = "tb"
 
 _warned_no_tensorboard = False
@@ -61,6 +68,22 @@ def _parse_lines(text: str, path: Path) -> list[dict[str, Any]]:
         with contextlib.suppress(json.JSONDecodeError):  # a line cut short by a crash mid-write
             rows.append(json.loads(tail))
     return rows
+
+
+def require_wandb() -> None:
+    """Raise ConfigError, before anything is loaded, when W&B logging is asked for but wandb is missing."""
+    loaded = sys.modules.get("wandb", False)
+    if loaded is None or (loaded is False and importlib.util.find_spec("wandb") is None):
+        raise ConfigError(
+            "logging.wandb_project is set but wandb is not installed; run `pip install wandb` (or "
+            "`pip install steadyrl[wandb]`), or remove logging.wandb_project."
+        )
+
+
+def read_samples(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``RUN_DIR/samples.jsonl`` in file order; ``[]`` when the file does not exist."""
+    path = Path(run_dir) / SAMPLES_FILE
+    return _parse_lines(path.read_text(encoding="utf-8"), path) if path.exists() else []
 
 
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -120,6 +143,7 @@ class MetricLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.path = self.run_dir / METRICS_FILE
         self._prepare_file(resume_step)
+        self._prepare_samples(resume_step)
         self._file = open(self.path, "a", encoding="utf-8")  # noqa: SIM115 - closed in close()
         if tensorboard:
             self._tb = self._open_tensorboard(resume_step)
@@ -143,6 +167,14 @@ class MetricLogger:
             # Appending to a cut-off line would glue two rows into one corrupt line.
             atomic_write_text(self.path, "".join(json.dumps(row) + "\n" for row in rows))
 
+    def _prepare_samples(self, resume_step: int | None) -> None:
+        """Like metrics.jsonl: samples of steps after ``resume_step`` belong to an abandoned attempt."""
+        path = self.run_dir / SAMPLES_FILE
+        if resume_step is None or not path.exists():
+            return
+        rows = [row for row in _parse_lines(path.read_text(encoding="utf-8"), path) if int(row["step"]) <= resume_step]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
+
     def _open_tensorboard(self, resume_step: int | None):
         global _warned_no_tensorboard
         try:
@@ -159,13 +191,9 @@ class MetricLogger:
         return SummaryWriter(log_dir=str(self.run_dir / TB_DIR), purge_step=purge_step)
 
     def _open_wandb(self, init_kwargs: dict[str, Any], resume_step: int | None):
-        try:
-            import wandb
-        except ImportError as err:
-            raise ImportError(
-                "Weights & Biases logging was requested but `wandb` is not installed; "
-                "run `pip install wandb` (or `pip install steadyrl[wandb]`), or turn W&B logging off."
-            ) from err
+        require_wandb()
+        import wandb
+
         init_kwargs.setdefault("dir", str(self.run_dir))
         if resume_step is not None:
             init_kwargs.setdefault("resume", "allow")
@@ -192,6 +220,18 @@ class MetricLogger:
                 self._tb.add_scalar(name, value, global_step=int(step))
         if self._wandb_run is not None:
             self._wandb_run.log(values, step=int(step))
+
+    def log_samples(self, step: int, samples: list[Mapping[str, Any]]) -> None:
+        """Append ``samples`` (dicts of prompt, answer, completion, reward, greedy) to samples.jsonl at ``step``."""
+        if not self.enabled or not samples:
+            return
+        rows = []
+        for sample in samples:
+            reward = sample.get("reward")
+            reward = None if reward is None or not math.isfinite(float(reward)) else float(reward)
+            rows.append(json.dumps({"step": int(step), **sample, "reward": reward}, allow_nan=False) + "\n")
+        with open(self.run_dir / SAMPLES_FILE, "a", encoding="utf-8") as f:
+            f.write("".join(rows))
 
     def flush(self) -> None:
         if self._file is not None and not self._closed:

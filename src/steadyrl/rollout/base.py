@@ -9,6 +9,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
+from steadyrl.models.lora import is_peft_model, merged_copy, merged_state_dict, unwrap_peft
 from steadyrl.models.routing import supported_moe_layers
 from steadyrl.types import RolloutBatch
 
@@ -51,7 +52,10 @@ class RolloutBackend(Protocol):
 
 class SamplerCopyMixin:
     """What both backends share: the policy, its sampler (a separate copy in ``sampler_dtype`` when that differs
-    from the policy's dtype, so the train-inference gap is real), and MoE routing recording."""
+    from the policy's dtype, so the train-inference gap is real), and MoE routing recording.
+
+    A LoRA policy (a peft model) samples through the causal LM inside the wrapper, its LoRA layers active; a
+    separate sampler of it is a plain copy with the adapters merged in (models/lora.py), refreshed by merging."""
 
     def _init_sampler(
         self,
@@ -66,9 +70,12 @@ class SamplerCopyMixin:
         self.eos_token_id = eos_token_id
         param_dtype = next(model.parameters()).dtype
         self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
-        self.sampler = copy.deepcopy(model).to(sampler_dtype).eval() if self.separate_sampler else model
+        self.lora = is_peft_model(model)
         if self.separate_sampler:
-            self.sampler.requires_grad_(False)
+            copied = merged_copy(model) if self.lora else copy.deepcopy(model)
+            self.sampler = copied.to(sampler_dtype).eval().requires_grad_(False)
+        else:
+            self.sampler = unwrap_peft(model)  # peft's own forward hides the cache API the backends call
         if record_routing is None:
             record_routing = bool(supported_moe_layers(self.sampler, strict=False))
         self.record_routing = record_routing
@@ -77,6 +84,11 @@ class SamplerCopyMixin:
     def sync_weights(self) -> None:
         """Copy the policy's current parameters into the low-precision sampler (no-op when it is the policy)."""
         if not self.separate_sampler:
+            return
+        if self.lora:
+            merged = merged_state_dict(self.policy)
+            for name, dst in self.sampler.named_parameters():
+                dst.copy_(merged[name])
             return
         for dst, src in zip(self.sampler.parameters(), self.policy.parameters()):
             dst.copy_(src)

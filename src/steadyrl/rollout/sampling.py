@@ -2,35 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
+from steadyrl.ops.support import top_k_filter, top_p_filter, truncate
 from steadyrl.rollout.base import SamplingParams
 
-
-def top_k_filter(scores: Tensor, top_k: int) -> Tensor:  # scores: (B, V) -> (B, V)
-    """−∞ outside the ``top_k`` largest scores; every score equal to the k-th largest is kept.
-
-    Same as ``transformers.TopKLogitsWarper(top_k)``: keep z_v iff z_v ≥ (k-th largest z).
-    """
-    k = min(max(top_k, 1), scores.shape[-1])
-    kth_largest = torch.topk(scores, k, dim=-1).values[..., -1:]
-    return scores.masked_fill(scores < kth_largest, -math.inf)
-
-
-def top_p_filter(scores: Tensor, top_p: float) -> Tensor:  # scores: (B, V) -> (B, V)
-    """Nucleus filter, as ``transformers.TopPLogitsWarper(top_p)``.
-
-    Sort ascending, c_i = Σ_{j ≤ i} softmax(z)_(j); drop tokens with c_i ≤ 1 − p, always keep the largest one.
-    """
-    sorted_scores, sorted_index = torch.sort(scores, descending=False, dim=-1)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    sorted_drop = cumulative <= (1 - top_p)
-    sorted_drop[..., -1:] = False
-    drop = sorted_drop.scatter(-1, sorted_index, sorted_drop)
-    return scores.masked_fill(drop, -math.inf)
+__all__ = ["sample_categorical", "sampling_logprobs", "top_k_filter", "top_p_filter"]
 
 
 def sampling_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:  # logits: (B, V) -> (B, V) fp32
@@ -42,10 +20,7 @@ def sampling_logprobs(logits: Tensor, params: SamplingParams) -> Tensor:  # logi
     if not params.greedy:
         if params.temperature != 1.0:
             scores = scores / params.temperature
-        if params.top_k:
-            scores = top_k_filter(scores, params.top_k)
-        if params.top_p < 1.0:
-            scores = top_p_filter(scores, params.top_p)
+        scores = truncate(scores, params.top_k, params.top_p)
     return torch.log_softmax(scores, dim=-1)
 
 

@@ -21,10 +21,12 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from steadyrl.config import ConfigError
+
 _COMPLETION_PREVIEW_CHARS = 200
 
 
-class TaskError(ValueError):
+class TaskError(ConfigError):
     """A task is configured wrongly (bad option, missing file, unusable data); the message says what to fix."""
 
 
@@ -115,6 +117,14 @@ def _as_reward(value: object) -> float | None:
     return None
 
 
+def describe_call(task: Task, prompt: Prompt, completion: str) -> str:
+    """"task 'x', prompt id 'p' (text '...'), completion '...'": what a reward error names."""
+    return (
+        f"task {getattr(task, 'name', type(task).__name__)!r}, prompt id {prompt.id!r} "
+        f"(text {_preview(prompt.text)}), completion {_preview(completion)}"
+    )
+
+
 def score_completions(
     task: Task,
     prompts: list[Prompt],
@@ -132,10 +142,7 @@ def score_completions(
         )
     rewards = []
     for prompt, completion in zip(prompts, completions):
-        where = (
-            f"task {getattr(task, 'name', type(task).__name__)!r}, prompt id {prompt.id!r} "
-            f"(text {_preview(prompt.text)}), completion {_preview(completion)}"
-        )
+        where = describe_call(task, prompt, completion)
         try:
             value = task.reward(prompt, completion)
         except Exception as error:
@@ -151,3 +158,34 @@ def score_completions(
             )
         rewards.append(reward)
     return torch.tensor(rewards, dtype=torch.float32)
+
+
+@dataclass
+class TaskScores:
+    """The rewards of a batch of completions, as a task with its own batch scorer returns them."""
+
+    rewards: Tensor  # (B,) float32, NaN = could not be scored
+    components: dict[str, Tensor] = field(default_factory=dict)
+    """Named rewards (B,) float32 of a multi-reward task, whose weighted sum is ``rewards``; empty otherwise."""
+    metrics: dict[str, Tensor] = field(default_factory=dict)
+    """Scalar metrics of the scoring (e.g. ``reward/timeout_frac``), as 0-d tensors."""
+
+
+def score_batch(task: Task, prompts: list[Prompt], completions: list[str]) -> TaskScores:
+    """``task.score(prompts, completions)`` when the task scores whole batches (a worker pool, several named
+    rewards), else :func:`score_completions`. Both raise RewardError for a reward that raised or returned a
+    non-number, and give NaN for an unscorable completion."""
+    scorer = getattr(task, "score", None)
+    if scorer is None:
+        return TaskScores(score_completions(task, prompts, completions))
+    if len(prompts) != len(completions):
+        raise ValueError(
+            f"got {len(prompts)} prompts but {len(completions)} completions; pass one prompt per completion"
+        )
+    scores = scorer(prompts, completions)
+    if scores.rewards.shape != (len(prompts),):
+        raise ValueError(
+            f"{type(task).__name__}.score returned rewards of shape {tuple(scores.rewards.shape)} for "
+            f"{len(prompts)} completions; return one reward per completion"
+        )
+    return scores

@@ -1,4 +1,4 @@
-"""Rollout -> reward -> advantage for one RL step.
+"""Stage 1 of an RL step, collect: prompts → rollout → reward → advantage, as a ``ScoredBatch``.
 
 Every rank draws the same global prompt list for the step (seeded by the step number) and keeps its own slice
 of whole groups. Rewards are gathered from all ranks so that advantages, including estimators with
@@ -8,38 +8,20 @@ batch-level statistics (batch std, BNPO), are computed on the global batch exact
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from steadyrl.models.chat import PromptRenderer
 from steadyrl.ops.masking import masked_fill_zero, masked_var
-from steadyrl.rollout.base import RolloutBackend, SamplingParams, left_pad
-from steadyrl.tasks import Prompt, Task, score_completions
+from steadyrl.rollout.base import RolloutBackend, SamplingParams
+from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
+from steadyrl.runtime.distributed import DistInfo
+from steadyrl.runtime.seeding import step_seed
+from steadyrl.tasks import Prompt, Task, score_batch
 from steadyrl.train.batch import ScoredBatch
-from steadyrl.train.distributed import DistInfo
-
-
-def step_seed(seed: int, step: int, salt: int = 0) -> int:
-    """A deterministic per-step seed, so that a resumed run draws exactly what the uninterrupted run drew."""
-    return (seed * 1_000_003 + step * 7_919 + salt * 104_729) % (2**63 - 1)
-
-
-def encode_prompts(tokenizer, prompts: list[Prompt], device: torch.device) -> tuple[Tensor, Tensor]:
-    ids = [tokenizer(p.text)["input_ids"] for p in prompts]
-    if any(len(x) == 0 for x in ids):
-        empty = next(p for p, x in zip(prompts, ids) if len(x) == 0)
-        raise ValueError(f"prompt {empty.id!r} encodes to no tokens; every prompt needs at least one token.")
-    return left_pad(ids, tokenizer.pad_token_id, device)
-
-
-def decode_completions(tokenizer, completion_ids: Tensor, mask: Tensor, eos_ids: set[int]) -> list[str]:
-    texts = []
-    for row, row_mask in zip(completion_ids.tolist(), mask.tolist()):
-        tokens = [t for t, m in zip(row, row_mask) if m and t not in eos_ids]
-        texts.append(tokenizer.decode(tokens, skip_special_tokens=True))
-    return texts
 
 
 def gather_rewards(local: Tensor, info: DistInfo) -> Tensor:
@@ -57,6 +39,7 @@ class Collected:
     completions: list[str]
     metrics: dict[str, Tensor]  # per-rank tensors, token-/sample-weighted means
     rollout_s: float
+    reward_components: dict[str, Tensor] = field(default_factory=dict)  # name -> (B_local,) of multi-reward tasks
 
 
 class RolloutCollector:
@@ -74,6 +57,7 @@ class RolloutCollector:
         seed: int,
         device: torch.device,
         mask_truncated: bool = False,
+        renderer: PromptRenderer | None = None,
     ) -> None:
         self.backend = backend
         self.tokenizer = tokenizer
@@ -86,7 +70,8 @@ class RolloutCollector:
         self.seed = seed
         self.device = device
         self.mask_truncated = mask_truncated
-        self.eos_ids = set(_as_list(tokenizer.eos_token_id))
+        self.eos_ids = eos_ids(tokenizer)
+        self.renderer = renderer
 
     def local_prompts(self, step: int) -> list[Prompt]:
         prompts = self.task.sample("train", self.prompts_per_step, seed=step_seed(self.seed, step))
@@ -94,43 +79,44 @@ class RolloutCollector:
         return prompts[self.info.rank * per_rank : (self.info.rank + 1) * per_rank]
 
     def collect(self, step: int) -> Collected:
-        prompts = self.local_prompts(step)
-        expanded = [p for p in prompts for _ in range(self.group_size)]
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, expanded, self.device)
+        prompts = [p for p in self.local_prompts(step) for _ in range(self.group_size)]  # G copies, contiguous
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device, self.renderer)
         generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, 1 + self.info.rank))
         start = time.perf_counter()
         self.backend.sync_weights()
         rollout = self.backend.generate(prompt_ids, prompt_mask, self.params, generator=generator)
         rollout_s = time.perf_counter() - start
         completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.response_mask, self.eos_ids)
-        local_rewards = score_completions(self.task, expanded, completions).to(self.device)
-        rewards = gather_rewards(local_rewards, self.info)
-        adv = self.advantage_fn(rewards, self.group_size)
-        lo = self.info.rank * local_rewards.shape[0]
-        hi = lo + local_rewards.shape[0]
-        advantages, sample_mask = adv.advantages[lo:hi], adv.sample_mask[lo:hi]
+        scores = score_batch(self.task, prompts, completions)  # rewards, named parts, scoring metrics
+        rewards = scores.rewards.to(self.device)  # (B,) NaN = unscorable
+        all_rewards = gather_rewards(rewards, self.info)  # estimators see the global batch, as on one process
+        adv = self.advantage_fn(all_rewards, self.group_size)
+        mine = slice(self.info.rank * len(prompts), (self.info.rank + 1) * len(prompts))
+        advantages, sample_mask = adv.advantages[mine], adv.sample_mask[mine]
         if self.mask_truncated:
             sample_mask = sample_mask & ~rollout.truncated
-        if advantages.dim() == 1:
+        if advantages.dim() == 1:  # one advantage per completion, broadcast over its tokens
             advantages = advantages[:, None].expand_as(rollout.rollout_logprobs)
         advantages = masked_fill_zero(advantages.float(), rollout.response_mask).detach()
-        finite = torch.isfinite(rewards)
-        metrics = {
-            "reward/mean": torch.where(finite, rewards, 0.0).sum() / finite.sum().clamp(min=1),
-            "reward/std": masked_var(rewards, finite).sqrt(),
-            **adv.metrics,
-        }
-        lengths = rollout.response_mask.sum(1).float()
-        local_metrics = {
-            "rollout/len_mean": lengths.mean(),
-            "rollout/len_max": lengths.max(),
-            "rollout/truncated_frac": rollout.truncated.float().mean(),
-        }
-        batch = ScoredBatch(rollout, rewards=local_rewards, advantages=advantages, sample_mask=sample_mask)
-        return Collected(batch, expanded, completions, {**metrics, **local_metrics}, rollout_s)
+        batch = ScoredBatch(rollout, rewards=rewards, advantages=advantages, sample_mask=sample_mask)
+        metrics = {**_reward_metrics(all_rewards), **adv.metrics, **_rollout_metrics(rollout)}
+        metrics.update({name: value.to(self.device) for name, value in scores.metrics.items()})
+        components = {name: value.to(self.device) for name, value in scores.components.items()}
+        return Collected(batch, prompts, completions, metrics, rollout_s, components)
 
 
-def _as_list(x: int | list[int] | None) -> list[int]:
-    if x is None:
-        return []
-    return list(x) if isinstance(x, (list, tuple)) else [x]
+def _reward_metrics(rewards: Tensor) -> dict[str, Tensor]:
+    finite = torch.isfinite(rewards)
+    return {
+        "reward/mean": torch.where(finite, rewards, 0.0).sum() / finite.sum().clamp(min=1),
+        "reward/std": masked_var(rewards, finite).sqrt(),
+    }
+
+
+def _rollout_metrics(rollout) -> dict[str, Tensor]:
+    lengths = rollout.response_mask.sum(1).float()
+    return {
+        "rollout/len_mean": lengths.mean(),
+        "rollout/len_max": lengths.max(),
+        "rollout/truncated_frac": rollout.truncated.float().mean(),
+    }

@@ -1,9 +1,14 @@
-"""The policy forward of the trainer: per-token log-probs (and entropy) of completions, computed in chunks.
+"""The policy forward of the trainer: per-token log-probs (and entropy) of completions, computed in chunks,
+and the MoE routing that forward runs under.
 
 The decoder runs once over prompt + completion; the LM head is applied chunk by chunk on the completion
 positions only (``ops.logprobs.logprobs_from_hidden``), so full-vocabulary logits never exist for the whole
 batch. Positions are counted as HF ``generate`` counts them for left-padded prompts, so the trainer scores
 exactly the sequence the sampler produced.
+
+Routing Replay (models/routing.py) changes this forward: ``routing(model, batch, replay)`` fixes the experts of
+every MoE layer for the forward *and* for its recomputation in backward under activation checkpointing, so
+the update wraps a micro-batch's forward and backward in it.
 """
 
 from __future__ import annotations
@@ -14,6 +19,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from steadyrl.config import ConfigError
+from steadyrl.models.lora import unwrap_peft
+from steadyrl.models.routing import RoutingReplayer, WeightRule
 from steadyrl.ops.logprobs import logprobs_from_hidden
 from steadyrl.rollout.base import position_ids_from_mask
 from steadyrl.types import RolloutBatch
@@ -36,7 +44,9 @@ def model_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
-    """The decoder stack (hidden states after the final norm) and the LM head of a HF causal LM."""
+    """The decoder stack (hidden states after the final norm) and the LM head of a HF causal LM (inside a peft
+    LoRA wrapper too: its LoRA layers then run in the decoder)."""
+    model = unwrap_peft(model)
     head = model.get_output_embeddings()
     decoder = getattr(model, "base_model", None)
     if head is None or decoder is None or decoder is model:
@@ -44,6 +54,8 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
             f"{type(model).__name__} does not expose a decoder and an LM head (get_output_embeddings); "
             "steadyrl needs a causal LM whose logits are lm_head(hidden)."
         )
+    if type(head) is not torch.nn.Linear and hasattr(head, "base_layer"):
+        raise TypeError("the LM head carries a LoRA adapter, which the chunked log-prob path does not apply; leave it out of model.lora.target_modules.")
     if getattr(model.config, "final_logit_softcapping", None):
         raise TypeError(f"{type(model).__name__} soft-caps its logits, which the chunked log-prob path does not model.")
     return decoder, head
@@ -58,7 +70,10 @@ def policy_forward(
     keep_hidden: bool = False,
     chunk_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
+    support: tuple[int, float] = (0, 1.0),
 ) -> PolicyOutput:
+    """π(y_t) of the batch's completions; ``support`` = (top_k, top_p) scores on the sampler's truncated
+    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary."""
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
     device_type = input_ids.device.type
@@ -81,5 +96,27 @@ def policy_forward(
         chunk_size=chunk_size,
         compute_entropy=compute_entropy,
         return_token_logits=True,
+        top_k=support[0],
+        top_p=support[1],
     )
     return PolicyOutput(logprobs, entropy, hidden if keep_hidden else None, token_logits)
+
+
+def routing(
+    model: torch.nn.Module, batch: RolloutBatch, replay: str | None, rule: WeightRule = "restricted_softmax"
+) -> contextlib.AbstractContextManager:
+    """The MoE routing of the forwards inside the context.
+
+    None: the routers' own choice. "batch": replay ``batch.routed_experts`` (the sampler's experts under R3,
+    the π_old forward's under R2). "own": the router's own top-k, gated with the replay ``rule`` (R2's π_old
+    forward, so that π_old and the replayed π_θ share one gating formula).
+    """
+    if replay is None:
+        return contextlib.nullcontext()
+    if replay == "batch" and batch.routed_experts is None:
+        raise ConfigError(
+            "routing replay found no recorded experts in the batch; the rollout backends (hf, native) record "
+            "them for supported MoE models (see models/routing.py)."
+        )
+    return RoutingReplayer(model, batch.routed_experts if replay == "batch" else None, rule=rule)
+

@@ -9,8 +9,10 @@ from pathlib import Path
 import torch
 
 from steadyrl import registry
-from steadyrl.config import ConfigError, TrainConfig
-from steadyrl.train.distributed import DistInfo
+from steadyrl.config import ConfigError, TrainConfig, to_dict
+from steadyrl.runtime import rundir
+from steadyrl.runtime.distributed import DistInfo
+from steadyrl.runtime.paths import check_writable_dir
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -58,9 +60,11 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
     r, o = cfg.rollout, cfg.optim
     if r.group_size < 1 or r.prompts_per_step < 1:
         raise ConfigError("rollout.group_size and rollout.prompts_per_step must be at least 1.")
-    if r.group_size < 2 and cfg.advantage.name != "mc_grpo":
+    advantage = registry.lookup("advantage", cfg.advantage.name)
+    if r.group_size < advantage.min_group_size:
         raise ConfigError(
-            f"rollout.group_size is {r.group_size}; group-relative advantages need at least 2 completions per prompt."
+            f"rollout.group_size is {r.group_size}; the {advantage.name} advantage needs at least "
+            f"{advantage.min_group_size} completions per prompt."
         )
     if r.prompts_per_step % info.world_size:
         raise ConfigError(
@@ -75,41 +79,49 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
         )
     if o.micro_batch_size < 1 or o.epochs < 1 or o.steps < 1:
         raise ConfigError("optim.micro_batch_size, optim.epochs and optim.steps must be at least 1.")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 1 or cfg.eval.every < 0:
+        raise ConfigError(
+            f"checkpoint.every={cfg.checkpoint.every}, checkpoint.keep_last={cfg.checkpoint.keep_last}, "
+            f"eval.every={cfg.eval.every}: every must be >= 0 (0 = only at the end / never for eval) and keep_last >= 1."
+        )
     if r.max_new_tokens < 1:
         raise ConfigError("rollout.max_new_tokens must be at least 1.")
     if r.temperature <= 0:
         raise ConfigError("rollout.temperature must be > 0 for RL sampling (greedy is only used in evaluation).")
-    if o.schedule not in ("constant", "cosine", "linear"):
-        raise ConfigError(f"optim.schedule={o.schedule!r}; valid: constant, cosine, linear.")
     if cfg.kl.coef < 0:
         raise ConfigError(f"kl.coef={cfg.kl.coef} is negative; use a coefficient >= 0 (0 turns the KL penalty off).")
-    if cfg.kl.reference not in ("initial", "old"):
-        raise ConfigError(f"kl.reference={cfg.kl.reference!r}; valid: initial, old.")
 
 
 def validate_run_dir(cfg: TrainConfig) -> None:
-    """Never mix two runs in one directory: without resume, an existing run's directory is an error."""
-    run_dir = Path(cfg.run.output_dir)
-    if cfg.run.resume or not run_dir.is_dir():
+    """Never mix two runs, never write into a directory steadyrl did not create (runtime/rundir.py): a foreign
+    directory is refused, an existing run needs run.resume=true and the run's own config."""
+    check_writable_dir(Path(cfg.run.output_dir), "run.output_dir")
+    run = rundir.inspect(cfg.run.output_dir)
+    rundir.refuse_foreign(run)
+    if not run.holds_run:
         return
-    if (run_dir / "metrics.jsonl").exists() or (run_dir / "checkpoints").exists():
+    if not cfg.run.resume:
         raise ConfigError(
-            f"run.output_dir {run_dir} already holds a run; set run.resume=true to continue it, or choose a new "
+            f"run.output_dir {run.path} already holds a run; set run.resume=true to continue it, or choose a new "
             "run.output_dir (nothing was overwritten)."
         )
+    rundir.check_resume_matches(run, to_dict(cfg))
 
 
 def resolve_methods(cfg: TrainConfig) -> dict:
-    """Registry lookups with hyper-parameters bound; unknown names / keys raise ConfigError here."""
+    """Registry lookups with hyper-parameters bound; unknown names / settings raise ConfigError here, before
+    anything is loaded. Stateful stabilisers, the task and the backend are checked here and built later."""
     kl = registry.resolve("kl", cfg.kl.estimator)  # checked even at coef 0: a typo must not wait until KL is on
+    for spec in cfg.token_filters:
+        registry.check("token_filter", spec)
+    registry.check("combiner", cfg.combiner)
+    registry.check("rollout_backend", cfg.rollout.backend)
     return {
         "advantage": registry.resolve("advantage", cfg.advantage),
         "loss": registry.resolve("loss", cfg.loss),
         "aggregation": registry.resolve("aggregation", cfg.aggregation),
         "correction": registry.resolve("correction", cfg.correction) if cfg.correction else None,
         "kl": kl if cfg.kl.coef > 0 else None,
-        "token_filters": [registry.resolve("token_filter", spec) for spec in cfg.token_filters],
-        "combiner": registry.resolve("combiner", cfg.combiner),
     }
 
 

@@ -1,44 +1,50 @@
-"""The policy update for one scored rollout batch: mini-batches x micro-batches with global normalisation.
+"""Stage 3 of an RL step, update: the optimizer steps for one scored batch, and nothing else.
 
-For every mini-batch (one optimizer step):
-    counts  = tokens and sequences of the whole mini-batch, summed over ranks      (GlobalCounts)
-    for every micro-batch:
-        forward π_θ                      -> logprobs, entropy          (chunked LM head; MoE routing replayed, R2/R3)
-        correction (TIS / MIS / ...)     -> detached weights, rejection mask
-        token filters (CAPO ...)         -> more masks
-        per-token loss  x weights        -> aggregate with the global counts -> backward
-    gradient combiner (sum over ranks | PCGrad | PCR) -> clip -> skip if non-finite -> optimizer step
-There is no host synchronisation inside the micro-batch loop; the one per optimizer step is the
-finite-gradient check.
+For every mini-batch (one optimizer step), for every micro-batch:
+
+    forward π_θ                        logprobs, entropy [, hidden]    (MoE routing replayed, R2 / R3)
+    micro_batch_terms                  correction → token filters → per-token loss → aggregate (+ KL)
+    combiner.backward(terms)
+
+then the normaliser (below), the gradient combiner (sum over ranks | PCGrad | PCR), clipping, a skip on a
+non-finite gradient, and the optimizer step. The one host sync per optimizer step is the finite check.
+
+The normaliser, decided once: a token or sequence *rejected* by a rollout correction (MIS, IcePop, Geo-RS,
+OPSM) or by a token filter (CAPO's mask, as CAPO's official code averages over unmasked tokens) counts as not
+sampled and leaves every normaliser; a mask *inside* a loss (PPO clip, MiniRL's staleness mask, DPPO's trust
+region) keeps its tokens in the count. Rejections depend on π_θ, so they are known only after each
+micro-batch's forward; each micro-batch is therefore aggregated with the step's counts before rejection, and
+once every micro-batch is done the gradient of the terms that depend on those masks (policy, KL) is multiplied
+by D(before)/D(after), where every aggregation mode is Σ_rows(...)/D(counts) (``ops.aggregation``). The counts
+are ``ops.aggregation.global_counts`` of the step's final masks, summed over ranks: the same number however
+the batch is split.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from steadyrl.config import ConfigError
-from steadyrl.models.routing import (
-    RoutingRecorder,
-    RoutingReplayer,
-    routed_positions_mask,
-    routing_agreement,
-    supported_moe_layers,
-)
+from steadyrl.ops.aggregation import global_counts
 from steadyrl.ops.correction import mismatch_metrics
 from steadyrl.ops.kl import kl_k3
 from steadyrl.ops.masking import masked_fill_zero, masked_mean
+from steadyrl.registry import Method
+from steadyrl.runtime.distributed import all_reduce_sum
+from steadyrl.runtime.metrics import MetricAccumulator
+from steadyrl.stabilisers.combiners import GradientCombiner
+from steadyrl.stabilisers.filters import TokenFilter
 from steadyrl.train.batch import ScoredBatch
-from steadyrl.train.combiners import GradientCombiner
-from steadyrl.train.distributed import all_reduce_sum
-from steadyrl.train.filters import TokenFilter
-from steadyrl.train.forward import policy_forward
-from steadyrl.train.metrics import MetricAccumulator
-from steadyrl.types import GlobalCounts, LossInputs, Metrics, RolloutBatch
+from steadyrl.train.forward import policy_forward, routing
+from steadyrl.types import GlobalCounts, LossInputs, Metrics
+
+AuxTerm = Callable[[int, int], dict[str, Tensor]]
+"""fn(micro_index, num_micro_batches) -> {name: its share of a term whose sum over micro-batches is the term}."""
 
 
 @dataclass(frozen=True)
@@ -53,277 +59,278 @@ class UpdateSettings:
     kl_coef: float = 0.0
     autocast_dtype: torch.dtype | None = None
     routing_replay: str = "none"
-    """MoE Routing Replay (models/routing.py): none | R2 | R3."""
+    """MoE Routing Replay (models/routing.py): none | R2 | R3; training forwards replay the batch's experts."""
+    support: tuple[int, float] = (0, 1.0)
+    """(top_k, top_p) of the sampler when the trainer scores on its support (rollout.trainer_truncation)."""
 
     @property
     def optimizer_steps_per_batch(self) -> int:
         return self.mini_batches * self.epochs
 
 
+@dataclass
+class MicroBatchTerms:
+    terms: dict[str, Tensor]  # named scalar loss terms ("policy", "kl"), aggregated with the given counts
+    metrics: Metrics
+    mask: Tensor  # (B, T) bool, the tokens counted in the normalisers (after every rejection)
+
+
+def micro_batch_terms(
+    inputs: LossInputs,
+    *,
+    loss: Callable,
+    aggregation: Callable,
+    counts: GlobalCounts,
+    correction: Callable | None = None,
+    token_filters: Sequence[TokenFilter] = (),
+    hidden: Tensor | None = None,
+    lr: float = 0.0,
+    kl: Callable | None = None,
+    kl_coef: float = 0.0,
+) -> MicroBatchTerms:
+    """The loss terms of one micro-batch, composed as the trainer composes them:
+
+        mask     = response ∧ correction keep ∧ filter keeps            (rejections)
+        weights  = correction weights × filter weights                  (detached)
+        policy   = agg(ℓ·weights on mask + Σ penalties on the pre-filter mask, counts)
+        kl       = β · agg(k(π_θ, π_ref) on mask, counts)
+
+    ``inputs.response_mask`` is the sampled tokens of kept samples. With a filter penalty, every token that
+    carries the penalty is counted (the aggregation mask is the pre-filter one).
+    """
+    kept = _rejections(inputs, correction, token_filters, hidden, lr)
+    loss_bt, metrics = loss(inputs)
+    policy_bt = masked_fill_zero(loss_bt * kept.weights, kept.mask)
+    for penalty_bt in kept.penalties:
+        policy_bt = policy_bt + masked_fill_zero(penalty_bt, kept.unfiltered)
+    counted = kept.unfiltered if kept.penalties else kept.mask
+    terms = {"policy": aggregation(policy_bt, counted, counts)}
+    if kl is not None and kl_coef > 0:
+        reads_old = getattr(getattr(kl, "entry", None), "reads_old", False)  # registry fact (kl_k3_is)
+        extra = {"old_logprobs": inputs.old_logprobs} if reads_old else {}
+        kl_bt = kl(inputs.logprobs, inputs.ref_logprobs, counted, **extra)  # 0 outside the counted tokens
+        terms["kl"] = kl_coef * aggregation(kl_bt, counted, counts)
+    return MicroBatchTerms(terms, {**kept.metrics, **metrics, **_step_diagnostics(inputs, kl_coef)}, counted)
+
+
+class _Kept(NamedTuple):
+    mask: Tensor  # (B, T) bool after every rejection
+    unfiltered: Tensor  # (B, T) bool after the correction, before the token filters
+    weights: Tensor  # (B, T) detached
+    penalties: list[Tensor]
+    metrics: Metrics
+
+
+def _rejections(inputs: LossInputs, correction, token_filters, hidden, lr) -> _Kept:
+    """What the correction and the token filters reject and how they reweight (their masks AND, weights multiply)."""
+    mask, weights, metrics = inputs.response_mask.clone(), torch.ones_like(inputs.logprobs.detach()), {}
+    if inputs.rollout_logprobs is not None:  # measured whether or not a correction acts on it
+        metrics.update(mismatch_metrics(inputs.old_logprobs, inputs.rollout_logprobs, inputs.response_mask))
+    if correction is not None:
+        corr = correction(inputs)
+        mask, weights = mask & corr.mask, weights * corr.weights
+        metrics.update(corr.metrics)  # the correction's own view of a shared key (e.g. its anchor's k3) wins
+    unfiltered, penalties = mask.clone(), []
+    for token_filter in token_filters:
+        verdict = token_filter(inputs, hidden, lr)
+        mask, weights = mask & verdict.keep, weights * verdict.weights
+        metrics.update(verdict.metrics)
+        if verdict.penalty is not None:
+            penalties.append(verdict.penalty)
+    return _Kept(mask, unfiltered, weights, penalties, metrics)
+
+
+def _step_diagnostics(inputs: LossInputs, kl_coef: float) -> Metrics:
+    metrics = {}
+    if inputs.entropy is not None:
+        metrics["policy/entropy"] = masked_mean(inputs.entropy, inputs.response_mask)
+    if inputs.ref_logprobs is not None and kl_coef > 0:
+        k3 = kl_k3(inputs.logprobs.detach(), inputs.ref_logprobs, inputs.response_mask)
+        metrics["kl/ref_k3"] = masked_mean(k3, inputs.response_mask)
+    return metrics
+
+
+def normaliser_scale(aggregation: Callable, before: GlobalCounts, after: GlobalCounts) -> Tensor:
+    """D(before) / D(after) for an aggregation Σ_rows(...)/D(counts): the factor that turns a gradient
+    aggregated with ``before`` into one aggregated with ``after`` (0-d, on the counts' device)."""
+    unit = torch.ones(1, 1, dtype=torch.float64, device=_device(before))
+    unit_mask = torch.ones(1, 1, dtype=torch.bool, device=unit.device)
+    return aggregation(unit, unit_mask, after) / aggregation(unit, unit_mask, before)
+
+
+def _device(counts: GlobalCounts) -> torch.device:
+    return counts.num_tokens.device if isinstance(counts.num_tokens, Tensor) else torch.device("cpu")
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    skipped_steps: int
+    """Optimizer steps of this batch dropped for a non-finite gradient."""
+
+
 class PolicyUpdater:
+    """Owns the optimizer steps of the policy and the state that changes with them: the token filters' and
+    the combiner's (``state_dict``), and the loss's trust-region scale (``set_trust_region_scale``)."""
+
     def __init__(
         self,
         model: torch.nn.Module,
         optimizer: torch.optim.Optimizer,
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         *,
-        loss_fn: Callable,
-        aggregation_fn: Callable,
-        correction_fn: Callable | None,
-        kl_fn: Callable | None,
+        loss: Method,
+        aggregation: Callable,
+        correction: Callable | None,
+        kl: Callable | None,
         combiner: GradientCombiner,
         settings: UpdateSettings,
-        token_filters: list[TokenFilter] | None = None,
-        aux_terms: list[Callable[[int, int], dict[str, Tensor]]] | None = None,
+        token_filters: Sequence[TokenFilter] = (),
+        aux_terms: Sequence[AuxTerm] = (),
         distributed: bool = False,
     ) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.scheduler = scheduler
-        self.loss_fn = loss_fn
-        self.aggregation_fn = aggregation_fn
-        self.correction_fn = correction_fn
-        self.kl_fn = kl_fn
-        self.combiner = combiner
-        self.settings = settings
-        self.token_filters = token_filters or []
-        # Extra named loss terms per micro-batch, called as fn(micro_index, num_micro_batches) -> {name: scalar};
-        # each returns its share of a term whose sum over the micro-batches is the full term (e.g. PCR's
-        # retention loss on a separate data set).
-        self.aux_terms = aux_terms or []
+        self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.base_loss = self.loss = loss
+        self.aggregation, self.correction, self.kl = aggregation, correction, kl
+        self.combiner, self.settings = combiner, settings
+        self.token_filters = list(token_filters)
+        self.aux_terms = list(aux_terms)
         self.distributed = distributed
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.skipped_steps = 0
-        # MoE Routing Replay (models/routing.py). routing_diagnostics costs one no-grad forward per rollout batch
-        # unless the π_old forward is already one without replay; on for MoE models, set False to save it.
-        self.routing_diagnostics = bool(supported_moe_layers(model, strict=False))
-        self.replay_weight_rule = "restricted_softmax"
-        if settings.routing_replay != "none" and self.aux_terms and getattr(model, "is_gradient_checkpointing", False):
+        self.replay = None if settings.routing_replay == "none" else "batch"
+        # Rejections decided inside the loop change the normaliser after the fact (module docstring).
+        self.rejects_in_loop = correction is not None or bool(self.token_filters)
+        self.keep_hidden = any(f.needs_hidden for f in self.token_filters)
+        if self.rejects_in_loop and self.aux_terms and not combiner.separable_aux:
+            raise ConfigError(
+                f"{type(combiner).__name__} pairs each micro-batch's policy gradient with its stability terms, so "
+                "it cannot rescale the policy gradient after a rollout correction or token filter rejects tokens "
+                "while a retention loss also runs; drop the correction / token filter, or retention.coef."
+            )
+        if self.replay and self.aux_terms and activation_checkpointing(model):
             raise ConfigError(
                 "routing replay with activation checkpointing cannot tell the recomputed policy forward from an "
                 "auxiliary loss term's forward; turn off model.gradient_checkpointing or routing_replay."
             )
 
-    # ------------------------------------------------------------------ helpers
+    # ------------------------------------------------------------------ state
 
-    @torch.no_grad()
-    def logprobs_no_grad(self, model: torch.nn.Module, scored: ScoredBatch, *, replay: str | None = None) -> Tensor:
-        """(B, T) log-probs of the batch's completions under ``model``, micro-batched, no graph."""
-        return self._forward_no_grad(model, scored, replay=replay, record=False)[0]
+    def state_dict(self) -> dict:
+        return {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
 
-    @torch.no_grad()
-    def _forward_no_grad(
-        self, model: torch.nn.Module, scored: ScoredBatch, *, replay: str | None, record: bool
-    ) -> tuple[Tensor, Tensor | None, Tensor]:
-        """(B, T) log-probs, the (B, Tp+T, L, k) experts the routers used when ``record``, (B, T) token logits."""
-        out, routed, logits = [], [], []
-        for index in self._chunks(scored.batch_size, self.settings.micro_batch_size, scored.advantages.device):
-            rollout = scored.rollout.select(index)
-            recorder = RoutingRecorder(model) if record else contextlib.nullcontext()
-            with self._replaying(model, rollout, replay), recorder:
-                fwd = policy_forward(
-                    model,
-                    rollout,
-                    temperature=self.settings.temperature,
-                    compute_entropy=False,
-                    autocast_dtype=self.settings.autocast_dtype,
-                )
-            out.append(fwd.logprobs)
-            logits.append(fwd.token_logits)
-            if record:
-                routed.append(recorder.routed_experts(rollout.batch_size))
-        return torch.cat(out, dim=0), (torch.cat(routed, dim=0) if record else None), torch.cat(logits, dim=0)
+    def load_state_dict(self, state: dict) -> None:
+        for f, s in zip(self.token_filters, state.get("token_filters", [])):
+            f.load_state_dict(s)
+        self.combiner.load_state_dict(state.get("combiner", {}))
 
-    def _replaying(self, model: torch.nn.Module, rollout: RolloutBatch, replay: str | None):
-        """Routing around a forward: None = the routers' own; "batch" = replay ``rollout.routed_experts`` (the
-        sampler's under R3, π_old's under R2); "own" = own top-k gated with the replay rule (R2's π_old)."""
-        if replay is None:
-            return contextlib.nullcontext()
-        if replay == "batch" and rollout.routed_experts is None:
-            raise ConfigError(
-                f"routing_replay={self.settings.routing_replay} found no recorded experts in the batch; the rollout "
-                "backends (hf, native) record them for supported MoE models (see models/routing.py)."
-            )
-        routed = rollout.routed_experts if replay == "batch" else None
-        return RoutingReplayer(model, routed, rule=self.replay_weight_rule)
-
-    @property
-    def replay(self) -> str | None:
-        """What every training (and π_ref) forward replays: None, or "batch" under R2 / R3."""
-        return None if self.settings.routing_replay == "none" else "batch"
-
-    @torch.no_grad()
-    def prepare_old_logprobs(self, scored: ScoredBatch, compute_old: bool) -> Metrics:
-        """Set ``scored.old_logprobs`` (π_old) when ``compute_old`` or under R2; return the routing diagnostics.
-
-        R2 records the π_old forward's own experts (gated with the replay rule) and makes them the batch's
-        ``rollout.routed_experts``, which every training forward of the batch replays. R3 replays the sampler's
-        experts in the π_old forward too, so π_old/μ and π_θ/π_old both exclude routing (arXiv 2512.01374 §5).
-        Diagnostics at θ_old for MoE models, without replay: routing/agreement(_all_layers) of the sampler's
-        experts with the trainer's own, and mismatch/kl_k3_no_replay = k3 KL(μ‖π_old without replay).
-        """
-        mode = self.settings.routing_replay
-        sampler_routing = scored.rollout.routed_experts
-        diagnose = self.routing_diagnostics and sampler_routing is not None
-        plain_logprobs = plain_routing = None
-        if compute_old or mode == "R2":
-            replay = {"none": None, "R2": "own", "R3": "batch"}[mode]
-            record = mode == "R2" or (mode == "none" and diagnose)
-            scored.old_logprobs, recorded, scored.old_token_logits = self._forward_no_grad(
-                self.model, scored, replay=replay, record=record
-            )
-            if mode == "R2":
-                scored.rollout = replace(scored.rollout, routed_experts=recorded)
-            elif mode == "none":
-                plain_logprobs, plain_routing = scored.old_logprobs, recorded
-        if not diagnose:
-            return {}
-        if plain_logprobs is None:
-            plain_logprobs, plain_routing, _ = self._forward_no_grad(self.model, scored, replay=None, record=True)
-        mask = routed_positions_mask(scored.rollout.prompt_mask, scored.rollout.response_mask)
-        metrics = routing_agreement(sampler_routing, plain_routing, mask)
-        no_replay = mismatch_metrics(plain_logprobs, scored.rollout.rollout_logprobs, scored.token_mask)
-        metrics["mismatch/kl_k3_no_replay"] = no_replay["mismatch/kl_k3"]
-        return metrics
-
-    @staticmethod
-    def _chunks(n: int, size: int, device: torch.device) -> list[Tensor]:
-        return list(torch.arange(n, device=device).split(max(1, size)))
-
-    def _denominator_mask(self, scored: ScoredBatch) -> Tensor:
-        """Tokens that count in the normalisers: correction rejections known at θ_old are removed here."""
-        mask = scored.token_mask
-        if self.correction_fn is None or scored.rollout.rollout_logprobs is None:
-            return mask
-        old = scored.old_logprobs if scored.old_logprobs is not None else None
-        if old is None:
-            return mask  # on-policy: the in-loop correction sees θ = θ_old; its mask only zeroes the loss
-        result = self.correction_fn(self._inputs(scored, old.clone(), old))
-        return mask & result.mask
-
-    def _inputs(self, scored: ScoredBatch, logprobs: Tensor, old: Tensor, entropy: Tensor | None = None) -> LossInputs:
-        return LossInputs(
-            logprobs=logprobs,
-            old_logprobs=old,
-            advantages=scored.advantages,
-            response_mask=scored.token_mask,
-            rollout_logprobs=scored.rollout.rollout_logprobs,
-            ref_logprobs=scored.ref_logprobs,
-            entropy=entropy,
-            reduce_sum=all_reduce_sum if self.distributed else (lambda x: x),
-            token_ids=scored.rollout.completion_ids,
-        )
+    def set_trust_region_scale(self, scale: float) -> None:
+        """Multiply the configured loss's trust-region widths by ``scale`` (the stability guard's lever)."""
+        self.loss = self.base_loss.with_trust_region_scale(scale) if scale != 1.0 else self.base_loss
 
     # ------------------------------------------------------------------ the update
 
-    def update(self, scored: ScoredBatch) -> dict[str, float]:
-        """All optimizer steps for one rollout batch; returns the batch's metrics as floats."""
+    def update(self, batch: ScoredBatch) -> UpdateResult:
+        """All optimizer steps for one scored batch: ``mini_batches`` per epoch, ``epochs`` passes."""
         acc = MetricAccumulator()
-        device = scored.advantages.device
-        n = scored.batch_size
+        n = batch.batch_size
         if n % self.settings.mini_batches:
             raise ValueError(
                 f"{n} completions per rank do not split into {self.settings.mini_batches} mini-batches; "
                 "make prompts_per_step * group_size / world_size a multiple of optim.mini_batches."
             )
+        skipped = 0
         for _epoch in range(self.settings.epochs):
-            for mb_index in torch.arange(n, device=device).chunk(self.settings.mini_batches):
-                self._optimizer_step(scored.select(mb_index), acc)
-        metrics = acc.compute(distributed=self.distributed)
-        metrics["train/skipped_steps"] = float(self.skipped_steps)
-        return metrics
+            for rows in torch.arange(n, device=batch.advantages.device).chunk(self.settings.mini_batches):
+                if batch.policy_version is not None:  # optimizer steps between the sampling policy and this one
+                    lag = (self.scheduler.last_epoch - batch.policy_version[rows]).float()
+                    acc.add({"rollout/policy_lag_mean": lag.mean(), "rollout/policy_lag_max": lag.max()}, rows.numel())
+                skipped += self._optimizer_step(batch.select(rows), acc)
+        return UpdateResult(acc.compute(distributed=self.distributed), skipped)
 
-    def _optimizer_step(self, mb: ScoredBatch, acc: MetricAccumulator) -> None:
+    def _optimizer_step(self, mb: ScoredBatch, acc: MetricAccumulator) -> int:
         s = self.settings
-        den_mask = self._denominator_mask(mb)
-        counts = GlobalCounts(
-            num_tokens=all_reduce_sum(den_mask.sum().float()).clamp(min=1.0),
-            num_seqs=all_reduce_sum(mb.sample_mask.sum().float()).clamp(min=1.0),
-            max_len=float(s.max_len),
-        )
+        counts = global_counts(mb.token_mask, s.max_len, self._reduce_sum)  # before in-loop rejections
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
         self.combiner.begin(self.params)
-        loss_total = torch.zeros((), device=mb.advantages.device)
-        chunks = self._chunks(mb.batch_size, s.micro_batch_size, mb.advantages.device)
-        for j, index in enumerate(chunks):
-            micro = mb.select(index)
-            with self._replaying(self.model, micro.rollout, self.replay):
-                terms, metrics, weight = self._micro_batch_terms(micro, den_mask[index], counts, lr)
-            for aux in self.aux_terms:
-                terms.update(aux(j, len(chunks)))
-            # Activation checkpointing runs the routers again in backward: they must replay there too.
-            with self._replaying(self.model, micro.rollout, self.replay):
+        micro_batches = list(torch.arange(mb.batch_size, device=mb.advantages.device).split(s.micro_batch_size))
+        loss_total, counted = torch.zeros((), device=mb.advantages.device), []
+        for j, rows in enumerate(micro_batches):
+            micro = mb.select(rows)
+            with routing(self.model, micro.rollout, self.replay):  # MoE experts fixed in forward and backward
+                fwd = policy_forward(
+                    self.model, micro.rollout, temperature=s.temperature, compute_entropy=True,
+                    keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype, support=s.support,
+                )
+                step = micro_batch_terms(
+                    micro.loss_inputs(fwd, self._reduce_sum), loss=self.loss, aggregation=self.aggregation,
+                    counts=counts, correction=self.correction, token_filters=self.token_filters,
+                    hidden=fwd.hidden, lr=lr, kl=self.kl, kl_coef=s.kl_coef,
+                )
+                terms = step.terms if self.rejects_in_loop else {**step.terms, **self._aux(j, len(micro_batches))}
                 self.combiner.backward(terms)
             loss_total = loss_total + sum(t.detach() for t in terms.values())
-            acc.add(metrics, weight)
-        combine_metrics = self.combiner.finalize(self.params)
-        if s.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(self.params, s.grad_clip)
+            counted.append(step.mask)
+            acc.add(step.metrics, micro.token_mask.sum())
+        if self.rejects_in_loop:
+            loss_total = self._renormalise(counts, counted, loss_total, len(micro_batches))
+        metrics = self.combiner.finalize(self.params)
+        norm, skipped = self._apply_gradient()
+        metrics["train/nonfinite_weights_max"] = self._weights_nonfinite()
+        loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
+        acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
+        return skipped
+
+    def _renormalise(self, counts: GlobalCounts, counted: list[Tensor], loss_total: Tensor, n_micro: int) -> Tensor:
+        """Rejections leave the normaliser (module docstring): rescale the policy and KL gradient from the counts
+        before rejection to those after, then backpropagate the auxiliary terms, which are not rescaled."""
+        final = global_counts(counted, self.settings.max_len, self._reduce_sum)
+        scale = normaliser_scale(self.aggregation, counts, final).float()
+        self.combiner.rescale(scale)
+        loss_total = loss_total * scale
+        for j in range(n_micro):
+            aux = self._aux(j, n_micro)
+            if aux:
+                self.combiner.backward(aux)
+                loss_total = loss_total + sum(t.detach() for t in aux.values())
+        return loss_total
+
+    def _apply_gradient(self) -> tuple[Tensor, int]:
+        """Clip, then step unless the gradient is non-finite (the step's one host sync); (norm, 1 if skipped)."""
+        if self.settings.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
-        if torch.isfinite(norm).item():  # the step's one host sync: skip a step with NaN/inf gradients
+        skipped = not torch.isfinite(norm).item()
+        if not skipped:
             self.optimizer.step()
-            for f in self.token_filters:
-                f.after_step()
-        else:
-            self.skipped_steps += 1
-            for f in self.token_filters:
-                f.discard_step()
+        for f in self.token_filters:
+            (f.discard_step if skipped else f.after_step)()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
-        acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **combine_metrics}, 1.0)
+        return norm, int(skipped)
 
-    def _micro_batch_terms(
-        self, micro: ScoredBatch, den_mask: Tensor, counts: GlobalCounts, lr: float
-    ) -> tuple[dict[str, Tensor], dict[str, Tensor], Tensor]:
-        s = self.settings
-        keep_hidden = any(f.needs_hidden for f in self.token_filters)
-        fwd = policy_forward(
-            self.model,
-            micro.rollout,
-            temperature=s.temperature,
-            compute_entropy=True,
-            keep_hidden=keep_hidden,
-            autocast_dtype=s.autocast_dtype,
-        )
-        old = micro.old_logprobs if micro.old_logprobs is not None else fwd.logprobs.detach()
-        inputs = self._inputs(micro, fwd.logprobs, old, fwd.entropy)
-        inputs.token_logits = fwd.token_logits
-        on_policy = micro.old_logprobs is None
-        inputs.old_token_logits = fwd.token_logits.detach() if on_policy else micro.old_token_logits
-        mask = den_mask.clone()
-        weights = torch.ones_like(fwd.logprobs.detach())
-        metrics: dict[str, Tensor] = {}
-        if self.correction_fn is not None:
-            corr = self.correction_fn(inputs)
-            mask &= corr.mask
-            weights = weights * corr.weights
-            metrics.update(corr.metrics)
-        elif micro.rollout.rollout_logprobs is not None:
-            metrics.update(mismatch_metrics(old, micro.rollout.rollout_logprobs, inputs.response_mask))
-        penalties = []
-        for token_filter in self.token_filters:
-            keep, w, m = token_filter(inputs, fwd.hidden, lr)
-            mask &= keep
-            weights = weights * w
-            metrics.update(m)
-            penalty_bt = token_filter.loss_penalty()
-            if penalty_bt is not None:
-                penalties.append(penalty_bt)
-        loss_bt, loss_metrics = self.loss_fn(inputs)
-        metrics.update(loss_metrics)
-        policy_bt = masked_fill_zero(loss_bt * weights, mask)
-        for penalty_bt in penalties:  # soft variants: a differentiable per-token penalty instead of a mask
-            policy_bt = policy_bt + masked_fill_zero(penalty_bt, den_mask)
-        # A soft penalty covers every counted token, so the per-sequence lengths then come from den_mask.
-        terms = {"policy": self.aggregation_fn(policy_bt, den_mask if penalties else mask, counts)}
-        if self.kl_fn is not None and s.kl_coef > 0:
-            kl_bt = self.kl_fn(fwd.logprobs, micro.ref_logprobs, inputs.response_mask)
-            terms["kl"] = s.kl_coef * self.aggregation_fn(masked_fill_zero(kl_bt, mask), mask, counts)
-            ref_k3 = kl_k3(fwd.logprobs.detach(), micro.ref_logprobs, inputs.response_mask)
-            metrics["kl/ref_k3"] = masked_mean(ref_k3, inputs.response_mask)
-        metrics["policy/entropy"] = masked_mean(fwd.entropy, inputs.response_mask)
-        weight = inputs.response_mask.sum()
-        return terms, metrics, weight
+    def _weights_nonfinite(self) -> Tensor:
+        """1.0 when a parameter holds NaN / inf after the step (a finite gradient can still overflow a weight)."""
+        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        return (~finite).float()
+
+    def _aux(self, j: int, n: int) -> dict[str, Tensor]:
+        terms: dict[str, Tensor] = {}
+        for aux in self.aux_terms:
+            terms.update(aux(j, n))
+        return terms
+
+    @property
+    def _reduce_sum(self) -> Callable[[Tensor], Tensor]:
+        return all_reduce_sum if self.distributed else _identity
+
+
+def activation_checkpointing(model: torch.nn.Module) -> bool:
+    """Whether the model recomputes activations in backward, under the name this transformers release uses."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
+def _identity(x: Tensor) -> Tensor:
+    return x

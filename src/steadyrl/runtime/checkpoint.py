@@ -40,6 +40,7 @@ import torch
 from torch import nn
 
 from steadyrl._io import fsync_dir
+from steadyrl.config import ConfigError
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -275,11 +276,24 @@ def load_checkpoint(
     return {"step": int(state["step"]), "extra": state["extra"]}
 
 
+EXPORT_MANIFEST = ".steadyrl-export"
+"""The file names an export wrote, so that the next export may replace exactly those and nothing else."""
+
+
+def _export_manifest(out_dir: Path) -> list[str]:
+    try:
+        return list(json.loads((out_dir / EXPORT_MANIFEST).read_text())["files"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
 def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Path) -> Path:
     """Export a Hugging Face model (+ tokenizer) with ``save_pretrained`` into ``out_dir`` atomically.
 
     Written into a temporary sibling, fsync'ed, then renamed; an existing ``out_dir`` is replaced only after
-    the new export is complete. Call on rank 0 only, with the unwrapped model. Returns ``out_dir``.
+    the new export is complete, and only when it holds nothing but what an export writes: a directory with
+    other files (a user's notes, code) is refused and left as it was. Call on rank 0 only, with the unwrapped
+    model. Returns ``out_dir``.
     """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -297,7 +311,17 @@ def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Pat
             with open(file, "rb") as f:
                 os.fsync(f.fileno())
     fsync_dir(tmp)
+    written = sorted(p.name for p in tmp.iterdir())
+    _write_text_synced(json.dumps({"written_by": "steadyrl", "files": written}) + "\n", tmp / EXPORT_MANIFEST)
     if out_dir.exists():
+        ours = set(written) | {EXPORT_MANIFEST} | set(_export_manifest(out_dir))
+        foreign = sorted({p.name for p in out_dir.iterdir()} - ours)
+        if foreign:
+            shutil.rmtree(tmp)
+            raise ConfigError(
+                f"{out_dir} holds files a model export does not write ({', '.join(foreign[:3])}); choose another "
+                "directory (nothing was changed)."
+            )
         os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old)

@@ -1,9 +1,9 @@
 """The stability guard: watch each RL step's diagnostics; when a collapse looks imminent, roll back and slow down.
 
     guard = StabilityGuard(cfg.guard, log_path=run_dir / "guard.jsonl")
-    guard.bind(updater, model=model, optimizer=optimizer)   # loss widths; snapshot of the starting state
-    action = guard.observe(step, metrics)        # pure decision from the step's metrics
-    guard.apply(action, model=..., optimizer=..., scheduler=..., updater=...)
+    guard.bind(trainer.training_state(), start_step=0)   # what a rollback restores; snapshot of the start
+    action = guard.observe(step, metrics)                # pure decision from the step's metrics
+    guard.apply(action)                                  # snapshot / rollback / alarm
 
 Signals (each fires on its own; thresholds in config.GuardConfig, a threshold of 0 switches a signal off):
 
@@ -16,14 +16,19 @@ Signals (each fires on its own; thresholds in config.GuardConfig, a threshold of
                   mean is below its best (entropy falling as the reward sets new highs is convergence)
     ess_drop      mismatch/is_ess < ess_drop × its running median
     kl_spike      mismatch/kl_k3 > kl_spike × its running median and > kl_min
+    ratio_drift   |mismatch/ratio_mean − 1| > ratio_drift: the sampler/trainer ratio is wrong on average (a biased
+                  ratio: truncation, temperature or dtype handled differently on the two sides; `steadyrl doctor`)
 
-A firing step outside the cooldown, with rollbacks left, becomes a **rollback**: the model, optimizer,
-scheduler and token-filter states are restored from the oldest kept snapshot (so a collapse that started
-before the newest snapshot is undone too), the learning rate is multiplied by ``lr_factor`` (optimizer param
-groups and the scheduler's base_lrs, so the schedule keeps it), and the loss's trust-region widths by
-``clip_factor``. The scheduler goes back with the weights: the retry replays the schedule from the snapshot
+A firing step outside the cooldown, with rollbacks left, becomes a **rollback**: the training state is
+restored from the oldest kept snapshot (so a collapse that started before the newest snapshot is undone too):
+exactly what a checkpoint restores besides the run's progress, i.e. the ``state`` mapping the trainer binds
+(model, optimizer, scheduler, and the updater: token-filter and combiner state). The learning rate is then
+multiplied by ``lr_factor`` (optimizer param groups and the scheduler's base_lrs, so the schedule keeps it),
+and the loss's trust-region widths by ``clip_factor`` through ``updater.set_trust_region_scale`` (which
+hyper-parameters are widths is a registry fact of each loss). The scheduler goes back with the weights: the retry replays the schedule from the snapshot
 (its warm-up included, which a restored Adam state with few steps needs), so a run with rollbacks ends that
-many steps short of the schedule's end. The RL step counter is not rewound: samples drawn are spent. The
+many steps short of the schedule's end. The run's progress is not rewound: the RL step counter (samples drawn are spent), the count of skipped
+optimizer steps and the guard's own counters record what happened. The
 run's starting state is the first snapshot; healthy steps outside the cooldown take another every
 ``snapshot_every`` steps.
 
@@ -41,11 +46,9 @@ it; metrics guard/rollbacks, guard/lr_scale, guard/clip_scale, guard/alarm join 
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -55,8 +58,6 @@ import torch
 from steadyrl.config import GuardConfig
 
 NONFINITE_KEYS = ("reward/mean", "policy/loss", "policy/entropy", "grad/norm")
-TRUST_REGION_KEYS = ("clip_low", "clip_high", "delta_low", "delta_high")
-"""Loss hyper-parameters that are trust-region widths (PPO ε, DPPO δ); a rollback multiplies them by clip_factor."""
 
 
 @dataclass(frozen=True)
@@ -98,10 +99,8 @@ def _finite(value: Any) -> bool:
 @dataclass
 class Snapshot:
     step: int
-    model: dict[str, torch.Tensor]
-    optimizer: dict[str, Any]
-    scheduler: dict[str, Any] | None
-    token_filters: list[dict[str, Any]]
+    state: dict[str, Any]
+    """``name -> cpu copy of state_dict()`` of every bound stateful object."""
     best_reward: float
     lr_scale: float
 
@@ -114,23 +113,6 @@ def _cpu_copy(state: Any) -> Any:
     if isinstance(state, list | tuple):
         return type(state)(_cpu_copy(v) for v in state)
     return copy.deepcopy(state)
-
-
-def scaled_loss_fn(loss_fn: Callable, scale: float, keys: tuple[str, ...] = TRUST_REGION_KEYS) -> Callable:
-    """``loss_fn`` (a registry function or its functools.partial) with its numeric trust-region widths × scale.
-
-    Widths not given in the config take the function's default; None (e.g. CISPO's one-sided clip_low) stays.
-    """
-    fn = loss_fn.func if isinstance(loss_fn, functools.partial) else loss_fn
-    kwargs = dict(loss_fn.keywords) if isinstance(loss_fn, functools.partial) else {}
-    params = inspect.signature(fn).parameters
-    for key in keys:
-        if key not in params:
-            continue
-        value = kwargs.get(key, params[key].default)
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            kwargs[key] = value * scale
-    return functools.partial(fn, **kwargs)
 
 
 def scale_learning_rate(optimizer: torch.optim.Optimizer, scheduler: Any, factor: float) -> None:
@@ -159,7 +141,7 @@ class StabilityGuard:
         self.rewards: list[float] = []
         self.history: dict[str, list[float]] = {"grad": [], "entropy": [], "ess": [], "kl": []}
         self.snapshots: list[Snapshot] = []
-        self._base_loss_fn: Callable | None = None
+        self.state: Mapping[str, Any] = {}
 
     # ------------------------------------------------------------------ decision
 
@@ -171,6 +153,8 @@ class StabilityGuard:
         for key in NONFINITE_KEYS:
             if key in metrics and not _finite(metrics[key]):
                 fired.append(f"nonfinite {key}")
+        if metrics.get("train/nonfinite_weights_max", 0.0) > 0:
+            fired.append("nonfinite weights after an optimizer step")
         skipped = metrics.get("train/skipped_steps")
         if _finite(skipped) and skipped > self.skipped_seen:
             fired.append(f"skipped steps {int(self.skipped_seen)} -> {int(skipped)}")
@@ -203,6 +187,10 @@ class StabilityGuard:
             seen.update({"is_ess": float(ess), "is_ess_median": median})
             if ess < c.ess_drop * median:
                 fired.append(f"ess_drop {ess:.3f} < {c.ess_drop} x median {median:.3f}")
+        ratio = metrics.get("mismatch/ratio_mean")
+        if c.ratio_drift > 0 and _finite(ratio) and abs(ratio - 1.0) > c.ratio_drift:
+            seen["ratio_mean"] = float(ratio)
+            fired.append(f"ratio_drift mean π/μ {ratio:.3f} is {abs(ratio - 1.0):.3f} from 1 > {c.ratio_drift}")
         kl = metrics.get("mismatch/kl_k3")
         if c.kl_spike > 0 and _finite(kl) and len(h["kl"]) >= c.min_history:
             median = _median(h["kl"][-c.window :])
@@ -247,10 +235,13 @@ class StabilityGuard:
 
     # ------------------------------------------------------------------ effect
 
-    def bind(self, updater: Any, *, model: torch.nn.Module | None = None, optimizer=None, scheduler=None, start_step: int = 0) -> None:
-        """Attach to a run before its first step: remember the updater's configured loss (trust-region widths
-        are scaled from it), re-apply a restored clip_scale, drop guard.jsonl lines after ``start_step`` (all of
-        them on a fresh run) and, given the model and optimizer, snapshot the state the run starts from.
+    def bind(self, state: Mapping[str, Any], *, start_step: int = 0, snapshot: bool = True) -> None:
+        """Attach to a run before its first step.
+
+        ``state``: name -> object with ``state_dict()`` / ``load_state_dict()``, everything a rollback restores;
+        it must hold "optimizer" and "scheduler" (the LR lever) and "updater" (``set_trust_region_scale``, the
+        trust-region lever). Re-applies a restored clip_scale, drops guard.jsonl lines after ``start_step``
+        (all of them on a fresh run) and snapshots the state the run starts from.
 
         That first snapshot matters: a snapshot taken after step s holds step s's update, whose effect the
         metrics only show from step s + 1 on, so the newest snapshot may already hold the damage.
@@ -259,51 +250,41 @@ class StabilityGuard:
             kept = [line for line in self.log_path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and start_step > 0 and json.loads(line).get("step", 0) <= start_step]
             self.log_path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        self._base_loss_fn = updater.loss_fn
-        if self.clip_scale != 1.0:
-            updater.loss_fn = scaled_loss_fn(self._base_loss_fn, self.clip_scale, self.cfg.trust_region_keys)
-        if model is not None and optimizer is not None and not self.snapshots:
-            self.apply(GuardAction("snapshot", start_step), model=model, optimizer=optimizer, scheduler=scheduler, updater=updater)
+        self.state = state
+        if "updater" in state:
+            state["updater"].set_trust_region_scale(self.clip_scale)
+        if snapshot and not self.snapshots:
+            self.apply(GuardAction("snapshot", start_step))
 
-    def apply(self, action: GuardAction, *, model: torch.nn.Module, optimizer, scheduler, updater) -> None:
+    def apply(self, action: GuardAction) -> None:
         if action.kind == "snapshot":
-            self.snapshots.append(self._take(action.step, model, optimizer, scheduler, updater))
+            self.snapshots.append(self._take(action.step))
             self.snapshots = self.snapshots[-max(self.cfg.keep_snapshots, 1) :]
             self.healthy_since_snapshot = 0
             self._log({"event": "snapshot", "step": action.step})
         elif action.kind == "rollback":
-            self._rollback(action, model, optimizer, scheduler, updater)
+            self._rollback(action)
         elif action.kind == "alarm":
             self._log({"event": "alarm", "step": action.step, "reasons": list(action.reasons), "signals": action.signals,
                        "why_no_rollback": "no snapshot yet" if not self.snapshots else "max_rollbacks reached"})
 
-    def _take(self, step: int, model, optimizer, scheduler, updater) -> Snapshot:
-        return Snapshot(
-            step=step,
-            model=_cpu_copy(model.state_dict()),
-            optimizer=_cpu_copy(optimizer.state_dict()),
-            scheduler=_cpu_copy(scheduler.state_dict()) if scheduler is not None else None,
-            token_filters=[_cpu_copy(f.state_dict()) for f in updater.token_filters],
-            best_reward=self.best_reward,
-            lr_scale=self.lr_scale,
-        )
+    def _take(self, step: int) -> Snapshot:
+        state = {name: _cpu_copy(obj.state_dict()) for name, obj in self.state.items()}
+        return Snapshot(step=step, state=state, best_reward=self.best_reward, lr_scale=self.lr_scale)
 
-    def _rollback(self, action: GuardAction, model, optimizer, scheduler, updater) -> None:
+    def _rollback(self, action: GuardAction) -> None:
         c = self.cfg
         target = self.snapshots[0]
-        model.load_state_dict(target.model)
-        optimizer.load_state_dict(target.optimizer)
-        if scheduler is not None and target.scheduler is not None:
-            scheduler.load_state_dict(target.scheduler)
-        for f, state in zip(updater.token_filters, target.token_filters):
-            f.load_state_dict(state)
+        for name, obj in self.state.items():
+            obj.load_state_dict(target.state[name])
+        optimizer, scheduler = self.state["optimizer"], self.state.get("scheduler")
         self.lr_scale *= c.lr_factor
         # the restored LRs carry the scale of the snapshot's time; bring them to the new one
         scale_learning_rate(optimizer, scheduler, self.lr_scale / target.lr_scale)
         if c.clip_factor != 1.0:
             self.clip_scale *= c.clip_factor
-            base = self._base_loss_fn if self._base_loss_fn is not None else updater.loss_fn
-            updater.loss_fn = scaled_loss_fn(base, self.clip_scale, c.trust_region_keys)
+            if "updater" in self.state:
+                self.state["updater"].set_trust_region_scale(self.clip_scale)
         self.rollbacks += 1
         self.snapshots = [target]
         self.best_reward = target.best_reward
@@ -356,4 +337,14 @@ class StabilityGuard:
         for name in self._COUNTERS:
             if name in state:
                 setattr(self, name, copy.deepcopy(state[name]))
-        self.snapshots = [Snapshot(**s) for s in state.get("snapshots", [])]
+        self.snapshots = [Snapshot(**_current_layout(s)) for s in state.get("snapshots", [])]
+
+
+def _current_layout(snapshot: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot saved by steadyrl 0.1 (one field per object) in today's layout (one state mapping)."""
+    if "state" in snapshot:
+        return snapshot
+    state = {"model": snapshot["model"], "optimizer": snapshot["optimizer"], "scheduler": snapshot["scheduler"],
+             "updater": {"token_filters": snapshot.get("token_filters", []), "combiner": {}}}
+    return {"step": snapshot["step"], "state": state, "best_reward": snapshot["best_reward"],
+            "lr_scale": snapshot["lr_scale"]}

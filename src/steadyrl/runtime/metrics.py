@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from steadyrl.train.distributed import all_reduce_
+from steadyrl.runtime.distributed import all_reduce_
 from steadyrl.types import Metrics
 
 

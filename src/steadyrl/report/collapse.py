@@ -11,7 +11,7 @@ A run (one cell of the map) **collapsed** when any of these holds:
     entropy    last-window mean entropy H_T > max(entropy_ratio_max · H_0, entropy_abs_max)   (blow-up: gibberish)
                or H_T < entropy_floor while a_T ≤ a_0                                    (frozen without progress)
     length     final held-out completion length < len_ratio_min · start length           (answers shrink to nothing)
-               or last-window rollout/truncated_frac > truncated_max                      (run-on, no EOS)
+               or last-window rollout/truncated_frac > truncated_max, the first window's not  (run-on, no EOS)
 
 a_0 is the held-out accuracy before RL and a_T the last one; H_0 and H_T are means over the first and last
 ``window`` training rows. The accuracy rule is the primary one: it is what a user loses. The others catch a
@@ -146,7 +146,9 @@ def collapse_verdict(curves: RunCurves, steps: int, criteria: CollapseCriteria =
         if last < criteria.entropy_floor and no_gain:
             reasons.append(f"entropy {last:.4f} < floor {criteria.entropy_floor} without accuracy gain")
     truncated = curves.series("rollout/truncated_frac")
-    if _finite(truncated) and _mean(truncated[-w:]) > criteria.truncated_max:
+    # a policy that never ended its answers from the start (an untrained model) did not collapse into it
+    became_run_on = _finite(truncated) and _mean(truncated[:w]) <= criteria.truncated_max
+    if became_run_on and _mean(truncated[-w:]) > criteria.truncated_max:
         reasons.append(f"truncated fraction {_mean(truncated[-w:]):.2f} > {criteria.truncated_max}")
     return Verdict(bool(reasons), tuple(reasons), dipped)
 

@@ -10,7 +10,7 @@ trains), so subtraction is the natural retention set.
   of a fresh batch of correct demonstrations per optimizer step, weighted by ``coef``, named ``"retention"``
   (a stability term for the conflict combiners, an ordinary added loss for ``sum``).
 * :func:`retention_metrics` measures ``retention/nll`` (held-out demonstrations) and ``retention/accuracy``
-  (greedy, through ``steadyrl.train.evaluate``).
+  (greedy, through ``steadyrl.evaluate``).
 * :func:`build_retention` makes both from a ``TrainConfig`` for the trainer.
 """
 
@@ -25,13 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from steadyrl.config import TrainConfig
-from steadyrl.rollout import build_backend
+from steadyrl.evaluate import evaluate
 from steadyrl.rollout.base import RolloutBackend, SamplingParams
-from steadyrl.tasks import Prompt, Task, build_task
-from steadyrl.train.collect import step_seed
-from steadyrl.train.distributed import DistInfo, all_reduce_
-from steadyrl.train.evaluate import evaluate
-from steadyrl.train.sft import demonstration_batch
+from steadyrl.rollout.hf import HFRolloutBackend
+from steadyrl.runtime.distributed import DistInfo, all_reduce_
+from steadyrl.runtime.seeding import step_seed
+from steadyrl.tasks import Prompt, Task
+from steadyrl.tasks.demonstrations import demonstration_batch
 
 _RETENTION_SALT = 7_727
 
@@ -147,7 +147,7 @@ def retention_metrics(
     autocast_dtype: torch.dtype | None = None,
 ) -> dict[str, float]:
     """``retention/nll``: token-mean NLL of ``prompts``' demonstrations (completion + EOS) under ``model``;
-    ``retention/accuracy``: greedy exact-answer accuracy (``steadyrl.train.evaluate``).
+    ``retention/accuracy``: greedy exact-answer accuracy (``steadyrl.evaluate``).
 
     Ranks split the prompts (r, r + W, ...) and sum their counts. ``backend`` defaults to an HF backend on
     ``model``; ``max_new_tokens`` defaults to the longest demonstration + 2 tokens.
@@ -171,7 +171,8 @@ def retention_metrics(
         rng = random.Random(seed)
         longest = max(len(tokenizer(task.demonstration(p, rng), add_special_tokens=False)["input_ids"]) for p in prompts)
         max_new_tokens = longest + 2
-    backend = backend if backend is not None else build_backend("hf", model, tokenizer)
+    if backend is None:
+        backend = HFRolloutBackend(model, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
     accuracy = evaluate(
         backend,
         tokenizer,
@@ -191,10 +192,10 @@ def retention_metrics(
 class Retention:
     """The trainer's handle on a retention set: the auxiliary loss (coef > 0) and the eval-time measure."""
 
-    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, tokenizer, *, info: DistInfo, step_fn=None) -> None:
+    def __init__(self, cfg: TrainConfig, model: torch.nn.Module, tokenizer, task: Task, *, info: DistInfo, step_fn=None) -> None:
         rc = cfg.retention
         self.cfg, self.model, self.tokenizer, self.info = cfg, model, tokenizer, info
-        self.task = build_task(rc.task.name, **rc.task.kwargs)
+        self.task = task
         prompts = self.task.eval_prompts()
         self.prompts = prompts[: rc.eval_prompts] if rc.eval_prompts else prompts
         self.max_new_tokens = rc.max_new_tokens or cfg.rollout.max_new_tokens
@@ -232,6 +233,9 @@ class Retention:
         )
 
 
-def build_retention(cfg: TrainConfig, model: torch.nn.Module, tokenizer, *, info: DistInfo, step_fn=None) -> Retention | None:
-    """The run's :class:`Retention`, or None when the config has no ``retention`` section."""
-    return Retention(cfg, model, tokenizer, info=info, step_fn=step_fn) if cfg.retention is not None else None
+def build_retention(
+    cfg: TrainConfig, model: torch.nn.Module, tokenizer, task: Task | None, *, info: DistInfo, step_fn=None
+) -> Retention | None:
+    """The run's :class:`Retention` on ``task`` (built from ``cfg.retention.task``), or None when the config has
+    no ``retention`` section."""
+    return Retention(cfg, model, tokenizer, task, info=info, step_fn=step_fn) if cfg.retention is not None else None

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from steadyrl.config import ConfigError
+from steadyrl.evaluate import evaluate
 from steadyrl.models import (
     build_char_tokenizer,
     build_tiny_model,
@@ -27,11 +28,10 @@ from steadyrl.models import (
     tiny_model_config,
 )
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
-from steadyrl.rollout import build_backend
+from steadyrl.registry import build_backend, build_task
 from steadyrl.rollout.base import SamplingParams
-from steadyrl.tasks import Prompt, Task, build_task
-from steadyrl.train.checkpoint import save_pretrained_atomic
-from steadyrl.train.evaluate import evaluate
+from steadyrl.runtime.checkpoint import save_pretrained_atomic
+from steadyrl.tasks.demonstrations import demonstration_batch
 
 
 @dataclass(frozen=True)
@@ -68,23 +68,6 @@ DEFAULT_TASK_KWARGS: dict[str, Any] = {
     "demo_error": "ignore_carries",
     "demo_error_ops": "+",
 }
-
-
-def demonstration_batch(task: Task, tokenizer, prompts: list[Prompt], rng: random.Random, device) -> tuple[torch.Tensor, ...]:
-    """Right-padded (ids, attention mask, labels) with the loss on completion tokens and EOS only."""
-    eos = tokenizer.eos_token_id
-    seqs, labels = [], []
-    for p in prompts:
-        prompt_ids = tokenizer(p.text)["input_ids"]
-        completion = tokenizer(task.demonstration(p, rng), add_special_tokens=False)["input_ids"] + [eos]
-        seqs.append(prompt_ids + completion)
-        labels.append([-100] * len(prompt_ids) + completion)
-    width = max(map(len, seqs))
-    pad = tokenizer.pad_token_id
-    ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
-    mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
-    lab = torch.tensor([x + [-100] * (width - len(x)) for x in labels], device=device)
-    return ids, mask, lab
 
 
 def warmstart(cfg: WarmstartConfig, *, device: str = "cpu", log=print) -> dict[str, Any]:

@@ -11,7 +11,6 @@ this class holds the state around it:
   ``update_effective_gradient_moments``. The official code scores after masking again only to log and to
   feed this update; token-level scores do not depend on the mask, so recording the kept tokens' gradient
   rows is the same thing;
-* the soft penalty of the last call (``loss_penalty``).
 
 Per micro-batch: top-K policy from (hidden, LM head) → token scores m_F, m_H with η = the current LR →
 masks at the chosen level → metrics. The scores use the LM head's logits without temperature, as the code.
@@ -36,9 +35,9 @@ from steadyrl.ops.curvature import (
     topk_policy,
     vocab_gradient_sums,
 )
-from steadyrl.ops.masking import masked_fill_zero, masked_mean
-from steadyrl.train.distributed import all_reduce_sum
-from steadyrl.train.filters import TokenFilter
+from steadyrl.ops.masking import masked_max, masked_mean
+from steadyrl.runtime.distributed import all_reduce_sum
+from steadyrl.stabilisers.filters import FilterResult, TokenFilter
 from steadyrl.types import LossInputs, Metrics
 
 LEVELS = {
@@ -60,8 +59,9 @@ class CapoFilter(TokenFilter):
         sequential_rescore        in ``sequential``, score each level on the tokens the previous levels kept.
                                   The code computes those re-scores but masks with the first-pass scores,
                                   so ``False`` reproduces it exactly (then sequential = all levels at once).
-        optimizer_model           sgd | adam | adamw [optim_model_type]; betas / eps / weight_decay should
-                                  match the trainer's AdamW (the code reads them from TrainingArguments).
+        optimizer_model           sgd | adam | adamw [optim_model_type]; betas / eps / weight_decay default to
+                                  the trainer's AdamW settings (``optim.*``), as the code reads them from
+                                  TrainingArguments; set them here only to model a different optimizer.
         top_k                     K of the top-K softmax (the code: the sampler's top_k, 50).
         fisher_lambda, hessian_lambda
                                   > 0: add λ·m_F / λ·m_H to the per-token loss instead of masking with that
@@ -81,15 +81,16 @@ class CapoFilter(TokenFilter):
         *,
         model: torch.nn.Module,
         distributed: bool = False,
+        optimizer_defaults: dict[str, Any] | None = None,
         fisher_tau: float = 1e-4,
         hessian_tau: float = 1e-2,
         hessian_symmetric: bool = True,
         level: str = "token",
         sequential_rescore: bool = True,
         optimizer_model: str = "adam",
-        betas: tuple[float, float] | list[float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
+        betas: tuple[float, float] | list[float] | None = None,
+        eps: float | None = None,
+        weight_decay: float | None = None,
         top_k: int = 50,
         fisher_lambda: float = 0.0,
         hessian_lambda: float = 0.0,
@@ -98,6 +99,10 @@ class CapoFilter(TokenFilter):
         logits_chunk_size: int = 1024,
     ) -> None:
         super().__init__(model=model, distributed=distributed)
+        trainer = {"betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 0.0, **(optimizer_defaults or {})}
+        betas = trainer["betas"] if betas is None else betas
+        eps = trainer["eps"] if eps is None else eps
+        weight_decay = trainer["weight_decay"] if weight_decay is None else weight_decay
         if level not in LEVELS:
             raise ConfigError(f"capo level must be one of {', '.join(LEVELS)}, got {level!r}.")
         if optimizer_model not in OPTIMIZER_MODELS:
@@ -115,6 +120,14 @@ class CapoFilter(TokenFilter):
         if model.get_output_embeddings() is None:
             raise ConfigError(
                 f"CAPO needs the LM head: {type(model).__name__} has no get_output_embeddings()."
+            )
+        if not model.get_output_embeddings().weight.requires_grad:
+            # LoRA (model.lora) freezes the head: the update then moves adapters inside the decoder, not W.
+            raise ConfigError(
+                "CAPO scores each token by the policy change an optimizer step on the LM head's weight W would make "
+                "(its last-layer model, arXiv 2510.00819), but the LM head is frozen here (model.lora trains adapters "
+                "in the decoder only), so the scores would model an update that never happens; train without "
+                "model.lora to use CAPO."
             )
         self.fisher_tau, self.hessian_tau = float(fisher_tau), float(hessian_tau)
         self.hessian_symmetric = bool(hessian_symmetric)
@@ -134,13 +147,10 @@ class CapoFilter(TokenFilter):
         self._sums: Tensor | None = None  # (V, H)
         self._counts: Tensor | None = None  # (V,)
         self._recorded = False
-        self._penalty: Tensor | None = None
 
     # ------------------------------------------------------------------ the filter
 
-    def __call__(
-        self, inputs: LossInputs, hidden: Tensor | None, lr: float
-    ) -> tuple[Tensor, Tensor, Metrics]:
+    def __call__(self, inputs: LossInputs, hidden: Tensor | None, lr: float) -> FilterResult:
         if hidden is None:
             raise RuntimeError(
                 "CapoFilter needs the final hidden states; the trainer must honour needs_hidden."
@@ -175,15 +185,12 @@ class CapoFilter(TokenFilter):
             if self.optimizer_model != "sgd":
                 self._record(h, topk, advantages, mask & keep, weight.shape[0])
             metrics = self._metrics(token_scores, keep, keep_fisher, keep_hessian, topk, mask)
-        self._penalty = None
+        penalty = None
         if penalise:
             penalty = self.fisher_lambda * token.fisher + self.hessian_lambda * token.hessian
-            self._penalty = penalty if with_grad else penalty.detach()
-            metrics["capo/penalty_mean"] = masked_mean(self._penalty.detach(), mask)
-        return keep & mask, torch.ones_like(advantages, dtype=torch.float32), metrics
-
-    def loss_penalty(self) -> Tensor | None:
-        return self._penalty
+            penalty = penalty if with_grad else penalty.detach()
+            metrics["capo/penalty_mean"] = masked_mean(penalty.detach(), mask)
+        return FilterResult(keep & mask, torch.ones_like(advantages, dtype=torch.float32), penalty, metrics)
 
     def after_step(self) -> None:
         """One moment update from the step's kept tokens (summed over micro-batches and ranks)."""
@@ -334,7 +341,7 @@ class CapoFilter(TokenFilter):
             "capo/fisher_q90": fisher_q[1],
             "capo/hessian_abs_q50": hessian_q[0],
             "capo/hessian_abs_q90": hessian_q[1],
-            "capo/fisher_max": masked_fill_zero(token.fisher, mask).amax(),
-            "capo/hessian_abs_max": masked_fill_zero(token.hessian.abs(), mask).amax(),
+            "capo/fisher_max": masked_max(token.fisher, mask),
+            "capo/hessian_abs_max": masked_max(token.hessian.abs(), mask),
             "capo/outside_topk_frac": masked_mean((~topk.sampled_in_topk).float(), mask),
         }

@@ -2,7 +2,7 @@
 
 The updater hands every micro-batch's named loss terms to ``backward``. The **plasticity** term is
 ``terms["policy"]`` (the RL surrogate); the **stability** term is the sum of all the others (``"kl"``, the
-KL penalty to π_ref; ``"retention"``, the SFT loss of ``steadyrl.train.retention``). Their gradients are
+KL penalty to π_ref; ``"retention"``, the SFT loss of ``steadyrl.stabilisers.retention``). Their gradients are
 kept apart on the *tracked* parameter blocks and streamed into per-block statistics; ``finalize`` turns
 them into one gradient per block. Untracked parameters take the plain sum g_pla + g_sta.
 
@@ -23,7 +23,9 @@ parallelism S, Q and J are summed over ranks first, so α and the projection use
 rank writes the same gradient.
 
 Blocks [INF]: a parameter's block is the module that owns it directly (``model.layers.3.mlp.up_proj`` for
-``model.layers.3.mlp.up_proj.weight``; its weight and bias form one block). ``modules="mlp"`` tracks the
+``model.layers.3.mlp.up_proj.weight``; its weight and bias form one block). With LoRA (model.lora) the block is
+the adapted layer: ``up_proj.lora_A`` and ``up_proj.lora_B`` together, the two factors of that layer's update
+[INF: the paper trains every weight]. ``modules="mlp"`` tracks the
 blocks inside an MLP / feed-forward module (a path component in ``MLP_MODULE_NAMES``), the paper's MLP-only
 hybrid (§4.5); ``modules="all"`` tracks every parameter. ``blocks="global"`` merges all tracked blocks into
 one (classic PCGrad over the whole shared gradient).
@@ -40,9 +42,10 @@ import torch.distributed as dist
 from torch import Tensor
 
 from steadyrl.config import ConfigError
+from steadyrl.models.lora import adapted_module_name
 from steadyrl.ops.gradients import blockwise_inner, conflict_coefficient, pcr_alpha, trace_variance_from_norms
-from steadyrl.train.combiners import GradientCombiner
-from steadyrl.train.distributed import all_reduce_gradients
+from steadyrl.runtime.distributed import all_reduce_gradients
+from steadyrl.stabilisers.combiners import GradientCombiner
 from steadyrl.types import Metrics
 
 MLP_MODULE_NAMES = ("mlp", "feed_forward", "ffn", "block_sparse_moe")
@@ -59,7 +62,7 @@ class ParameterBlocks:
         owners: list[str | None] = []
         for i, p in enumerate(params):
             name = names.get(id(p), f"param{i}")
-            owner = name.rpartition(".")[0] or name
+            owner = adapted_module_name(name.rpartition(".")[0] or name)
             tracked = modules == "all" or any(part in MLP_MODULE_NAMES for part in owner.split("."))
             owners.append(owner if tracked else None)
         self.tracked = [p for p, o in zip(params, owners) if o is not None]
@@ -88,6 +91,7 @@ class ConflictCombiner(GradientCombiner):
     """Streams per-block plasticity / stability sums; subclasses say how the two sums become one gradient."""
 
     needs_variance = False
+    separable_aux = False  # a sample is one micro-batch's (policy, stability) pair
 
     def __init__(
         self,
@@ -110,6 +114,7 @@ class ConflictCombiner(GradientCombiner):
     # ------------------------------------------------------------------ streaming
 
     def begin(self, params: list[torch.nn.Parameter]) -> None:
+        super().begin(params)
         key = tuple(id(p) for p in params)
         if self._layout is None or key != self._layout_key:
             self._layout, self._layout_key = ParameterBlocks(self.model, params, self.modules, self.blocks), key
@@ -127,6 +132,16 @@ class ConflictCombiner(GradientCombiner):
         self.count = self._flat_sta[n + 2 * m]
         for p in layout.tracked:
             p.grad = None
+
+    def rescale(self, scale: Tensor) -> None:
+        """Scale both streams (the updater only rescales when every term came from the policy forward):
+        sums by ``scale``, the squared-norm sums by its square; untracked .grad as the plain sum."""
+        super().rescale(scale)
+        self._flat_pla.mul_(scale.to(self._flat_pla.dtype))
+        n = sum(p.numel() for p in self._layout.tracked)
+        s = scale.to(self._flat_sta.dtype)
+        self._flat_sta[:n].mul_(s)
+        self._flat_sta[n:-1].mul_(s * s)
 
     def backward(self, terms: dict[str, Tensor]) -> None:
         if "policy" not in terms or len(terms) < 2:
