@@ -39,12 +39,21 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
-test-verl:
+# The verl tests (tests/integrations/test_verl_plugin.py, tests/ops/test_parity_verl.py) in a venv of their own:
+# pip resolves pyproject's `verl` extra without the lock (verl 0.9.1 pins transformers < 5.11, so this venv gets
+# transformers 5.10, as `pip install 'steadyrl[verl]'` gives a user), and without the tasks extra, whose
+# math-verify needs an antlr4 that verl's omegaconf cannot import.
+VERL_TESTS = tests/integrations/test_verl_plugin.py tests/ops/test_parity_verl.py
+test-verl: $(VERL_VENV)/.installed
+	$(VERL_VENV)/bin/python -m pip list --format=freeze 2>/dev/null | grep -iE '^(verl|transformers|torch)=='
+	$(VERL_VENV)/bin/python -m pytest -q $(VERL_TESTS)
+
+$(VERL_VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VERL_VENV)
 	$(VERL_VENV)/bin/python -c "import torch" 2>/dev/null || \
 		$(VERL_VENV)/bin/python -m pip -q --disable-pip-version-check install "$(TORCH_SPEC)"
-	$(VERL_VENV)/bin/python -m pip -q --disable-pip-version-check install -e ".[dev,verl]"
-	$(VERL_VENV)/bin/python -m pytest -q tests/integrations/test_verl_plugin.py
+	$(VERL_VENV)/bin/python -m pip -q --disable-pip-version-check install -e ".[dev,verl]" "$(TORCH_SPEC)"
+	@touch $@
 
 # Refresh the lock: newest versions within pyproject.toml's bounds, resolved for every platform and Python
 # the project supports, against TORCH_SPEC, for every extra but pyproject's [tool.steadyrl] unlocked-extras.

@@ -21,9 +21,9 @@ import torch
 
 
 def held_out_accuracy(model, tokenizer, task, *, max_new_tokens: int = 6, seed: int = 0) -> float:
-    from steadyrl.rollout import build_backend
+    from steadyrl.evaluate import evaluate
+    from steadyrl.registry import build_backend
     from steadyrl.rollout.base import SamplingParams
-    from steadyrl.train.evaluate import evaluate
 
     was_training = model.training
     model.eval()

@@ -23,10 +23,21 @@ def test_docs_table_matches_the_registry():
 
 
 def test_every_registry_method_has_a_row_and_every_exclusion_names_a_real_method():
-    rows = {(family, name) for family, name, *_ in status.status_rows()}
-    for family, table in (("loss", registry.LOSSES), ("advantage", registry.ADVANTAGES),
-                          ("correction", registry.CORRECTIONS), ("aggregation", registry.AGGREGATIONS)):
-        assert {(family, n) for n in table} <= rows
-    named = [*status.VERL_LOSS_EXCLUDED, *status.VERL_LOSS_LIMITS, *status.TRL_LOSS_LIMITS]
-    assert set(named) <= set(registry.LOSSES), "an exclusion names a loss the registry no longer has"
-    assert all(reason for reason in status.VERL_LOSS_EXCLUDED.values())
+    rows = {(family, name): (verl, trl, why) for family, name, verl, trl, why in status.status_rows()}
+    for family in registry.METHOD_FAMILIES:
+        assert {(family, n) for n in registry.FAMILIES[family].table} <= set(rows), family
+    named = {"loss": [*status.VERL_LOSS_EXCLUDED, *status.VERL_LOSS_LIMITS, *status.TRL_LOSS_LIMITS],
+             "advantage": [*status.VERL_ADVANTAGE_LIMITS, *status.TRL_ADVANTAGE_LIMITS],
+             "correction": [*status.VERL_CORRECTION_EXCLUDED]}
+    for family, names in named.items():
+        assert set(names) <= set(registry.FAMILIES[family].table), f"an exception names a {family} the registry lacks"
+    for (_, _name), (verl, trl, why) in rows.items():  # every status short of "carried" says why, per framework
+        assert (verl == status.CARRIED or "verl:" in why) and (trl == status.CARRIED or "TRL:" in why), _name
+
+
+def test_a_correction_reads_the_sampler_when_it_refuses_a_batch_without_mu():
+    """The probe behind TRL's use_vllm check: μ-based corrections need it, the entropy mask and OPSM (anchor π_old)
+    do not."""
+    reads = {n: status.reads_sampler(registry.resolve("correction", n)) for n in registry.CORRECTIONS}
+    assert reads["token_tis"] and reads["icepop"] and reads["m2po"]
+    assert not reads["high_entropy"] and not reads["opsm"]

@@ -1,7 +1,8 @@
 """steadyrl's verl plugin: loaded by verl itself, and numerically the same as steadyrl's ops through verl's real
 call path (``verl.workers.utils.losses.ppo_loss`` on nested, unpadded model output, as verl's engines call it).
 
-Run: .venv/bin/python -m pytest -q tests/integrations/test_verl_plugin.py
+Run: ``make test-verl`` (a venv of its own with the ``verl`` extra and without the tasks extra; see
+tests/ops/test_parity_verl.py), which runs this file and the ops-level parity tests.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from steadyrl.integrations import status
 from steadyrl.ops import aggregation
 from steadyrl.types import GlobalCounts, LossInputs
 
-pytestmark = requires_extra("verl", "verl", "ray", "hydra", "tensordict")
+pytestmark = requires_extra("verl", "verl", "ray", "hydra", "tensordict",
+                            install="make test-verl (a venv of its own, without the tasks extra)")
 
-CARRIED = [n for n in registry.LOSSES if n not in status.VERL_LOSS_EXCLUDED]
+CARRIED = [n for n in registry.FAMILIES["loss"].table if n not in status.VERL_LOSS_EXCLUDED]
 AGG = {
     "token-mean": aggregation.token_mean,
     "seq-mean-token-mean": aggregation.seq_mean_token_mean,
@@ -176,6 +178,42 @@ def test_cispo_equals_verls_own_cispo_loss():
     _close(ours[1], theirs[1])
 
 
+def _verl_own_config(loss_mode: str, loss_agg_mode: str, policy_loss: dict | None = None, **actor):
+    from verl.utils.config import omega_conf_to_dataclass
+
+    return omega_conf_to_dataclass({
+        "_target_": "verl.workers.config.FSDPActorConfig", "strategy": "fsdp", "rollout_n": 1,
+        "ppo_micro_batch_size_per_gpu": 2, "loss_agg_mode": loss_agg_mode, "loss_scale_factor": SCALE, **actor,
+        "policy_loss": {"_target_": "verl.workers.config.PolicyLossConfig", "loss_mode": loss_mode, **(policy_loss or {})},
+    })
+
+
+# steadyrl loss (kwargs), verl's own loss_mode (its config), the aggregation verl uses, with rollout_is_weights.
+# verl's geo_mean folds the IS weights into one geometric-mean weight per sequence (and takes a local mean);
+# steadyrl/gmpo weights each token, as steadyrl's trainer does, so the pair is compared without weights.
+ADOPTED = [
+    ("sapo", {"tau_pos": 2.0, "tau_neg": 0.7}, "sapo", {}, {"tau_pos": 2.0, "tau_neg": 0.7}, "seq-mean-token-mean", True),
+    ("gmpo", {"clip_low": 0.3, "clip_high": 0.4}, "geo_mean", {}, {"clip_ratio_low": 0.3, "clip_ratio_high": 0.4},
+     "seq-mean-token-mean", False),
+    ("dro", {"beta": 0.07}, "dro", {"dro_beta": 0.07}, {}, "token-mean", True),
+    ("reinforce", {}, "gpg", {}, {}, "token-mean", True),
+]
+
+
+@pytest.mark.parametrize(("ours", "kwargs", "theirs", "policy_loss", "actor", "mode", "weights"), ADOPTED,
+                         ids=[row[0] for row in ADOPTED])
+def test_adopted_losses_equal_verls_own_through_ppo_loss(ours, kwargs, theirs, policy_loss, actor, mode, weights):
+    """Methods verl also implements: steadyrl/<name> and verl's own loss_mode, both through ppo_loss, same
+    tensors, same loss and gradient (ops-level parity: tests/ops/test_parity_verl.py)."""
+    b = _batch(seed=7)
+    b["adv"] = torch.randn(b["adv"].shape, generator=torch.Generator().manual_seed(8), dtype=b["adv"].dtype)  # per token
+    ours_out = verl_ppo_loss(b, _actor_config(f"steadyrl/{ours}", mode, kwargs=kwargs), with_weights=weights)
+    theirs_out = verl_ppo_loss(b, _verl_own_config(theirs, mode, policy_loss, **actor), with_weights=weights)
+    _close(ours_out[0], theirs_out[0])
+    _close(ours_out[1], theirs_out[1])
+    assert ours_out[1].abs().sum() > 0
+
+
 def test_metrics_are_namespaced():
     b = _batch(seed=1)
     _, _, metrics = verl_ppo_loss(b, _actor_config("steadyrl/ppo_clip", "token-mean"))
@@ -199,6 +237,22 @@ def test_bypass_correction_is_steadyrls_correction_against_old_as_mu():
     assert "steadyrl/mismatch/is_weight_mean" in metrics
 
 
+def test_a_bypass_correction_without_an_anchor_setting_is_not_given_one():
+    """m2po takes an anchor (set to π_θ here); its rejections are zeroed in the loss (verl's counts stay)."""
+    b = _batch(seed=4)
+    loss, grad, metrics = verl_ppo_loss(
+        b, _actor_config("steadyrl/reinforce", "token-mean", bypass_correction="m2po",
+                         bypass_correction_kwargs={"m2_threshold": 0.01})
+    )
+    mask = b["response_mask"]
+    inputs = LossInputs(logprobs=b["logp"].detach(), old_logprobs=b["old"], advantages=b["adv"], response_mask=mask,
+                        rollout_logprobs=b["old"])
+    keep = registry.resolve("correction", MethodSpec("m2po", {"m2_threshold": 0.01, "anchor": "current"}))(inputs).mask
+    assert (mask & ~keep).any()  # the threshold rejects some tokens
+    by_hand = torch.where(mask & keep, -b["adv"] * b["logp"], 0.0).sum() / mask.sum()
+    _close(loss, by_hand.detach())
+
+
 def test_bad_hyper_parameters_fail_when_verl_builds_the_config():
     from hydra.errors import (
         InstantiationException as Wrapped,  # hydra wraps our ConfigError, keeping its sentence
@@ -211,6 +265,8 @@ def test_bad_hyper_parameters_fail_when_verl_builds_the_config():
     with pytest.raises(Wrapped, match="anchor"):
         _actor_config("steadyrl/reinforce", "token-mean", bypass_correction="token_tis",
                       bypass_correction_kwargs={"anchor": "old"})
+    with pytest.raises(Wrapped, match="not carried by verl"):  # the entropy mask needs π_θ's entropy
+        _actor_config("steadyrl/reinforce", "token-mean", bypass_correction="high_entropy")
     with pytest.raises(Wrapped, match="steadyrl losses only"):
         _actor_config("vanilla", "token-mean", kwargs={"clip_low": 0.1})
 
@@ -226,7 +282,7 @@ def test_verl_loads_the_plugin_through_its_entry_point():
         assert f"'steadyrl/{name}'" in out
     for name in status.VERL_LOSS_EXCLUDED:
         assert f"'steadyrl/{name}'" not in out
-    for name in registry.ADVANTAGES:
+    for name in registry.FAMILIES["advantage"].table:
         assert f"'steadyrl/{name}'" in out
 
 
@@ -272,7 +328,7 @@ def _verl_advantage(name: str, rewards: torch.Tensor, index, **algorithm):
     return adv, mask
 
 
-@pytest.mark.parametrize("name", list(registry.ADVANTAGES))
+@pytest.mark.parametrize("name", list(registry.FAMILIES["advantage"].table))
 def test_every_advantage_estimator_is_steadyrls_on_verls_shuffled_groups(name):
     import numpy as np
 

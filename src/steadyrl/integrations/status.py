@@ -1,18 +1,23 @@
 """What each host framework carries of steadyrl's registry, and the reason wherever it does not.
 
-The adapters iterate over the registry, so a method added to it is carried by default; the tables below are
-the only place that names exceptions, each with its reason. ``status_table()`` renders the whole picture
+The adapters iterate over the registry (``registry.FAMILIES[family].table`` for every family of
+``registry.METHOD_FAMILIES``), so a method added to it is carried by default; the tables below are the only
+place that names exceptions, each with its reason. ``status_table()`` renders the whole picture
 (``python -m steadyrl.integrations.status`` prints it; ``--write`` refreshes it in docs/integrations/README.md,
 which tests/integrations/test_status.py keeps in step with the registry).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 CARRIED = "carried"
 LIMITED = "carried with a limit"
 NOT_CARRIED = "not carried"
 
 BEGIN, END = "<!-- status table: begin -->", "<!-- status table: end -->"
+
+# ---------------------------------------------------------------------------------------------------- verl
 
 _ENTROPY = (
     "needs the per-token entropy H_t; verl passes entropy only to a whole-loss function installed from the "
@@ -39,18 +44,39 @@ VERL_LOSS_LIMITS: dict[str, str] = {
     "bapo": _DP_STATS,
     "clip_cov": _DP_STATS,
     "kl_cov": _DP_STATS,
+    "lco_kld": "with sign_balanced=true the sign counts are " + _DP_STATS.removeprefix("its batch statistics are "),
     "reinforce_is": _MU,
     "dppo_binary_tv": _MU,
     "dppo_binary_kl": _MU,
     "minpro": _MU,
     "vespo": _MU,
+    "kimi_dppo": _MU,
 }
 VERL_ADVANTAGE_LIMITS: dict[str, str] = {
     "mc_grpo": (
         "the pivot completion gets advantage 0 but stays in verl's normalisers (verl has no per-sample loss mask "
         "an estimator can set); needs rollout.n = G + 1"
     ),
+    "gdpo": (
+        "a registered estimator sees the summed token_level_rewards, one column (K = 1); for GDPO over named "
+        "reward components use verl's own adv_estimator=gdpo (parity: tests/ops/test_parity_verl.py)"
+    ),
 }
+_VERL_CORRECTION = (
+    "decoupled mode: use verl's own algorithm.rollout_correction (docs/integrations/verl.md maps the presets; "
+    "its rejection sampling removes tokens from the normaliser, as steadyrl). Bypass mode: policy_loss."
+    "bypass_correction runs steadyrl's correction inside the loss against μ = old_log_prob with anchor π_θ; "
+    "its rejections are zeroed but stay in verl's normaliser, which verl counts before the loss runs"
+)
+# Corrections that cannot run inside a verl loss at all.
+VERL_CORRECTION_EXCLUDED: dict[str, str] = {
+    "high_entropy": _ENTROPY.replace("needs the per-token entropy H_t", "needs π_θ's per-token entropy"),
+}
+_VERL_KL = {  # steadyrl estimator -> verl's actor.kl_loss_type for the same estimator
+    "kl_k1": "k1", "kl_k2": "mse", "kl_k3": "low_var_kl", "kl_k1_st": "k1+", "kl_k3_st": "low_var_kl+",
+}
+
+# ----------------------------------------------------------------------------------------------------- TRL
 
 # SteadyGRPOTrainer reads log-probs, entropy and the final hidden state from TRL's own forward, so every loss
 # is carried; these two need π_old's raw token logits, which TRL's π_old forward does not keep.
@@ -59,19 +85,27 @@ TRL_LOSS_LIMITS: dict[str, str] = {
     "off-policy needs π_old's raw token logits, which TRL's π_old forward does not keep",
     "lco_lch": "on-policy only, as lco_mse",
 }
+TRL_ADVANTAGE_LIMITS: dict[str, str] = {
+    "gdpo": "sees TRL's weighted sum of its reward functions (K = 1), as steadyrl's own trainer sees one reward; "
+    "TRL's own multi_objective_aggregation='normalize_then_sum' is GDPO over its reward functions",
+}
+_TRL_REJECTS = (
+    "its rejected tokens leave the normaliser through a gradient rescale after the step's last backward, "
+    "which DeepSpeed (optimizer step inside that backward) does not allow: refused there; an MoE router "
+    "aux loss is rescaled with the policy gradient"
+)
+TRL_SAMPLER = "needs the sampler's log-probs μ, which TRL has only with use_vllm=True (sampling_per_token_logps)"
 TRL_STABILISER_LIMITS: dict[str, str] = {
-    "capo": "its optimizer-model state is not saved in TRL checkpoints, and TRL does not skip a step with a "
-    "non-finite gradient, so CAPO records that step too",
+    "capo": f"{_TRL_REJECTS}; its optimizer-model state is not saved in TRL checkpoints; TRL does not skip a step "
+    "with a non-finite gradient, so CAPO records that step too; refused with LoRA (frozen LM head), as in steadyrl",
     "guard": "a TrainerCallback (trl_guard.py) that needs logging_steps=1; its snapshots are not saved in TRL "
     "checkpoints, and a rollback keeps completions TRL already buffered for the generation batch",
 }
-TRL_CORRECTION_LIMIT = (
-    "needs the sampler's log-probs, which TRL has only with use_vllm=True (sampling_per_token_logps)"
-)
 
-# Families and stabilisers that cannot cross either loss API, with the reason.
+# ------------------------------------------------------------------------------------------------ both
+
+# Stabilisers that cannot cross either loss API, with the reason: name -> (verl, TRL); "" = see the TRL limits.
 TRAINER_ONLY: dict[str, tuple[str, str]] = {
-    # name: (verl, TRL)
     "capo": (
         "needs the final hidden states, the LM head and an optimizer model updated after every step; a verl "
         "loss sees log-probs only",
@@ -92,46 +126,73 @@ TRAINER_ONLY: dict[str, tuple[str, str]] = {
         "TRL has no routing replay",
     ),
 }
+CARRIED_BY_BOTH: dict[str, str] = {"sum": "ordinary training: one backward of the summed loss terms"}
+TRAINER_LEVEL = ("guard", "retention", "routing_replay")
+"""Stabilisers of steadyrl's trainer that are not registry entries."""
+
+
+def reads_sampler(correction: Any) -> bool:
+    """Whether a resolved correction needs μ (``rollout_logprobs``): it refuses a one-token batch without it."""
+    import torch
+
+    from steadyrl.types import LossInputs
+
+    one = torch.zeros(1, 1)
+    probe = LossInputs(logprobs=one, old_logprobs=one, advantages=one, response_mask=torch.ones(1, 1, dtype=torch.bool),
+                       entropy=one)
+    try:
+        correction(probe)
+    except ValueError as error:
+        return "rollout_logprobs" in str(error)
+    return False
+
+
+def _join(verl_why: str, trl_why: str) -> str:
+    return "; ".join(w for w in (f"verl: {verl_why}" if verl_why else "", f"TRL: {trl_why}" if trl_why else "") if w)
+
+
+def _row(family: str, name: str) -> tuple[str, str, str]:
+    """(verl status, TRL status, why) of one registry entry."""
+    from steadyrl import registry
+
+    if family == "loss":
+        if name in VERL_LOSS_EXCLUDED:
+            verl, verl_why = NOT_CARRIED, VERL_LOSS_EXCLUDED[name]
+        else:
+            verl, verl_why = (LIMITED, VERL_LOSS_LIMITS[name]) if name in VERL_LOSS_LIMITS else (CARRIED, "")
+        trl_why = TRL_LOSS_LIMITS.get(name, "")
+        return verl, LIMITED if trl_why else CARRIED, _join(verl_why, trl_why)
+    if family == "advantage":
+        verl_why, trl_why = VERL_ADVANTAGE_LIMITS.get(name, ""), TRL_ADVANTAGE_LIMITS.get(name, "")
+        return LIMITED if verl_why else CARRIED, LIMITED if trl_why else CARRIED, _join(verl_why, trl_why)
+    if family == "correction":
+        verl_why = VERL_CORRECTION_EXCLUDED.get(name, _VERL_CORRECTION)
+        verl = NOT_CARRIED if name in VERL_CORRECTION_EXCLUDED else LIMITED
+        trl_why = "; ".join(w for w in (TRL_SAMPLER if reads_sampler(registry.resolve("correction", name)) else "",
+                                        _TRL_REJECTS) if w)
+        return verl, LIMITED, _join(verl_why, trl_why)
+    if family == "aggregation":
+        return CARRIED, CARRIED, "verl: through verl's loss_agg_mode (same formula)"
+    if family == "kl":
+        verl_name = _VERL_KL.get(name)
+        verl_why = (f"use verl's actor.use_kl_loss=true, kl_loss_type={verl_name}" if verl_name
+                    else "verl 0.9.1's kl_loss_type has no importance-weighted estimator")
+        return NOT_CARRIED, CARRIED, f"verl: {verl_why}; TRL: β is GRPOConfig.beta"
+    if name in CARRIED_BY_BOTH:
+        return CARRIED, CARRIED, CARRIED_BY_BOTH[name]
+    verl_why, trl_why = TRAINER_ONLY.get(name, ("not assessed", "not assessed"))
+    trl = NOT_CARRIED if trl_why else (LIMITED if name in TRL_STABILISER_LIMITS else CARRIED)
+    return NOT_CARRIED, trl, _join(verl_why, trl_why or TRL_STABILISER_LIMITS.get(name, ""))
 
 
 def status_rows() -> list[tuple[str, str, str, str, str]]:
-    """(family, name, verl status, TRL status, why) for every registry entry and trainer-level stabiliser."""
+    """(family, name, verl status, TRL status, why) for every method of the registry's method families and every
+    trainer-level stabiliser."""
     from steadyrl import registry
 
-    rows = []
-    for name in registry.LOSSES:
-        if name in VERL_LOSS_EXCLUDED:
-            verl, why = NOT_CARRIED, VERL_LOSS_EXCLUDED[name]
-        elif name in VERL_LOSS_LIMITS:
-            verl, why = LIMITED, VERL_LOSS_LIMITS[name]
-        else:
-            verl, why = CARRIED, ""
-        trl = LIMITED if name in TRL_LOSS_LIMITS else CARRIED
-        why = "; ".join(w for w in (f"verl: {why}" if why else "", f"TRL: {TRL_LOSS_LIMITS.get(name, '')}"
-                                    if name in TRL_LOSS_LIMITS else "") if w)
-        rows.append(("loss", name, verl, trl, why))
-    for name in registry.ADVANTAGES:
-        limit = VERL_ADVANTAGE_LIMITS.get(name)
-        rows.append(("advantage", name, LIMITED if limit else CARRIED, CARRIED, f"verl: {limit}" if limit else ""))
-    for name in registry.CORRECTIONS:
-        rows.append((
-            "correction", name, LIMITED, LIMITED,
-            "verl: decoupled mode uses verl's own rollout_correction (docs/integrations/verl.md maps the presets); "
-            f"a steadyrl correction runs inside the loss only in bypass mode; TRL: {TRL_CORRECTION_LIMIT}",
-        ))
-    for name in registry.AGGREGATIONS:
-        rows.append(("aggregation", name, CARRIED, CARRIED, "verl: through verl's loss_agg_mode (same formula)"))
-    for name in registry.KL_ESTIMATORS:
-        rows.append(("kl", name, NOT_CARRIED, CARRIED, "verl: use verl's actor.use_kl_loss / kl_loss_type"))
-    stabilisers = {**{n: "token_filter" for n in registry.TOKEN_FILTERS}, **{n: "combiner" for n in registry.COMBINERS}}
-    stabilisers.pop("sum", None)
-    for name in [*stabilisers, "guard", "retention", "routing_replay"]:
-        verl_why, trl_why = TRAINER_ONLY.get(name, ("not assessed", "not assessed"))
-        trl = NOT_CARRIED if trl_why else (LIMITED if name in TRL_STABILISER_LIMITS else CARRIED)
-        trl_why = trl_why or TRL_STABILISER_LIMITS.get(name, "")
-        why = f"verl: {verl_why}" + (f"; TRL: {trl_why}" if trl_why else "")
-        rows.append((stabilisers.get(name, "stabiliser"), name, NOT_CARRIED, trl, why))
-    return rows
+    rows = [(family, name, *_row(family, name))
+            for family in registry.METHOD_FAMILIES for name in registry.FAMILIES[family].table]
+    return rows + [("stabiliser", name, *_row("stabiliser", name)) for name in TRAINER_LEVEL]
 
 
 def status_table() -> str:

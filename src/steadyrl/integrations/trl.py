@@ -13,17 +13,21 @@ steadyrl's own config and registry code before TRL builds anything. What changes
 * advantages: steadyrl's estimator on the gathered rewards (TRL's weighted sum of its reward functions, NaN
   where every function returned None), per process slice as TRL slices; ``scale_rewards`` is not read.
 * loss: ``_compute_loss`` runs TRL's own forward (log-probs, entropy; the final hidden state through a hook
-  when CAPO or LCO-MSE/LCH needs it), then the same composition as steadyrl's update stage
-  (``integrations.terms``): correction → token filters → loss → aggregation (+ KL with ``beta`` as kl.coef).
-  ``loss_type``, ``epsilon*``, ``importance_sampling_level`` and TRL's vLLM IS ratio are not read.
-* normalisers: steadyrl's rule, not TRL's. The counts of an optimizer step (tokens, sequences) are summed over
-  its ``gradient_accumulation_steps`` micro-batches and all processes when the generation batch is split, so
+  when CAPO or LCO-MSE/LCH needs it), then steadyrl's update-stage composition itself,
+  ``steadyrl.train.update.micro_batch_terms``: correction → token filters → loss → aggregation (+ KL with
+  ``beta`` as kl.coef). ``loss_type``, ``epsilon*``, ``importance_sampling_level`` and TRL's vLLM IS ratio
+  are not read.
+* normalisers: steadyrl's rule (docs/normalisation.md), not TRL's. The counts of an optimizer step (tokens,
+  sequences) are summed over its ``gradient_accumulation_steps`` micro-batches and all processes, so
   token_mean divides by the step's real token count (TRL's dapo divides by the generation batch's count ×
-  GA / steps_per_generation), and a token a correction rejects at θ_old (or a sample the estimator leaves out)
-  leaves every normaliser, where TRL's masks keep rejected tokens in the denominator. The loss is returned
-  multiplied by the number of processes, which DDP's gradient mean divides out, and is not divided by
-  gradient accumulation (``loss_is_scaled_for_ga``): Σ over micro-batches and ranks of the returned terms is
-  the step's objective, as in steadyrl's trainer. So the same names give the same numbers in both.
+  GA / steps_per_generation). A token a correction or token filter rejects leaves every normaliser, where
+  TRL's masks keep rejected tokens in the denominator: each micro-batch is aggregated with the step's counts
+  before rejection and, once the step's last micro-batch has run its backward (``training_step``, before
+  transformers clips), the gradient is multiplied by ``normaliser_scale`` = D(before) / D(after), exactly as
+  steadyrl's PolicyUpdater does. The loss is returned multiplied by the number of processes, which DDP's
+  gradient mean divides out, and is not divided by gradient accumulation (``loss_is_scaled_for_ga``): Σ over
+  micro-batches and ranks of the returned terms is the step's objective, as in steadyrl's trainer. So the same
+  names give the same numbers in both.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType
 from torch import Tensor
 from transformers import TrainerCallback
 
@@ -43,8 +48,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec, from_dict
-from steadyrl.integrations.terms import denominator_mask, policy_terms
+from steadyrl.integrations.status import reads_sampler
+from steadyrl.ops.aggregation import global_counts
 from steadyrl.ops.masking import masked_fill_zero
+from steadyrl.train.update import micro_batch_terms, normaliser_scale
 from steadyrl.types import GlobalCounts, LossInputs
 
 MethodLike = str | MethodSpec | dict[str, Any]
@@ -67,7 +74,7 @@ class SteadyGRPOTrainer(GRPOTrainer):
         aggregation: MethodLike = "token_mean",
         correction: MethodLike | None = None,
         token_filters: Sequence[MethodLike] = (),
-        kl: str = "kl_k3",
+        kl: MethodLike = "kl_k3",
         max_len: int | None = None,
         guard: Any = None,
         **kwargs: Any,
@@ -79,27 +86,44 @@ class SteadyGRPOTrainer(GRPOTrainer):
             "aggregation": method_spec(aggregation, "aggregation"),
             "correction": None if correction is None else method_spec(correction, "correction"),
             "token_filters": [method_spec(f, f"token_filters[{i}]") for i, f in enumerate(token_filters)],
+            "kl": method_spec(kl, "kl"),
         }
         self.advantage_fn = registry.resolve("advantage", self.steady_specs["advantage"])
-        self.loss_fn = registry.resolve("loss", self.steady_specs["loss"])
+        self.base_loss_fn = self.loss_fn = registry.resolve("loss", self.steady_specs["loss"])
         self.aggregation_fn = registry.resolve("aggregation", self.steady_specs["aggregation"])
         spec = self.steady_specs["correction"]
         self.correction_fn = None if spec is None else registry.resolve("correction", spec)
-        filter_makers = [registry.resolve("token_filter", s) for s in self.steady_specs["token_filters"]]
-        self.kl_fn = registry.resolve("kl", kl)
+        for spec in self.steady_specs["token_filters"]:
+            registry.check("token_filter", spec)
+        self.kl_fn = registry.resolve("kl", self.steady_specs["kl"])
         if guard is not None:
             from steadyrl.integrations.trl_guard import guard_config
 
             guard = guard_config(guard)
         args_ = kwargs.get("args") if "args" in kwargs else (args[2] if len(args) > 2 else None)
         if args_ is not None:
-            _check_args(args_, self.correction_fn is not None)
+            _check_args(args_, self.correction_fn)
         super().__init__(*args, **kwargs)
         self.steady_max_len = float(max_len if max_len is not None else self.max_completion_length)
         unwrapped = self.accelerator.unwrap_model(self.model)
-        self.token_filters = [make(model=_base_model(unwrapped), distributed=self.accelerator.num_processes > 1)
-                              for make in filter_makers]
+        a = self.args
+        context = {"model": _base_model(unwrapped), "distributed": self.accelerator.num_processes > 1,
+                   "optimizer_defaults": {"betas": (a.adam_beta1, a.adam_beta2), "eps": a.adam_epsilon,
+                                          "weight_decay": a.weight_decay}}
+        self.token_filters = [registry.build("token_filter", s, **context) for s in self.steady_specs["token_filters"]]
+        # Rejections decided after the forward change the step's normaliser after the fact (module docstring).
+        self.rejects_in_loop = self.correction_fn is not None or bool(self.token_filters)
+        if self.rejects_in_loop and self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            raise ConfigError(
+                "a correction or token filter removes the tokens it rejects from the step's normaliser, which "
+                "SteadyGRPOTrainer applies to the gradient after the step's last backward; DeepSpeed steps the "
+                "optimizer inside that backward, so run with DDP or FSDP, or drop the correction / token filter."
+            )
         self._steady_rewards: Tensor | None = None
+        self._step_masks: list[Tensor] = []
+        self._step_objective: list[Tensor] = []
+        self._step_counts: GlobalCounts | None = None
+        self._step_done = False
         if self.token_filters:
             self.add_callback(_TokenFilterSteps(self.token_filters))
         if guard is not None:
@@ -112,6 +136,10 @@ class SteadyGRPOTrainer(GRPOTrainer):
                 f"loss {self.steady_specs['loss'].name} needs π_old's raw token logits off-policy, which TRL does not "
                 "keep; use steps_per_generation = gradient_accumulation_steps and num_iterations = 1."
             )
+
+    def set_trust_region_scale(self, scale: float) -> None:
+        """Multiply the loss's trust-region widths by ``scale`` (the stability guard's lever, as the updater's)."""
+        self.loss_fn = self.base_loss_fn.with_trust_region_scale(scale) if scale != 1.0 else self.base_loss_fn
 
     # ------------------------------------------------------------------ advantages
 
@@ -150,27 +178,15 @@ class SteadyGRPOTrainer(GRPOTrainer):
         return inputs
 
     def _attach_counts(self, micro_batches: list[dict], group: int) -> None:
-        """Per optimizer step (``group`` consecutive micro-batches): tokens and sequences of the denominator
-        mask, summed over the step's micro-batches and all processes; stored in every micro-batch."""
-        local = []
-        for mb in micro_batches:
-            if self.correction_fn is not None and mb.get("sampling_per_token_logps") is None:
-                raise ConfigError(
-                    f"correction {self.steady_specs['correction'].name!r} needs the sampler's log-probs, which TRL "
-                    "returns only with use_vllm=True (sampling_per_token_logps); turn vLLM on or drop the correction."
-                )
-            old = mb.get("old_per_token_logps")  # π_old exists only when the batch feeds > 1 optimizer step
-            if old is not None and self.correction_fn is not None:
-                den = denominator_mask(self._loss_inputs(mb, logprobs=old), self.correction_fn)
-            else:
-                den = self._token_mask(mb)
-            mb["steady_den_mask"] = den
-            local.append(torch.stack([den.sum(), mb["steady_sample_mask"].sum()]).double())
-        per_step = torch.stack(local).view(-1, group, 2).sum(dim=1)  # (steps, 2)
-        if self.accelerator.num_processes > 1:
-            per_step = self.accelerator.reduce(per_step, reduction="sum")
-        for i, mb in enumerate(micro_batches):
-            mb["steady_counts"] = per_step[i // group]
+        """Per optimizer step (``group`` consecutive micro-batches): ``global_counts`` of the token masks before
+        any rejection, over the step's micro-batches and all processes; stored in every micro-batch with a flag
+        on the step's last one."""
+        masks = [self._token_mask(mb) for mb in micro_batches]
+        for first in range(0, len(micro_batches), group):
+            counts = global_counts(masks[first : first + group], self.steady_max_len, self._reduce_sum)
+            for i in range(first, min(first + group, len(micro_batches))):
+                micro_batches[i]["steady_counts"] = counts
+                micro_batches[i]["steady_last"] = i == first + group - 1
 
     @staticmethod
     def _token_mask(inputs: dict) -> Tensor:
@@ -180,9 +196,11 @@ class SteadyGRPOTrainer(GRPOTrainer):
             mask = mask & inputs["tool_mask"].bool()
         return mask & inputs["steady_sample_mask"].bool()[:, None]
 
-    def _loss_inputs(self, inputs: dict, logprobs: Tensor, entropy: Tensor | None = None) -> LossInputs:
+    def _loss_inputs(self, inputs: dict, logprobs: Tensor, entropy: Tensor | None = None,
+                     token_logits: Tensor | None = None) -> LossInputs:
+        """What steadyrl's methods read for this micro-batch; on-policy π_old (and its token logit) is π_θ detached."""
         mask = self._token_mask(inputs)
-        old = inputs.get("old_per_token_logps")
+        old = inputs.get("old_per_token_logps")  # π_old exists only when the batch feeds > 1 optimizer step
         old = logprobs.detach() if old is None else old
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
@@ -197,11 +215,47 @@ class SteadyGRPOTrainer(GRPOTrainer):
             ref_logprobs=inputs.get("ref_per_token_logps"),
             entropy=None if entropy is None else entropy.detach(),
             reduce_sum=self._reduce_sum,
+            token_logits=token_logits,
+            old_token_logits=None if token_logits is None else token_logits.detach(),
             token_ids=inputs["completion_ids"],
         )
 
     def _reduce_sum(self, x: Tensor) -> Tensor:
         return self.accelerator.reduce(x.clone(), reduction="sum") if self.accelerator.num_processes > 1 else x
+
+    def training_step(self, model, inputs, num_items_in_batch):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not self._step_done:
+            return loss
+        if not self.accelerator.sync_gradients:
+            raise RuntimeError(
+                "SteadyGRPOTrainer's optimizer-step boundary and the Trainer's gradient accumulation disagree; "
+                "keep steps_per_generation a multiple of gradient_accumulation_steps."
+            )
+        return loss + self._finish_step(model)
+
+    def _finish_step(self, model) -> Tensor:
+        """After the step's last backward and before clipping: rejected tokens leave the normaliser (the
+        gradient times D(before)/D(after), as PolicyUpdater._renormalise), and the step's loss is logged.
+        Returns what to add to the loss transformers logs for this micro-batch, so its step total is scaled too."""
+        before, processes = self._step_counts, self.accelerator.num_processes
+        objective = torch.stack(self._step_objective).sum()  # this process's share of the step's objective
+        totals = objective.double()[None]
+        if self.rejects_in_loop:  # the counts after rejection travel in the same collective as the loss
+            after = global_counts(self._step_masks, before.max_len)
+            totals = torch.cat([totals, torch.stack([after.num_tokens, after.num_seqs]).to(totals.device)])
+        totals = self._reduce_sum(totals)
+        scale = torch.ones((), dtype=torch.float64, device=totals.device)
+        if self.rejects_in_loop:
+            after = GlobalCounts(num_tokens=totals[1], num_seqs=totals[2], max_len=before.max_len)
+            scale = normaliser_scale(self.aggregation_fn, before, after)
+            for p in model.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale.to(p.grad.dtype))
+        self._metrics["train"]["steadyrl/policy/loss"].append(float(totals[0] * scale))
+        self._metrics["train"]["steadyrl/normaliser_scale"].append(float(scale))
+        self._step_masks, self._step_objective, self._step_counts, self._step_done = [], [], None, False
+        return ((scale - 1) * objective * processes).float().detach()
 
     # ------------------------------------------------------------------ the loss
 
@@ -218,26 +272,32 @@ class SteadyGRPOTrainer(GRPOTrainer):
                 **{k: inputs.get(k) for k in _MULTIMODAL_KEYS},
             )
         hidden = captured.hidden(keep) if want_hidden else None
-        steady = self._loss_inputs(inputs, logps, entropies)
+        token_logits = None
         if self.steady_specs["loss"].name in _NEEDS_TOKEN_LOGITS:
-            steady.token_logits = _token_logits(hidden, model, self.accelerator, completion_ids, self.temperature)
-            steady.old_token_logits = steady.token_logits.detach()
-        num_tokens, num_seqs = inputs["steady_counts"].unbind()
-        counts = GlobalCounts(num_tokens=num_tokens.clamp(min=1.0), num_seqs=num_seqs.clamp(min=1.0),
-                              max_len=self.steady_max_len)
-        terms, metrics = policy_terms(
-            steady, inputs["steady_den_mask"], counts,
-            loss_fn=self.loss_fn, aggregation_fn=self.aggregation_fn, correction_fn=self.correction_fn,
-            token_filters=self.token_filters, hidden=hidden, lr=self._current_lr(),
-            kl_fn=self.kl_fn, kl_coef=self.beta,
+            token_logits = _token_logits(hidden, model, self.accelerator, completion_ids, self.temperature)
+        steady = self._loss_inputs(inputs, logps, entropies, token_logits)
+        counts: GlobalCounts = inputs["steady_counts"]
+        step = micro_batch_terms(
+            steady, loss=self.loss_fn, aggregation=self.aggregation_fn, counts=counts,
+            correction=self.correction_fn, token_filters=self.token_filters, hidden=hidden, lr=self._current_lr(),
+            kl=self.kl_fn if self.beta > 0 else None, kl_coef=self.beta,
         )
-        loss = sum(terms.values()) * self.accelerator.num_processes
+        objective = sum(step.terms.values())
         mode = "train" if self.model.training else "eval"
+        if mode == "train":  # the rescale waits for the step's last micro-batch (training_step)
+            self._step_counts = counts
+            self._step_masks.append(step.mask)
+            self._step_objective.append(objective.detach())
+            self._step_done = bool(inputs["steady_last"])
+        elif self.rejects_in_loop:  # one micro-batch is the whole evaluation step
+            after = global_counts(step.mask, counts.max_len, self._reduce_sum)
+            objective = objective * normaliser_scale(self.aggregation_fn, counts, after).to(objective.dtype)
+            self._metrics[mode]["steadyrl/policy/loss"].append(float(objective.detach()))
+        loss = objective * self.accelerator.num_processes
         if self.aux_loss_enabled:  # MoE load balance, scaled as TRL scales it
             normalizer = self.current_gradient_accumulation_steps if mode == "train" else 1.0
             loss = loss + self.router_aux_loss_coef * aux_loss / normalizer
-        self._metrics[mode]["steadyrl/policy/loss"].append(float(terms["policy"].detach()) * self.accelerator.num_processes)
-        for key, value in metrics.items():
+        for key, value in step.metrics.items():
             self._metrics[mode][f"steadyrl/{key}"].append(float(value))
         return loss
 
@@ -251,12 +311,13 @@ _MULTIMODAL_KEYS = (
 )
 
 
-def _check_args(args: Any, has_correction: bool) -> None:
+def _check_args(args: Any, correction: Any) -> None:
     """TRL settings that SteadyGRPOTrainer would silently ignore are errors naming the steadyrl equivalent."""
     unsupported = {
         "entropy_coef": (getattr(args, "entropy_coef", 0.0) != 0.0 or getattr(args, "use_adaptive_entropy", False),
                          "steadyrl's losses carry no entropy bonus; set entropy_coef=0 (STEER reweights by entropy)"),
-        "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0) < 1.0, "set top_entropy_quantile=1.0"),
+        "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0) < 1.0,
+                                 "use correction={'name': 'high_entropy', 'top_entropy_quantile': ...}"),
         "off_policy_mask_threshold": (getattr(args, "off_policy_mask_threshold", None) is not None,
                                       "use correction={'name': 'opsm', 'delta': ...}"),
         "importance_sampling_level": (getattr(args, "importance_sampling_level", "token") != "token",
@@ -266,11 +327,16 @@ def _check_args(args: Any, has_correction: bool) -> None:
     for key, (set_, fix) in unsupported.items():
         if set_:
             raise ConfigError(f"GRPOConfig.{key} is not read by SteadyGRPOTrainer; {fix}.")
-    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False) and not has_correction:
+    if getattr(args, "use_vllm", False) and getattr(args, "vllm_importance_sampling_correction", False) and correction is None:
         raise ConfigError(
             "TRL's vLLM importance-sampling correction is not applied by SteadyGRPOTrainer; pass a steadyrl "
             "correction (TRL's default sequence_mask is correction={'name': 'seq_mis'}) or set "
             "vllm_importance_sampling_correction=False."
+        )
+    if correction is not None and not getattr(args, "use_vllm", False) and reads_sampler(correction):
+        raise ConfigError(
+            f"correction {correction.name!r} needs the sampler's log-probs, which TRL returns only with "
+            "use_vllm=True (sampling_per_token_logps); turn vLLM on or drop the correction."
         )
     spg, ga = args.steps_per_generation or args.gradient_accumulation_steps, args.gradient_accumulation_steps
     if spg % ga:

@@ -68,7 +68,7 @@ def _install_or_explain() -> None:
 
             from steadyrl import registry
 
-            for name in registry.LOSSES:
+            for name in registry.FAMILIES["loss"].table:
                 POLICY_LOSS_REGISTRY.setdefault(LOSS_PREFIX + name, _stub(LOSS_PREFIX + name, load_error))
         except Exception:  # noqa: BLE001 -- the ERROR log above already names the cause
             pass

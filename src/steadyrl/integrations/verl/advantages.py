@@ -92,7 +92,7 @@ def make_advantage(name: str):
 def register_advantages() -> list[str]:
     """Register every steadyrl advantage estimator (all are stateless); returns the verl names."""
     names = []
-    for name in registry.ADVANTAGES:
+    for name in registry.FAMILIES["advantage"].table:
         verl_name = LOSS_PREFIX + name
         existing = core_algos.ADV_ESTIMATOR_REGISTRY.get(verl_name)
         if existing is not None and getattr(existing, "steadyrl_name", None) == name:

@@ -6,7 +6,8 @@ verl calls a registered loss from ``verl.workers.utils.losses.ppo_loss`` as
        -> (scalar loss, metrics)
 
 with (B, T) padded tensors of one micro-batch. The wrapper builds steadyrl's ``LossInputs``, calls the
-registry's op, and then does what steadyrl's own update does with a correction:
+registry's op (``registry.resolve("loss", ...)``, a ``Method`` with the hyper-parameters bound), and then does
+what steadyrl's own update does with a correction:
 
     ℓ'_t = ℓ_t · w_t        w = verl's ``rollout_is_weights`` (decoupled mode: π_old/μ, already truncated /
                              masked by verl's ``algorithm.rollout_correction``), times the weights of a steadyrl
@@ -14,10 +15,11 @@ registry's op, and then does what steadyrl's own update does with a correction:
     L = agg_loss(ℓ', keep, loss_agg_mode, **config.global_batch_info)
 
 verl has already removed the tokens its rejection sampling rejects from ``response_mask`` before it counted
-``batch_num_tokens``, so they leave every normaliser, as in steadyrl; a bypass correction's rejections are
-only zeroed (``keep``), as steadyrl does for a rejection decided at θ. ``agg_loss`` with verl's global batch
-info keeps verl's normalisation over the whole mini-batch and all data-parallel ranks. Metrics come back as
-``steadyrl/<metric>`` (``actor/steadyrl/...`` in verl's logs).
+``batch_num_tokens``, so they leave every normaliser, as in steadyrl (docs/normalisation.md). A bypass
+correction's rejections depend on π_θ and are known only inside the loss, after verl fixed its counts: they are
+zeroed (``keep``) but stay in verl's normaliser, a documented limit (status.py). ``agg_loss`` with verl's
+global batch info keeps verl's normalisation over the whole mini-batch and all data-parallel ranks. Metrics
+come back as ``steadyrl/<metric>`` (``actor/steadyrl/...`` in verl's logs).
 """
 
 from __future__ import annotations
@@ -116,15 +118,20 @@ def resolve_loss(loss_mode: str, kwargs: dict[str, Any]):
 
 
 def resolve_bypass_correction(name: str, kwargs: dict[str, Any]):
+    """A steadyrl correction for bypass mode: anchored at π_θ ("current") where the correction has an anchor."""
     key = ("correction", name, repr(sorted(dict(kwargs).items())))
     if key not in _CACHE:
         kwargs = _plain(kwargs)
+        if name in status.VERL_CORRECTION_EXCLUDED:
+            raise ConfigError(f"steadyrl correction {name!r} is not carried by verl: {status.VERL_CORRECTION_EXCLUDED[name]}.")
         if kwargs.get("anchor", "current") != "current":
             raise ConfigError(
                 "bypass_correction_kwargs.anchor must be 'current': in bypass mode π_old = μ, so an 'old' anchor "
                 "corrects nothing (use verl's decoupled rollout_correction for π_old/μ)."
             )
-        _CACHE[key] = registry.resolve("correction", MethodSpec(name, {**kwargs, "anchor": "current"}))
+        if "anchor" in registry.hyperparameters("correction", name):
+            kwargs = {**kwargs, "anchor": "current"}
+        _CACHE[key] = registry.resolve("correction", MethodSpec(name, kwargs))
     return _CACHE[key]
 
 
@@ -227,7 +234,7 @@ def _scalar(value: Any) -> Any:
 def register_losses() -> list[str]:
     """Register every steadyrl loss not in ``status.VERL_LOSS_EXCLUDED``; returns the verl names."""
     names = []
-    for name in registry.LOSSES:
+    for name in registry.FAMILIES["loss"].table:
         if name in status.VERL_LOSS_EXCLUDED:
             continue
         verl_name = LOSS_PREFIX + name
