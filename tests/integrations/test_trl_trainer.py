@@ -45,7 +45,8 @@ def model_path():
     return resolve_model_path("embedded:tiny-adder")
 
 
-def _trl_step(model_path, tmp_path, monkeypatch, *, per_device=8, ga=2, spg=None, iterations=1, steps=1, **methods):
+def _trl_step(model_path, tmp_path, monkeypatch, *, per_device=8, ga=2, spg=None, iterations=1, steps=1, clip=0.0,
+              **methods):
     """Run ``steps`` optimizer steps of SteadyGRPOTrainer; return (model, generation batch, rewards, trainer)."""
     import trl.trainer.grpo_trainer as grpo
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -78,7 +79,7 @@ def _trl_step(model_path, tmp_path, monkeypatch, *, per_device=8, ga=2, spg=None
     args = GRPOConfig(
         output_dir=str(tmp_path / "trl"), per_device_train_batch_size=per_device, gradient_accumulation_steps=ga,
         steps_per_generation=spg, num_iterations=iterations, num_generations=G, max_completion_length=MAX_NEW,
-        max_steps=steps, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", max_grad_norm=0.0,
+        max_steps=steps, learning_rate=LR, optim="sgd", lr_scheduler_type="constant", max_grad_norm=clip,
         weight_decay=0.0, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no", seed=0, bf16=False,
     )
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPE)
@@ -90,10 +91,10 @@ def _trl_step(model_path, tmp_path, monkeypatch, *, per_device=8, ga=2, spg=None
     return trainer.model, recorded["batch"], recorded["rewards"], trainer
 
 
-def _steadyrl_step(model_path, tmp_path, batch, rewards, *, micro, mini_batches=1, epochs=1, overrides=()):
+def _steadyrl_step(model_path, tmp_path, batch, rewards, *, micro, mini_batches=1, epochs=1, clip=0.0, overrides=()):
     cfg = load_config(None, [
         f"model.name_or_path={model_path}", f"rollout.group_size={G}", f"rollout.max_new_tokens={MAX_NEW}",
-        f"rollout.prompts_per_step={batch['completion_ids'].shape[0] // G}", f"optim.lr={LR}", "optim.grad_clip=0",
+        f"rollout.prompts_per_step={batch['completion_ids'].shape[0] // G}", f"optim.lr={LR}", f"optim.grad_clip={clip}",
         f"optim.micro_batch_size={micro}", f"optim.mini_batches={mini_batches}", f"optim.epochs={epochs}",
         "eval.every=0", "logging.progress=false", "logging.report=false", "logging.tensorboard=false",
         "checkpoint.save_final_model=false", f"run.output_dir={tmp_path / 'steady'}", "run.device=cpu",
@@ -197,6 +198,20 @@ def test_gradient_accumulation_and_steps_per_generation_scaling(model_path, tmp_
     trl_model, batch, rewards, _ = _trl_step(model_path, tmp_path, monkeypatch, per_device=4, ga=4, spg=8, steps=2,
                                              **methods)
     steady = _steadyrl_step(model_path, tmp_path, batch, rewards, micro=4, mini_batches=2, overrides=_overrides(methods))
+    _assert_same_update(trl_model, steady, start)
+
+
+def test_rejections_are_renormalised_before_transformers_clips(model_path, tmp_path, monkeypatch):
+    """With clipping on (norm ~1.5 > 0.5), the update equals steadyrl's only if the gradient is rescaled for the
+    rejected tokens before the clip: a rescale after it would change the clipped norm by the scale (~1.2)."""
+    from transformers import AutoModelForCausalLM
+
+    methods = {**CASES["dapo_token_mean"], "correction": CASES["minirl_with_correction"]["correction"]}
+    start = AutoModelForCausalLM.from_pretrained(model_path, dtype=DTYPE)
+    trl_model, batch, rewards, trainer = _trl_step(model_path, tmp_path, monkeypatch, clip=0.5, **methods)
+    steady = _steadyrl_step(model_path, tmp_path, batch, rewards, micro=8, clip=0.5, overrides=_overrides(methods))
+    logged = trainer.state.log_history[0]
+    assert logged["grad_norm"] > 0.5 and logged["steadyrl/normaliser_scale"] > 1.0  # both effects present
     _assert_same_update(trl_model, steady, start)
 
 
