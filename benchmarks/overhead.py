@@ -1,6 +1,10 @@
 """Overhead of every registered loss and stabiliser: policy-update time on ONE fixed scored rollout batch,
 divided by the time of the method's reference (plain GRPO, GRPO+KL or the MoE model without replay) in the
-same run.
+same run. Also the trainer pieces of issue 14: the optimal token baseline's Σπ² forward, the adaptive entropy
+bonus, VCPO (ESS learning rate; with the optimal baseline's per-trajectory gradient norms), the FP32 LM head
+and fp16 autocast with loss scaling.
+
+    python benchmarks/overhead.py --only vcpo "entropy bonus" optimal_token lm_head_fp32 "autocast float16" --no-moe
 
     python benchmarks/overhead.py                                  # CPU, tiny model, a few minutes
     python benchmarks/overhead.py --device cuda --out overhead_gpu.md
@@ -123,6 +127,13 @@ def build_cases(shape: Shape) -> list[Case]:
         if name != "capo":
             cases.append(Case(f"token_filter={name}", "token filter", [f"token_filters=[{name}]"], "grpo"))
     cases.append(Case("capo (recipe, adam model)", "token filter", [f"token_filters=[{CAPO_RECIPE}]"], "grpo"))
+    # Issue 14's trainer pieces: a forward statistic, a loss term with a controller, VCPO, precision switches.
+    cases.append(Case("advantage=optimal_token_baseline", "advantage", ["advantage=optimal_token_baseline"], "grpo"))
+    cases.append(Case("entropy bonus (adaptive)", "controller", ["entropy.adaptive=true", "entropy.target=100.0"], "grpo"))
+    cases.append(Case("vcpo ESS learning rate", "controller", ["vcpo.baseline=false"], "grpo"))
+    cases.append(Case("vcpo ESS + optimal baseline", "controller", ["vcpo.baseline=true"], "grpo"))
+    cases.append(Case("lm_head_fp32", "precision", ["model.lm_head_fp32=true"], "grpo"))
+    cases.append(Case("autocast float16 + loss scale", "precision", ["model.autocast=float16", "model.autocast_bf16=false"], "grpo"))
     sgd = CAPO_RECIPE.replace("optimizer_model: adam", "optimizer_model: sgd")
     cases.append(Case("capo (sgd model)", "token filter", [f"token_filters=[{sgd}]"], "grpo"))
     # Combiners: one sample = one micro-batch = one GRPO group (configs/pcr.yaml), against GRPO+KL at that size.

@@ -113,3 +113,61 @@ def verl_actor_config(**kwargs):
         policy_loss=policy_loss if policy_loss is not None else PolicyLossConfig(),
         **kwargs,
     )
+
+
+class TRLEntropyController:
+    """TRL 1.16's entropy bonus and adaptive controller, run by the real ``GRPOTrainer._compute_loss`` on a
+    stand-in that keeps its state across calls (``entropy_coef``, ``_last_world_entropy``, the window).
+
+    ``loss(logprobs, entropies, mask, advantages, accumulation, last)`` is one micro-batch of an accumulation
+    window of ``accumulation`` micro-batches (``last``: the window's final one, where TRL adapts the coefficient).
+    """
+
+    def __init__(self, *, coef: float, adaptive: bool, target: float, delta: float, coef_min: float, coef_max: float):
+        accelerator = _OneProcess()
+        self.stand_in = SimpleNamespace(
+            aux_loss_enabled=False,
+            top_entropy_quantile=1.0,
+            off_policy_mask_threshold=None,
+            importance_sampling_level="token",
+            beta=0.0,
+            loss_type="bnpo",
+            epsilon_low=0.2,
+            epsilon_high=0.2,
+            use_vllm=False,
+            vllm_importance_sampling_correction=False,
+            model=SimpleNamespace(training=True),
+            current_gradient_accumulation_steps=1,
+            max_completion_length=1,
+            entropy_coef=coef,
+            use_adaptive_entropy=adaptive,
+            _entropy_bonus_enabled=coef != 0.0 or adaptive,
+            _last_world_entropy=float("inf"),
+            _entropy_window_stats=None,
+            _metrics={"train": defaultdict(list), "eval": defaultdict(list)},
+            accelerator=accelerator,
+            args=SimpleNamespace(
+                use_bias_correction_kl=True, delta=None, steps_per_generation=1, entropy_target=target,
+                entropy_coef_delta=delta, entropy_coef_min=coef_min, entropy_coef_max=coef_max,
+            ),
+        )
+
+    def loss(self, logprobs: Tensor, entropies: Tensor, mask: Tensor, advantages: Tensor, *, accumulation: int, last: bool) -> Tensor:
+        from trl import GRPOTrainer
+
+        s = self.stand_in
+        s._get_per_token_logps_and_entropies = lambda *a, **k: (logprobs, entropies, None)
+        s.current_gradient_accumulation_steps = accumulation
+        s.max_completion_length = mask.shape[1]
+        s.accelerator.sync_gradients = last
+        batch = mask.shape[0]
+        inputs = {
+            "prompt_ids": torch.zeros(batch, 1, dtype=torch.long),
+            "prompt_mask": torch.ones(batch, 1, dtype=torch.long),
+            "completion_ids": torch.zeros_like(mask, dtype=torch.long),
+            "completion_mask": mask.long(),
+            "advantages": advantages,
+            "old_per_token_logps": logprobs.detach(),
+            "num_items_in_batch": mask.sum().to(logprobs.dtype),
+        }
+        return GRPOTrainer._compute_loss(s, None, inputs)

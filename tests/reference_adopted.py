@@ -252,3 +252,42 @@ def kl_k3_is(logp, ref, old, mask):
                 value[i][t] = w * k3
                 grad[i][t] = w * (k3 + 1.0 - ratio)  # ∂w/∂logπ = w, ∂k3/∂logπ = 1 − π_ref/π_θ
     return _out(value, grad)
+
+
+def vcpo_official_coefficients(rewards, advantages, norms, log_w, group_size, *, scope, use_is_weights, clip, lengths,
+                       norm_by_std, eps=1e-8):
+    """VCPO (mit-han-lab/vcpo ``compute_opob_baseline``, ``compute_grad_info``, ``_update_grad_buffers``): the official per-trajectory loop: for each trajectory the coefficient its gradient g_i ends up with in
+    the accumulated buffer Σ scale_reward·g_i − b·Σ scale_baseline·g_i (``_update_grad_buffers``)."""
+    n = len(rewards)
+    groups = [list(range(g, g + group_size)) for g in range(0, n, group_size)]
+    coefficient = [0.0] * n
+    scopes = groups if scope == "group" else [list(range(n))]
+    for members in scopes:
+        num = den = 0.0
+        for i in members:
+            weight = norms[i]  # grad_norm_unscaled ** 2
+            if use_is_weights:
+                ratio = math.exp(log_w[i])
+                if clip is not None:
+                    ratio = min(ratio, clip)
+                weight *= ratio**2
+            if lengths is not None:
+                weight /= lengths[i] ** 2
+            value = rewards[i] if scope == "group" else advantages[i]
+            num += value * weight
+            den += weight
+        baseline = num / (den + eps)
+        std = None
+        if scope == "group":
+            rs = [rewards[i] for i in members]
+            mean = sum(rs) / len(rs)
+            std = math.sqrt(sum((r - mean) ** 2 for r in rs) / len(rs))
+        for i in members:
+            if scope == "group":
+                scale_reward, scale_baseline = rewards[i], 1.0
+                if norm_by_std and std is not None and std > 1e-8:
+                    scale_reward, scale_baseline = rewards[i] / std, 1.0 / std
+            else:
+                scale_reward, scale_baseline = advantages[i], 1.0
+            coefficient[i] = scale_reward - baseline * scale_baseline
+    return coefficient

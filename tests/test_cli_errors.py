@@ -389,7 +389,7 @@ def test_torchrun_prints_a_config_error_once(config_file):
     errors = [line for line in (result.stdout + result.stderr).splitlines() if line.startswith("steadyrl: error:")]
     assert errors == ["steadyrl: error: unknown key(s) 'lrr' in section 'optim'; valid keys: steps, lr, weight_decay, "
                       "betas, eps, warmup_steps, schedule, min_lr_ratio, grad_clip, mini_batches, epochs, "
-                      "micro_batch_size."]
+                      "micro_batch_size, loss_scale."]
 
 
 def test_paths_module_has_no_heavy_imports():

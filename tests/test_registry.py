@@ -243,9 +243,16 @@ def test_every_advantage_estimator_keeps_the_uniform_signature(name):
     rewards[:group_size] = 1.0  # group 0 has no signal
     rewards[group_size : 2 * group_size] = torch.tensor([0.0, 1.0, 1.0, 0.0])
     rewards[2 * group_size + 1] = math.nan  # a completion the reward function could not score
-    result = registry.resolve("advantage", name)(rewards, group_size)
+    data = {}
+    if registry.lookup("advantage", name).reads_old_statistics:  # π_old's per-token statistics, T = 3
+        per_token = torch.full((rewards.shape[0], 3), 0.5)
+        data = {"old_logprobs": per_token.log(), "sum_pi_squared": per_token, "response_mask": per_token > 0}
+    result = registry.resolve("advantage", name)(rewards, group_size, **data)
     assert isinstance(result, AdvantageResult)
     advantages, sample_mask, metrics = result
+    if data:  # (B, T) advantages: check the first token of each completion
+        assert advantages.shape == data["response_mask"].shape, name
+        advantages = advantages[:, 0]
     assert advantages.shape == rewards.shape and sample_mask.shape == rewards.shape, name
     assert sample_mask.dtype == torch.bool
     assert torch.isfinite(advantages).all(), f"{name}: {advantages}"

@@ -49,7 +49,7 @@ class ModelConfig:
     name_or_path: str = "embedded:tiny-adder"
     """Hugging Face hub id, local directory, or ``embedded:<name>`` for a checkpoint shipped inside steadyrl."""
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Training precision of the weights."""
+    """Training precision of the weights (float16 weights cannot be trained with AdamW: use ``autocast``)."""
     pad_token: str | None = None
     """Token to use for padding when the tokenizer has none (e.g. its EOS token)."""
     gradient_checkpointing: bool = False
@@ -57,7 +57,16 @@ class ModelConfig:
     attn_implementation: str | None = None
     """eager | sdpa | flash_attention_2; None lets transformers choose."""
     autocast_bf16: bool = False
-    """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``."""
+    """Run the training forward under bf16 autocast (GPU); master weights stay in ``dtype``. The same as
+    ``autocast: bfloat16`` (kept for existing configs)."""
+    autocast: Literal["none", "bfloat16", "float16"] = "none"
+    """Autocast dtype of the trainer's forwards (training, π_old, π_ref); master weights stay in ``dtype``.
+    float16 with fp32 weights is Precision-RL's fp16 training (arXiv 2510.26788; pair it with
+    ``rollout.sampler_dtype: float16``), with dynamic loss scaling (``optim.loss_scale``)."""
+    lm_head_fp32: bool = False
+    """FP32 LM head (ScaleRL arXiv 2510.13786; TRL ``cast_lm_head_to_fp32``): keep the head's weights in fp32
+    and compute its logits in fp32 in the sampler too (the trainer's log-prob pass always multiplies in fp32);
+    see models/precision.py. No effect on an fp32 model with an fp32 sampler."""
     prompt_format: Literal["auto", "chat", "raw"] = "auto"
     """How prompts become tokens (models/chat.py): auto = the tokenizer's chat template when it has one, else the
     raw text; chat = require the template; raw = the prompt text as written. Training and eval render alike."""
@@ -117,6 +126,53 @@ class KLConfig:
 
 
 @dataclass(frozen=True)
+class EntropyConfig:
+    """Entropy bonus −c·H̄ in the loss (H̄ = mean per-token entropy of π_θ over the counted tokens) and
+    Skywork-OR1's adaptive coefficient (arXiv 2505.22312; TRL ``entropy_coef`` / ``use_adaptive_entropy``)."""
+
+    coef: float = 0.0
+    """c; with ``adaptive`` the starting value. 0 and not adaptive = off."""
+    adaptive: bool = False
+    """After every optimizer step: c += delta when that step's mean entropy ≤ target, else c −= delta (clamped to
+    [coef_min, coef_max]); the bonus applies only while the last measured entropy is ≤ target."""
+    target: float = 0.2
+    """Target mean per-token entropy in nats (TRL's default; set it near the entropy seen early in training)."""
+    delta: float = 0.005
+    coef_min: float = 0.0
+    coef_max: float = 1.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.coef != 0.0 or self.adaptive
+
+
+@dataclass(frozen=True)
+class VCPOConfig:
+    """VCPO's variance controls (arXiv 2602.17616; official mit-han-lab/vcpo; stabilisers/vcpo.py). Defaults are
+    the official recipe's (recipe/fully_async_policy/shell/vcpo/math/vcpo_k=10.sh)."""
+
+    ess_scaling: bool = True
+    """Scale each optimizer step's learning rate by min(1, ρ_ess/base_ess_ratio)^½ (sqrt) or ^1 (linear),
+    ρ_ess = (Σw)²/(N Σw²) of the mini-batch's sequence weights w = π_old(y)/μ(y)."""
+    scaling_rule: Literal["sqrt", "linear"] = "sqrt"
+    base_ess_ratio: float = 1.0
+    use_clipped: bool = False
+    """ESS of the weights clipped at is_threshold."""
+    is_threshold: float = 8.0
+    """C of the clipped sequence weights min(w, C) (the recipe's rollout_is_threshold)."""
+    baseline: bool = True
+    """Off-policy optimal baseline: needs every trajectory's gradient norm, one extra forward and backward per
+    completion (measured by benchmarks/overhead.py)."""
+    scope: Literal["group", "minibatch"] = "group"
+    """Baseline over each prompt's group (rewards) or over the mini-batch (the estimator's advantages)."""
+    use_is_weights: bool = True
+    use_clipped_is_ratios: bool = False
+    normalize_by_length: bool = False
+    norm_by_std: bool = True
+    """Group scope: divide (R − b) by the group's reward std (the recipe's setting; the framework default is false)."""
+
+
+@dataclass(frozen=True)
 class OptimConfig:
     steps: int = 100
     """RL steps (rollout batches)."""
@@ -137,6 +193,9 @@ class OptimConfig:
     """Passes over the rollout batch (PPO epochs)."""
     micro_batch_size: int = 64
     """Completions per forward/backward (gradient accumulation inside a mini-batch)."""
+    loss_scale: Literal["dynamic", "none"] = "dynamic"
+    """Loss scaling when the trainer computes in float16 (model.autocast: float16): dynamic
+    (torch.amp's defaults: 2^16, halved on overflow, doubled after 2000 finite steps) or none."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +218,11 @@ class CheckpointConfig:
     """Checkpoints kept (at least 1)."""
     save_final_model: bool = True
     """Export the final policy (HF format + tokenizer) to RUN_DIR/final."""
+    hf_format: bool = True
+    """Also write the policy in Hugging Face format into every checkpoint, RUN_DIR/checkpoints/step-N/hf/ (with
+    LoRA the merged model there and the adapter in step-N/hf-adapter/), which ``from_pretrained`` loads while the
+    run goes on, as TRL's checkpoint-N directories are; it appears and is pruned with its checkpoint (keep_last).
+    Costs one more copy of the weights on disk per kept checkpoint; false = the resumable state only."""
 
 
 @dataclass(frozen=True)
@@ -184,6 +248,12 @@ class RunConfig:
     """Continue the run in output_dir from its latest checkpoint (only with the run's own config)."""
     preflight: bool = True
     """Before step 1 of a new run, check that the sampler/trainer ratio is 1 at equal weights (`steadyrl doctor`)."""
+    parallel: Literal["ddp", "fsdp"] = "ddp"
+    """How several processes (torchrun --nproc_per_node N) share the work; each rank samples and trains on whole
+    groups either way, and gradients are summed over ranks. ddp = every rank holds the full model, gradients and
+    optimizer state (runtime/distributed.py); fsdp = FSDP2 shards parameters, gradients and AdamW state over the
+    ranks, for a model whose training state does not fit one device; the samplers keep a full copy of the weights
+    (train/sharded.py says what is gathered when, and what is refused: LoRA, routing replay)."""
 
 
 @dataclass(frozen=True)
@@ -250,6 +320,25 @@ class GuardConfig:
 
 
 @dataclass(frozen=True)
+class SamplingConfig:
+    """The sampling layer between rollout and advantage (steadyrl.sampling, docs/methods/sampling.md): which
+    prompts, which groups, which rewards.  The defaults are plain uniform sampling with nothing else."""
+
+    selector: MethodSpec = field(default_factory=lambda: MethodSpec("uniform"))
+    """Registered prompt selector: uniform (fresh draws, or a fixed pool with pool_size) | vade."""
+    filters: tuple[MethodSpec, ...] = ()
+    """Group filters, applied in order: dynamic_sampling (DAPO, over-samples) | iqr_entropy (M-GRPO)."""
+    augmenters: tuple[MethodSpec, ...] = ()
+    """Group augmenters for groups without reward variance: r3_replay | sage_hints."""
+    reward_shapers: tuple[MethodSpec, ...] = ()
+    """Reward shapers, applied in order: overlong_penalty (DAPO) | majority_vote (M-GRPO, label-free)."""
+    advantage: MethodSpec | None = None
+    """A layer advantage (dcpo | riskpo | adora | copo); when set it replaces the top-level ``advantage``."""
+    store_capacity: int = 65536
+    """Prompts the per-prompt store remembers (least recently seen evicted)."""
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -259,6 +348,11 @@ class TrainConfig:
     aggregation: MethodSpec = field(default_factory=lambda: MethodSpec("token_mean"))
     correction: MethodSpec | None = None
     kl: KLConfig = field(default_factory=KLConfig)
+    entropy: EntropyConfig = field(default_factory=EntropyConfig)
+    """Entropy bonus and its adaptive coefficient (Skywork-OR1); off by default."""
+    vcpo: VCPOConfig | None = None
+    """VCPO's ESS-scaled learning rate and off-policy optimal baseline (VCPOConfig); None = off. ``--set
+    vcpo.baseline=true`` turns it on with defaults."""
     retention: RetentionConfig | None = None
     """Retention set measured at every eval and, with coef > 0, trained on as an auxiliary loss (see RetentionConfig)."""
     token_filters: tuple[MethodSpec, ...] = ()
@@ -277,6 +371,8 @@ class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     guard: GuardConfig | None = None
     """Stability guard (GuardConfig); None = off. `--set guard.max_rollbacks=3` turns it on with defaults."""
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    """Prompt selection, group filters / augmenters, reward shaping, stateful advantages (SamplingConfig)."""
 
 
 # ----------------------------------------------------------------------------- loading

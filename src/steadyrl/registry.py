@@ -5,7 +5,9 @@ arguments are checked against the implementation's signature before anything is 
 or argument raises a ConfigError listing the valid ones. Function families (advantage, loss, correction,
 aggregation, kl) resolve to a ``Method``: the function with its hyper-parameters bound, called the same way
 for every member (the family's Protocol below), so the trainer never branches on a name. Class families
-(token_filter, combiner, task, rollout_backend) are built once per run with ``build(family, spec, **context)``;
+(token_filter, combiner, task, rollout_backend, and the sampling layer's prompt_selector, group_filter,
+group_augmenter, reward_shaper, layer_advantage whose protocols are in ``steadyrl.sampling.base``) are built
+once per run with ``build(family, spec, **context)``;
 the context (the model, the tokenizer's ids ...) is not a user setting.
 
 What differs between members of a family is a fact on its ``Entry`` (``trust_region``, ``min_group_size``),
@@ -38,6 +40,8 @@ from steadyrl.ops import (
     targets,
     token_masks,
 )
+from steadyrl.sampling import advantages as layer_advantages
+from steadyrl.sampling import augmenters, filters, selectors, shapers
 from steadyrl.stabilisers.capo import CapoFilter
 from steadyrl.stabilisers.combiners import SumCombiner
 from steadyrl.stabilisers.pcr import PCGradCombiner, PCRCombiner, SoftProjectionCombiner
@@ -46,7 +50,9 @@ from steadyrl.types import AdvantageResult, CorrectionResult, GlobalCounts, Loss
 
 
 class AdvantageFn(Protocol):
-    def __call__(self, rewards: Tensor, group_size: int) -> AdvantageResult: ...  # rewards (B,)
+    # rewards (B,), or (B, K) for an entry with ``reads_components``; an entry with ``reads_old_statistics``
+    # also takes old_logprobs=, sum_pi_squared=, response_mask= (B, T) and returns (B, T) advantages
+    def __call__(self, rewards: Tensor, group_size: int) -> AdvantageResult: ...
 
 
 class LossFn(Protocol):
@@ -83,6 +89,13 @@ class Entry:
     """advantage: the smallest group an estimator can use (group-relative baselines need two completions)."""
     reads_old: bool = False
     """kl: the estimator also takes ``old_logprobs`` (π_old, the policy that sampled; DeepSeek-V3.2's IS weight)."""
+    reads_old_statistics: bool = False
+    """advantage: the estimator also takes π_old's per-token statistics (``old_logprobs``, ``sum_pi_squared`` =
+    Σ_v π_old(v)², ``response_mask``) and returns (B, T) advantages; the score stage computes them after its
+    π_old forward instead of the collect stage (the optimal token baseline)."""
+    reads_components: bool = False
+    """advantage: ``rewards`` may be (B, K), column k the task's k-th named reward component (GDPO); the
+    collect stage passes the components instead of their sum (tasks/base.py ``RewardScores``)."""
 
     @property
     def fn(self) -> Callable[..., Any]:
@@ -110,9 +123,10 @@ ADVANTAGES: dict[str, Entry] = dict(
         _e("batch_std", advantages.batch_std_advantages, "group mean baseline, batch std scale", "REINFORCE++ style"),
         _e("mc_grpo", advantages.mc_grpo_advantages, "median baseline, MAD scale, pivot excluded", "arXiv 2601.22582", min_group_size=1),
         _e("bnpo", advantages.bnpo_advantages, "Beta-density normalisation of pass rates", "arXiv 2506.02864"),
-        _e("gdpo", advantages_multi.gdpo_advantages, "per-component group z-scores, weighted sum, batch norm (rewards (B, K))", "arXiv 2601.05242", "docs/methods/adopted.md"),
+        _e("gdpo", advantages_multi.gdpo_advantages, "per-component group z-scores, weighted sum, batch norm (rewards (B, K))", "arXiv 2601.05242", "docs/methods/adopted.md", reads_components=True),
         _e("maxrl", advantages_multi.maxrl_advantages, "MaxRL: (R − mean)/mean, 0 when the mean is 0", "arXiv 2602.02710", "docs/methods/adopted.md"),
         _e("gpg", advantages_multi.gpg_advantages, "GPG: α·(R − mean), α = N / non-zero count (loss: reinforce)", "arXiv 2504.02546", "docs/methods/adopted.md"),
+        _e("optimal_token_baseline", advantages_multi.optimal_token_baseline_advantages, "per-token baseline weighted by cumulative logit-gradient energy (Σπ² from the π_old forward)", "arXiv 2602.07078", "docs/methods/adopted.md", reads_old_statistics=True),
     ]
 )
 
@@ -213,6 +227,47 @@ ROLLOUT_BACKENDS: dict[str, Entry] = dict(
 )
 
 
+# The sampling layer (steadyrl.sampling, docs/methods/sampling.md): classes built once per run.
+PROMPT_SELECTORS: dict[str, Entry] = dict(
+    [
+        _e("uniform", selectors.UniformSelector, "uniform prompts: a fresh seeded draw per step, or from a fixed pool (pool_size)", "—", "docs/methods/sampling.md"),
+        _e("vade", selectors.VadeSelector, "VADE: Beta posterior per prompt, Thompson draw, top p(1−p), two-scale decay", "arXiv 2511.18902", "docs/methods/sampling.md"),
+    ]
+)
+
+GROUP_FILTERS: dict[str, Entry] = dict(
+    [
+        _e("dynamic_sampling", filters.DynamicSampling, "DAPO dynamic sampling: drop all-equal groups, over-sample to refill (capped rounds)", "arXiv 2503.14476", "docs/methods/sampling.md"),
+        _e("iqr_entropy", filters.IqrEntropyFilter, "M-GRPO IQR filter: drop trajectories below the group's lower entropy fence", "arXiv 2512.13070", "docs/methods/sampling.md"),
+    ]
+)
+
+GROUP_AUGMENTERS: dict[str, Entry] = dict(
+    [
+        _e("r3_replay", augmenters.R3Replay, "R³ cross-context replay of stored trajectories into all-equal groups (inferred rule)", "arXiv 2601.19620", "docs/methods/sampling.md"),
+        _e("sage_hints", augmenters.SageHints, "SAGE: regenerate unrewarded groups with a hint from the reference answer", "arXiv 2602.03143", "docs/methods/sampling.md"),
+    ]
+)
+
+REWARD_SHAPERS: dict[str, Entry] = dict(
+    [
+        _e("overlong_penalty", shapers.OverlongPenalty, "DAPO soft overlong punishment (linear in the last buffer_len tokens)", "arXiv 2503.14476", "docs/methods/sampling.md"),
+        _e("majority_vote", shapers.MajorityVote, "M-GRPO: label-free reward from a majority vote of the policy and an EMA momentum copy", "arXiv 2512.13070", "docs/methods/sampling.md"),
+    ]
+)
+
+LAYER_ADVANTAGES: dict[str, Entry] = dict(
+    [
+        _e("dcpo", layer_advantages.DCPOAdvantage, "DCPO smooth advantage: step and cumulative per-prompt z-scores blended", "arXiv 2509.02333", "docs/methods/sampling.md"),
+        _e("riskpo", layer_advantages.RiskPOAdvantage, "RiskPO Mixed-VaR advantage over question bundles, tracked quantiles", "arXiv 2510.00911", "docs/methods/sampling.md"),
+        _e("adora", layer_advantages.ADORAAdvantage, "ADORA: GRPO advantages damped in groups without a length advantage", "arXiv 2602.10019", "docs/methods/sampling.md"),
+        _e("copo", layer_advantages.COPOAdvantage, "COPO: local GRPO and global consistency advantages, entropy-blended", "arXiv 2508.04138", "docs/methods/sampling.md"),
+    ]
+)
+
+_LAYER_CONTEXT = frozenset({"self", "task", "seed", "model", "tokenizer", "backend_spec", "max_new_tokens"})
+
+
 @dataclass(frozen=True)
 class Family:
     table: dict[str, Entry]
@@ -223,7 +278,11 @@ class Family:
 
 
 FAMILIES: dict[str, Family] = {
-    "advantage": Family(ADVANTAGES, frozenset({"rewards", "group_size"}), AdvantageFn),
+    "advantage": Family(
+        ADVANTAGES,
+        frozenset({"rewards", "group_size", "old_logprobs", "sum_pi_squared", "response_mask", "rollout_is_weights"}),
+        AdvantageFn,
+    ),
     "loss": Family(LOSSES, frozenset({"inputs"}), LossFn),
     "correction": Family(CORRECTIONS, frozenset({"inputs"}), CorrectionFn),
     "aggregation": Family(AGGREGATIONS, frozenset({"loss", "mask", "counts"}), AggregationFn),
@@ -234,9 +293,15 @@ FAMILIES: dict[str, Family] = {
     "rollout_backend": Family(
         ROLLOUT_BACKENDS, frozenset({"self", "model", "pad_token_id", "eos_token_id", "sampler_dtype", "record_routing"})
     ),
+    "prompt_selector": Family(PROMPT_SELECTORS, _LAYER_CONTEXT),
+    "group_filter": Family(GROUP_FILTERS, _LAYER_CONTEXT),
+    "group_augmenter": Family(GROUP_AUGMENTERS, _LAYER_CONTEXT),
+    "reward_shaper": Family(REWARD_SHAPERS, _LAYER_CONTEXT),
+    "layer_advantage": Family(LAYER_ADVANTAGES, _LAYER_CONTEXT),
 }
 
-METHOD_FAMILIES = ("advantage", "loss", "correction", "aggregation", "kl", "token_filter", "combiner")
+METHOD_FAMILIES = ("advantage", "loss", "correction", "aggregation", "kl", "token_filter", "combiner",
+                   "prompt_selector", "group_filter", "group_augmenter", "reward_shaper", "layer_advantage")
 """The families `steadyrl methods` lists (tasks and backends are not stabilisation methods)."""
 
 

@@ -10,7 +10,7 @@ import random
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from steadyrl.ops import gradients as G
@@ -260,6 +260,7 @@ def test_soft_projection_moves_only_the_conflicting_component(pair, alpha):
 
 @SETTINGS
 @given(vectors, st.floats(0.0, 1.0), st.floats(1e-3, 1e3))
+@example(([-1.0], [2.93e-162]), 1.0, 2.0)  # ‖μ_sta‖² underflowed before the max-abs rescaling
 def test_projection_is_scale_invariant(pair, alpha, scale):
     # What lets the combiner project sums S = J·μ instead of means: P(cμ_p, cμ_s) = c·P(μ_p, μ_s) for c > 0.
     mu_pla, mu_sta = t64(pair[0]), t64(pair[1])

@@ -12,9 +12,12 @@ from steadyrl.runtime.checkpoint import latest_checkpoint, load_checkpoint
 from steadyrl.stabilisers.guard import GuardAction
 from steadyrl.train.trainer import Trainer
 
-# CAPO (adam optimizer model) is the stateful token filter; the guard snapshots every healthy step.
+# CAPO (adam optimizer model) is the stateful token filter, VADE (posterior) and DCPO (per-prompt store) the
+# stateful sampling layer; the guard snapshots every healthy step.
 _STATEFUL = (
     "token_filters=[{name: capo, fisher_tau: 0.0, hessian_tau: 0.0}]",
+    "sampling.selector={name: vade, pool_size: 8}",
+    "sampling.advantage={name: dcpo}",
     "guard.snapshot_every=1",
     "guard.keep_snapshots=1",
     "checkpoint.every=2",
@@ -40,8 +43,9 @@ def test_a_rollback_restores_everything_a_checkpoint_restores(tiny_config):
     assert [s.step for s in guard.snapshots] == [2]
     snapshot = guard.snapshots[0].state
     # The snapshot holds exactly the training state a checkpoint restores besides the run's progress ...
-    assert set(snapshot) == set(trainer.training_state()) == {"model", "optimizer", "scheduler", "updater"}
+    assert set(snapshot) == set(trainer.training_state()) == {"model", "optimizer", "scheduler", "updater", "sampling"}
     assert snapshot["updater"]["token_filters"][0]["exp_avg"] is not None  # CAPO's moments are in it
+    assert snapshot["sampling"]["store"]["records"] and snapshot["sampling"]["selector"]["seen"].any()
     # ... and the checkpoint of the same step holds the same values.
     fresh = Trainer(cfg, task=SevensTask())  # resumes from step 2
     for name, obj in fresh.training_state().items():
@@ -50,6 +54,7 @@ def test_a_rollback_restores_everything_a_checkpoint_restores(tiny_config):
     for step in (3, 4):  # train on, then roll back to the snapshot of step 2
         trainer.rl_step(step)
     assert not _equal(trainer.updater.state_dict(), snapshot["updater"])
+    assert not _equal(trainer.collector.layer.state_dict(), snapshot["sampling"])
     guard.apply(GuardAction("rollback", 4, ("test",)))
     for name, obj in trainer.training_state().items():
         state = obj.state_dict()
@@ -72,4 +77,4 @@ def test_a_resumed_run_restores_the_updater_and_the_progress(tiny_config):
     assert resumed.start_step == 2 and resumed.progress["skipped_steps"] == 5
     assert _equal(resumed.updater.state_dict(), first.updater.state_dict())
     extra = load_checkpoint(latest_checkpoint(cfg.run.output_dir), model=resumed.model, restore_rng=False)["extra"]
-    assert set(extra) == {"updater", "progress", "guard", "watch"}
+    assert set(extra) == {"updater", "sampling", "progress", "guard", "watch"}

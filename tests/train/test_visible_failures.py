@@ -105,3 +105,10 @@ def test_eval_scores_the_current_weights_when_the_sampler_is_a_copy(tiny_config,
     trainer.evaluate(step=1)
     for a, b in zip(current, trainer.backend.sampler.parameters()):
         assert torch.equal(a, b)
+
+
+def test_the_report_opens_with_a_banner_when_the_run_failed(tmp_path):
+    code, _, _ = _train(tmp_path, "optim.steps=4", "optim.lr=1e6", "logging.report=true")
+    assert code == 3
+    page = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert '<div class="banner"><strong>This run failed: accuracy' in page and "non-finite gradient" in page

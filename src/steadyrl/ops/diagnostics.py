@@ -21,11 +21,14 @@ __all__ = ["at_least_fp32", "effective_sample_size", "entropy_fp32", "is_weight_
 
 def entropy_fp32(logits: Tensor) -> Tensor:
     """(N, V) fp32 logits → (N,) entropy H = logsumexp(z) − Σ_v p_v z_v = −Σ_v p_v log p_v; an entry at −inf
-    (p = 0) contributes 0, not NaN. The chunked log-prob pass (ops/logprobs.py) calls it per chunk."""
+    (p = 0) contributes 0, not NaN, in value and in gradient (log p is zeroed there before the product, so an
+    entropy bonus over a truncated support back-propagates no 0·∞). The chunked log-prob pass (ops/logprobs.py)
+    calls it per chunk."""
     log_norm = torch.logsumexp(logits, dim=-1, keepdim=True)
     log_p = logits - log_norm
     p = torch.exp(log_p)
-    plogp = torch.where(p > 0, p * log_p, torch.zeros((), dtype=p.dtype, device=p.device))
+    zero = torch.zeros((), dtype=p.dtype, device=p.device)
+    plogp = p * torch.where(p > 0, log_p, zero)
     return -plogp.sum(dim=-1)
 
 

@@ -57,8 +57,12 @@ def project_conflicting(
     With s = 1 the result never conflicts with o (⟨result, o⟩ = max(⟨g, o⟩, 0)); the component of g
     orthogonal to o is never changed. Where o = 0, g is returned unchanged.
     """
-    kappa = conflict_coefficient(inner_product(gradient, onto), inner_product(onto, onto), strength)
-    return gradient - kappa.unsqueeze(-1) * onto
+    # o / max|o| has the same direction and a norm ≥ 1, so ‖o‖² cannot underflow for a tiny o (the projection is
+    # invariant to scaling o): P(c·g, c·o) = c·P(g, o) holds in floating point down to subnormal o too
+    scale = onto.abs().amax(dim=-1, keepdim=True)
+    unit = onto / _nonzero(scale)
+    kappa = conflict_coefficient(inner_product(gradient, unit), inner_product(unit, unit), strength)
+    return gradient - kappa.unsqueeze(-1) * unit
 
 
 def pcgrad_project(

@@ -72,6 +72,7 @@ def _chunk_logprobs(
     compute_sum_pi_squared: bool = False,
     top_k: int = 0,
     top_p: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # (n,) log-probs, entropy, logits, Σπ² (the last two empty when not asked)
     logits = torch.nn.functional.linear(_upcast(hidden).to(weight.dtype), weight, bias)
     if temperature != 1.0:
@@ -80,10 +81,13 @@ def _chunk_logprobs(
     logits = truncate(logits, top_k, top_p)
     log_normaliser = torch.logsumexp(logits, dim=-1)
     logprobs = token_logits - log_normaliser
+    # An entropy with gradient (an entropy bonus) is part of the graph, so backward recomputes it too.
+    entropy = entropy_fp32(logits) if compute_entropy and entropy_grad else logits.new_empty(0)
     # After the log-prob on purpose: non-reentrant checkpoint stops its recomputation once every saved
     # tensor is back, so backward never redoes these no-grad statistics.
     with torch.no_grad():
-        entropy = entropy_fp32(logits.detach()) if compute_entropy else logits.new_empty(0)
+        if compute_entropy and not entropy_grad:
+            entropy = entropy_fp32(logits.detach())
         if compute_sum_pi_squared:
             # Σ_v π_v² = exp(logsumexp(2z) − 2 logsumexp(z)): one more (n, V) pass, nothing kept
             sum_pi_squared = torch.exp(torch.logsumexp(2.0 * logits.detach(), dim=-1) - 2.0 * log_normaliser.detach())
@@ -105,6 +109,7 @@ def logprobs_from_hidden(
     compute_sum_pi_squared: bool = False,
     top_k: int = 0,
     top_p: float = 1.0,
+    entropy_grad: bool = False,
 ) -> tuple[Tensor, ...]:  # log π(y_t) (B, T) fp32; entropy (B, T) fp32 detached, or None; [token logits]; [Σπ²]
     """log π(y_t) = log softmax((W h_t + b) / τ)[y_t] for every position, chunked over the B·T tokens.
 
@@ -121,6 +126,8 @@ def logprobs_from_hidden(
     temperature-scaled distribution: the statistic of the optimal token baseline (verl
     ``calculate_sum_pi_squared``; ‖∇_z log π(y_t)‖² = 1 − 2π(y_t) + Σ_v π_v²).  It is formed inside each
     chunk like the entropy, so no (B·T, V) tensor exists or is kept.
+    With ``entropy_grad`` the entropy keeps its gradient (an entropy bonus in the loss; TRL ``entropy_coef``),
+    recomputed chunk by chunk in backward like the log-probs.
     ``top_k`` / ``top_p`` score on the sampler's support instead of the full vocabulary: the temperature-scaled
     logits are filtered as the sampler filters them (ops/support.py) and renormalised, so π is the very
     distribution μ sampled from; 0 / 1 (the default) is the full softmax.
@@ -151,7 +158,7 @@ def logprobs_from_hidden(
     logprob_chunks, entropy_chunks, logit_chunks, sum_sq_chunks = [], [], [], []
     for start in range(0, batch * length, chunk_size):
         args = (flat_hidden[start : start + chunk_size], weight, bias, flat_ids[start : start + chunk_size])
-        stats = (temperature, compute_entropy, compute_sum_pi_squared, top_k, top_p)
+        stats = (temperature, compute_entropy, compute_sum_pi_squared, top_k, top_p, entropy_grad)
         if needs_grad:
             logprobs, entropy, token_logits, sum_sq = checkpoint(_chunk_logprobs, *args, *stats, use_reentrant=False)
         else:

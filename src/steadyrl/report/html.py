@@ -33,6 +33,7 @@ body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; mar
 h1 { font-size: 1.6em; margin-bottom: 0.2em; } h2 { border-bottom: 1px solid #ddd; padding-bottom: 0.2em; }
 .meta { color: #666; font-size: 0.9em; }
 .headline { font-size: 1.35em; margin: 0.4em 0 0.8em; }
+.banner { background: #fde8e8; border: 1px solid #c0392b; padding: 0.6em 0.9em; margin: 0.6em 0; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
@@ -139,6 +140,18 @@ def _as_number(value: Any) -> float | None:
     return float(value) if isinstance(value, int | float) and not isinstance(value, bool) else None
 
 
+def failure_banner(summary: dict[str, Any]) -> list[str]:
+    """A banner above everything when the run failed (summary.json's verdict) or warned along the way."""
+    verdict, warnings = summary.get("verdict") or {}, summary.get("warnings") or []
+    failed = verdict.get("collapsed") or verdict.get("unscorable")
+    if not failed and not warnings:
+        return []
+    head = ("This run failed: " + "; ".join(verdict.get("reasons", [])) + ". The final model was not exported."
+            if failed else f"{len(warnings)} warning(s) during the run.")
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings[-10:])
+    return [f'<div class="banner"><strong>{html.escape(head)}</strong>' + (f"<ul>{items}</ul>" if items else "") + "</div>"]
+
+
 def read_guard_events(run_dir: Path) -> list[dict[str, Any]]:
     """Lines of RUN_DIR/guard.jsonl (a line cut short by a crash is skipped)."""
     path = run_dir / "guard.jsonl"
@@ -218,6 +231,7 @@ def render_html(
     ]
     if title_line:
         parts.append(f'<p class="headline">{esc(title_line)}</p>')
+    parts += failure_banner(summary)
     parts.append("<h2>Summary</h2>")
     if summary_note:
         parts.append(f'<p class="missing">{esc(summary_note)}</p>')

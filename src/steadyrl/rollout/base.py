@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from steadyrl.models.lora import is_peft_model, merged_copy, merged_state_dict, unwrap_peft
+from steadyrl.models.precision import body_dtype, cast_lm_head_to_fp32
 from steadyrl.models.routing import supported_moe_layers
 from steadyrl.types import RolloutBatch
 
@@ -68,12 +69,14 @@ class SamplerCopyMixin:
         self.policy = model
         self.pad_token_id = pad_token_id
         self.eos_token_id = eos_token_id
-        param_dtype = next(model.parameters()).dtype
+        param_dtype = body_dtype(model)
         self.separate_sampler = sampler_dtype is not None and sampler_dtype != param_dtype
         self.lora = is_peft_model(model)
         if self.separate_sampler:
             copied = merged_copy(model) if self.lora else copy.deepcopy(model)
             self.sampler = copied.to(sampler_dtype).eval().requires_grad_(False)
+            if getattr(model, "lm_head_fp32", False):  # the copy samples from an fp32 head too
+                cast_lm_head_to_fp32(self.sampler)
         else:
             self.sampler = unwrap_peft(model)  # peft's own forward hides the cache API the backends call
         if record_routing is None:

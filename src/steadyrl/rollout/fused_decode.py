@@ -132,4 +132,5 @@ class LlamaFamilyDecodeStep:
                 mlp.down_proj, mlp.act_fn(_linear(mlp.gate_proj, hidden)) * _linear(mlp.up_proj, hidden)
             )
         hidden = _rms_norm(self.base.norm, hidden)
-        return _linear(self.model.lm_head, hidden[:, -1]).to(dtype=torch.float32, copy=True)
+        # the head's own forward: an FP32 LM head (models/precision.py) replaces it on the instance
+        return self.model.lm_head(hidden[:, -1]).to(dtype=torch.float32, copy=True)

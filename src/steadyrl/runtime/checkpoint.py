@@ -2,9 +2,13 @@
 
 Layout of ``RUN_DIR/checkpoints/``::
 
-    step-00000040/  model.pt  optimizer.pt  scheduler.pt  state.pt  rng.pt  meta.json
+    step-00000040/  model.pt  optimizer.pt  scheduler.pt  state.pt  rng.pt  meta.json  [hf/  hf-adapter/]
     step-00000050/  ...
     latest          text file holding "step-00000050"
+
+``exports`` adds directories that are not resumable state but belong to the step, e.g. the policy in Hugging
+Face format (``hf/``, which ``from_pretrained`` loads while the run goes on): they are written inside the same
+temporary directory, so they appear, and are pruned, together with the checkpoint.
 
 Every file is written with ``torch.save`` (bit-exact tensors, any state-dict layout) into a temporary
 sibling ``.tmp-step-XXXXXXXX`` and fsync'ed; the directory is then renamed into place (atomic on POSIX),
@@ -19,8 +23,8 @@ hold plain containers, numbers, strings and tensors (or pass ``weights_only=Fals
 
 Distributed runs: call ``save_checkpoint`` on rank 0 only (after the optimizer step, with the unwrapped or
 DDP-wrapped model; ``.module`` / ``._orig_mod`` wrappers are unwrapped here). No collective is called
-inside, so the caller adds a barrier if other ranks must wait for the files. Sharded (FSDP) state is not
-handled. Every rank calls ``load_checkpoint`` and gets the same state; CUDA RNG states are restored for as
+inside, so the caller adds a barrier if other ranks must wait for the files. Sharded (FSDP) state is gathered
+by the caller first (every rank takes part; ``runtime/fsdp.py``) and passed in as full state dicts. Every rank calls ``load_checkpoint`` and gets the same state; CUDA RNG states are restored for as
 many devices as both the checkpoint and this process have.
 """
 
@@ -32,6 +36,7 @@ import random
 import re
 import shutil
 import warnings
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +52,7 @@ LATEST_FILE = "latest"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 _STEP_DIR = re.compile(r"step-(\d{8,})")
+_EXPORT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]*")
 
 
 def _save_synced(obj: Any, path: Path) -> None:
@@ -61,6 +67,17 @@ def _write_text_synced(text: str, path: Path) -> None:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _fsync_tree(root: Path) -> None:
+    """fsync every file under ``root`` and every directory, deepest first (``root`` included)."""
+    for file in root.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+    for directory in sorted((d for d in root.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+        fsync_dir(directory)
+    fsync_dir(root)
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -179,10 +196,13 @@ def save_checkpoint(
     scheduler: Any | None = None,
     extra: dict[str, Any] | None = None,
     keep_last: int | None = 2,
+    exports: Mapping[str, Callable[[Path], Any]] | None = None,
 ) -> Path:
     """Write ``RUN_DIR/checkpoints/step-{step:08d}/`` atomically, point ``latest`` at it, prune old ones.
 
     ``keep_last``: how many checkpoints with step <= ``step`` survive (this one included); None keeps all.
+    ``exports``: ``{name: write(path)}``; each ``write`` creates the directory ``path`` (``step-N/name``, e.g.
+    ``model.save_pretrained``) before the checkpoint is complete; loading ignores them.
     Checkpoints with a higher step (left by an abandoned branch of a resumed run) are not touched.
     Saving a step that already exists replaces it. Call on rank 0 only. Returns the checkpoint path.
     """
@@ -190,6 +210,9 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 (or None to keep every checkpoint), got {keep_last}.")
     if step < 0:
         raise ValueError(f"step must be >= 0, got {step}.")
+    for export_name in exports or {}:
+        if not _EXPORT_NAME.fullmatch(export_name):
+            raise ValueError(f"export name {export_name!r} must be a plain directory name (letters, digits, _ and -).")
     root = Path(run_dir) / CHECKPOINT_DIR
     root.mkdir(parents=True, exist_ok=True)
     _remove_leftovers(root)
@@ -209,6 +232,10 @@ def save_checkpoint(
     _save_synced({"step": int(step), "extra": dict(extra or {})}, tmp / "state.pt")
     _save_synced(capture_rng_state(), tmp / "rng.pt")
     files += ["state.pt", "rng.pt"]
+    for export_name, write in (exports or {}).items():
+        write(tmp / export_name)
+        _fsync_tree(tmp / export_name)
+        files.append(f"{export_name}/")
     # meta.json last: a directory that has it is complete.
     meta = {"format_version": FORMAT_VERSION, "step": int(step), "files": files}
     _write_text_synced(json.dumps(meta, indent=1) + "\n", tmp / META_FILE)
@@ -306,11 +333,7 @@ def save_pretrained_atomic(model: Any, tokenizer: Any | None, out_dir: str | Pat
     _unwrap(model).save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    for file in tmp.rglob("*"):
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(tmp)
+    _fsync_tree(tmp)
     written = sorted(p.name for p in tmp.iterdir())
     _write_text_synced(json.dumps({"written_by": "steadyrl", "files": written}) + "\n", tmp / EXPORT_MANIFEST)
     if out_dir.exists():

@@ -20,7 +20,11 @@ Per optimizer step, with samples j = 1..J (one sample = one micro-batch; [INF] s
 J·(…) keeps the scale of the plain sum: with no conflict, grad = S_pla + S_sta is exactly what the ``sum``
 combiner produces, because each micro-batch term is already normalised by global counts. With data
 parallelism S, Q and J are summed over ranks first, so α and the projection use every sample and every
-rank writes the same gradient.
+rank writes the same gradient. With FSDP (run.parallel=fsdp) each backward's gradient is summed over ranks by
+the reduce-scatter before the combiner sees it, so a sample j is micro-batch j of *every* rank together [INF]
+(J = micro-batches per rank); each rank holds shards of S, and the squared norms and inner products are partial
+sums over the shards, all-reduced. PCGrad and fixed_alpha, which read only S, give exactly the data-parallel
+gradient; PCR's σ² is taken over those cross-rank samples (tests/train/test_fsdp.py).
 
 Blocks [INF]: a parameter's block is the module that owns it directly (``model.layers.3.mlp.up_proj`` for
 ``model.layers.3.mlp.up_proj.weight``; its weight and bias form one block). With LoRA (model.lora) the block is
@@ -44,7 +48,8 @@ from torch import Tensor
 from steadyrl.config import ConfigError
 from steadyrl.models.lora import adapted_module_name
 from steadyrl.ops.gradients import blockwise_inner, conflict_coefficient, pcr_alpha, trace_variance_from_norms
-from steadyrl.runtime.distributed import all_reduce_gradients
+from steadyrl.runtime.distributed import all_reduce_gradients, all_reduce_sum
+from steadyrl.runtime.fsdp import as_shard_of, local
 from steadyrl.stabilisers.combiners import GradientCombiner
 from steadyrl.types import Metrics
 
@@ -109,6 +114,7 @@ class ConflictCombiner(GradientCombiner):
         self.modules, self.blocks = modules, blocks
         self._layout: ParameterBlocks | None = None
         self._layout_key: tuple[int, ...] = ()
+        self._sharded, self._n = False, 0  # FSDP-sharded parameters; local elements of the tracked ones
         self.statistics: dict[str, Tensor] = {}
 
     # ------------------------------------------------------------------ streaming
@@ -119,14 +125,16 @@ class ConflictCombiner(GradientCombiner):
         if self._layout is None or key != self._layout_key:
             self._layout, self._layout_key = ParameterBlocks(self.model, params, self.modules, self.blocks), key
         layout = self._layout
-        n = sum(p.numel() for p in layout.tracked)
+        shards = [local(p) for p in layout.tracked]  # FSDP: this rank's shard of each parameter
+        self._sharded = any(shard is not p for shard, p in zip(shards, layout.tracked))
+        n = self._n = sum(shard.numel() for shard in shards)
         m = layout.num_blocks
         device = layout.tracked[0].device
         # [S_pla] and [S_sta | Q_pla | Q_sta | J]: one flat buffer each, so one collective reduces each.
         self._flat_pla = torch.zeros(n, dtype=layout.dtype, device=device)
         self._flat_sta = torch.zeros(n + 2 * m + 1, dtype=layout.dtype, device=device)
-        self.sum_pla = _views(self._flat_pla, layout.tracked)
-        self.sum_sta = _views(self._flat_sta, layout.tracked)
+        self.sum_pla = _views(self._flat_pla, shards)
+        self.sum_sta = _views(self._flat_sta, shards)
         self.sq_pla = self._flat_sta[n : n + m]
         self.sq_sta = self._flat_sta[n + m : n + 2 * m]
         self.count = self._flat_sta[n + 2 * m]
@@ -138,7 +146,7 @@ class ConflictCombiner(GradientCombiner):
         sums by ``scale``, the squared-norm sums by its square; untracked .grad as the plain sum."""
         super().rescale(scale)
         self._flat_pla.mul_(scale.to(self._flat_pla.dtype))
-        n = sum(p.numel() for p in self._layout.tracked)
+        n = self._n
         s = scale.to(self._flat_sta.dtype)
         self._flat_sta[:n].mul_(s)
         self._flat_sta[n:-1].mul_(s * s)
@@ -164,7 +172,7 @@ class ConflictCombiner(GradientCombiner):
         layout = self._layout
         present = [i for i, p in enumerate(layout.tracked) if p.grad is not None]
         if present:
-            grads = [layout.tracked[i].grad for i in present]
+            grads = [local(layout.tracked[i].grad) for i in present]
             torch._foreach_add_([sums[i] for i in present], grads)
             if self.needs_variance:
                 norms = torch.stack(torch._foreach_norm(grads, 2, dtype=layout.dtype))
@@ -178,15 +186,20 @@ class ConflictCombiner(GradientCombiner):
 
     def finalize(self, params: list[torch.nn.Parameter]) -> Metrics:
         layout = self._layout
-        if self.distributed and dist.is_available() and dist.is_initialized():
+        m = layout.num_blocks
+        if self._sharded:  # FSDP: S is sharded (already summed over ranks), Q holds this rank's partial norms
+            squares = self._flat_sta[self._n : self._n + 2 * m]
+            squares.copy_(all_reduce_sum(squares))  # J stays: every rank counted the same micro-batch indices
+        elif self.distributed and dist.is_available() and dist.is_initialized():
             dist.all_reduce(self._flat_pla, op=dist.ReduceOp.SUM)
             dist.all_reduce(self._flat_sta, op=dist.ReduceOp.SUM)
             if layout.untracked:
                 all_reduce_gradients(layout.untracked)
-        m = layout.num_blocks
         dot = blockwise_inner(self.sum_pla, self.sum_sta, layout.block_index, m)  # (M,) ⟨S_pla, S_sta⟩
         sq_pla = blockwise_inner(self.sum_pla, self.sum_pla, layout.block_index, m)  # (M,) ‖S_pla‖²
         sq_sta = blockwise_inner(self.sum_sta, self.sum_sta, layout.block_index, m)  # (M,) ‖S_sta‖²
+        if self._sharded:  # partial inner products over the shards, summed into the full ones
+            dot, sq_pla, sq_sta = all_reduce_sum(torch.stack([dot, sq_pla, sq_sta])).unbind(0)
         # the step's per-block statistics after the all-reduce, kept for diagnostics and tests
         self.statistics = {"dot": dot, "sq_pla": sq_pla, "sq_sta": sq_sta, "samples": self.count.clone()}
         self.statistics.update(sq_norm_sum_pla=self.sq_pla.clone(), sq_norm_sum_sta=self.sq_sta.clone())
@@ -196,7 +209,7 @@ class ConflictCombiner(GradientCombiner):
         param_coef_pla, param_coef_sta = coef_pla[layout.block_index], coef_sta[layout.block_index]  # (N,)
         for k, (p, s_pla, s_sta) in enumerate(zip(layout.tracked, self.sum_pla, self.sum_sta)):
             s_pla.mul_(param_coef_pla[k]).addcmul_(s_sta, param_coef_sta[k])  # grad = a_pla·S_pla + a_sta·S_sta
-            p.grad = s_pla if s_pla.dtype == p.dtype else s_pla.to(p.dtype)
+            p.grad = as_shard_of(s_pla if s_pla.dtype == p.dtype else s_pla.to(p.dtype), p)
         metrics.update(_geometry_metrics(dot, sq_pla, sq_sta, coef_pla, coef_sta))
         metrics["pcr/samples"] = self.count.detach().clone()
         self.sum_pla = self.sum_sta = []

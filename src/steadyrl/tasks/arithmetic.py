@@ -11,7 +11,11 @@ Design (kept flexible on purpose; the lab tunes it):
   ``answer_format="reversed"`` writes the answer least-significant digit first (``"58"``; sign in front),
   which small transformers learn more easily because carries then flow left to right.
 * **Reward.** 1.0 if the completion, stripped and cut at its first whitespace, equals the answer string
-  exactly, else 0.0 (so ``"085"`` and ``"85 "`` are wrong and right respectively).
+  exactly, else 0.0 (so ``"085"`` and ``"85 "`` are wrong and right respectively). With
+  ``format_reward`` > 0 the reward has two named components (GDPO's multi-reward setting, tasks/base.py):
+  ``{"correct": that 0/1, "format": format_reward if the first word is a well-formed integer (optional
+  minus sign, digits, no leading zero unless reversed) else 0}``; below 1, so a well-formed wrong answer never reaches an
+  evaluation's full marks.
 * **Held-out split.** A problem belongs to eval iff ``blake2b("a op b") mod eval_modulus == 0``; the hash
   depends only on the problem, so the split is the same for every seed, and :meth:`sample` for train
   rejects eval problems. :meth:`eval_prompts` draws ``eval_size`` distinct eval problems from ``seed``
@@ -43,6 +47,7 @@ OPERATIONS = ("+", "-", "*")
 DEMO_ERRORS = ("drop_carry", "ignore_carries", "off_by_one")
 ANSWER_FORMATS = ("plain", "reversed")
 _PROBLEM_RE = re.compile(r"^(\d+)([+\-*])(\d+)=$")
+_INTEGER_RE = {"plain": re.compile(r"-?(0|[1-9]\d*)"), "reversed": re.compile(r"-?\d+")}
 
 
 def _digits(value: int) -> list[int]:
@@ -111,6 +116,7 @@ class ArithmeticTask:
         answer_format: str = "plain",
         allow_negative: bool = False,
         eval_modulus: int = 10,
+        format_reward: float = 0.0,
     ) -> None:
         if not 1 <= min_digits <= max_digits:
             raise TaskError(
@@ -127,6 +133,8 @@ class ArithmeticTask:
             raise TaskError(f"demo_error must be one of {list(DEMO_ERRORS)}, got {demo_error!r}")
         if answer_format not in ANSWER_FORMATS:
             raise TaskError(f"answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
+        if not 0.0 <= format_reward < 1.0:
+            raise TaskError(f"format_reward must be in [0, 1) (below a correct answer's 1), got {format_reward}")
         if eval_size < 1 or eval_modulus < 2:
             raise TaskError(f"need eval_size >= 1 and eval_modulus >= 2, got {eval_size} and {eval_modulus}")
         self.min_digits, self.max_digits, self.operations = min_digits, max_digits, ops
@@ -136,6 +144,8 @@ class ArithmeticTask:
         if not self.demo_error_ops <= set(OPERATIONS):
             raise TaskError(f"demo_error_ops must only contain {''.join(OPERATIONS)}, got {demo_error_ops!r}")
         self.answer_format, self.allow_negative = answer_format, allow_negative
+        self.format_reward = format_reward
+        self.reward_components = ("correct", "format") if format_reward > 0 else None
         self._eval = self._build_eval_set()
 
     # problems ---------------------------------------------------------------------------------------
@@ -214,9 +224,13 @@ class ArithmeticTask:
             raise TaskError("could not draw train problems outside the eval bucket; raise max_digits")
         return prompts
 
-    def reward(self, prompt: Prompt, completion: str) -> float:
+    def reward(self, prompt: Prompt, completion: str) -> float | dict[str, float]:
         words = completion.split(maxsplit=1)
-        return 1.0 if words and words[0] == prompt.answer else 0.0
+        correct = 1.0 if words and words[0] == prompt.answer else 0.0
+        if not self.format_reward:
+            return correct
+        well_formed = bool(words) and _INTEGER_RE[self.answer_format].fullmatch(words[0]) is not None
+        return {"correct": correct, "format": self.format_reward if well_formed else 0.0}
 
     def demonstration(self, prompt: Prompt, rng: random.Random) -> str:
         """The answer text; corrupted with probability ``demo_error_rate`` (``rng`` is untouched at rate 0)."""

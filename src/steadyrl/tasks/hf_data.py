@@ -19,7 +19,6 @@ first ``max_rows`` of each split: how to take a slice of a dataset too large to 
 
 from __future__ import annotations
 
-import json
 import os
 import random
 import socket
@@ -28,7 +27,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from steadyrl.tasks.base import TaskError
+from steadyrl.tasks.base import TaskError, jsonl_objects
 
 DATA_FORMATS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}
 _PROBE_S = 3.0
@@ -188,19 +187,10 @@ def load_rows(
 def read_jsonl_rows(path: Path, max_rows: int | None = None) -> list[dict[str, Any]]:
     """JSON objects of a JSONL file, read line by line (no datasets needed); errors name the line."""
     rows: list[dict[str, Any]] = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if max_rows is not None and len(rows) >= max_rows:
-                break
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TaskError(f"{path} line {line_number} is not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict):
-                raise TaskError(f"{path} line {line_number} is a JSON {type(row).__name__}, not an object")
-            rows.append(row)
+    for _, row in jsonl_objects(path):
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+        rows.append(row)
     if not rows:
         raise TaskError(f"{path} has no rows")
     return rows

@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from steadyrl.tasks.base import Prompt, TaskError, check_split, draw_from_pool
+from steadyrl.tasks.base import Prompt, TaskError, check_split, draw_from_pool, jsonl_objects
 
 ANSWER_EXTRACTIONS = ("boxed_or_last", "boxed", "math_verify")
 _NUMBER_RE = re.compile(r"-?\d+(?:\.\d+)?(?:\s*/\s*\d+)?")
@@ -68,24 +68,15 @@ def read_jsonl(path: str | Path, question_field: str, answer_field: str) -> list
             f"JSONL file {path} does not exist; pass `path` to a file with one JSON object per line"
         )
     rows = []
-    with path.open(encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise TaskError(f"{path} line {line_number} is not valid JSON ({error.msg})") from error
-            if not isinstance(row, dict):
-                raise TaskError(f"{path} line {line_number} is a JSON {type(row).__name__}, not an object")
-            for field_name, role in ((question_field, "question_field"), (answer_field, "answer_field")):
-                if field_name not in row:
-                    raise TaskError(
-                        f"{path} line {line_number} has no field {field_name!r}; its keys are {sorted(row)} "
-                        f"(set `{role}` to the right one)"
-                    )
-            row["_line"] = line_number
-            rows.append(row)
+    for line_number, row in jsonl_objects(path):
+        for field_name, role in ((question_field, "question_field"), (answer_field, "answer_field")):
+            if field_name not in row:
+                raise TaskError(
+                    f"{path} line {line_number} has no field {field_name!r}; its keys are {sorted(row)} "
+                    f"(set `{role}` to the right one)"
+                )
+        row["_line"] = line_number
+        rows.append(row)
     if not rows:
         raise TaskError(f"JSONL file {path} has no rows")
     return rows

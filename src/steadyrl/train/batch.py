@@ -63,7 +63,7 @@ class ScoredBatch:
             response_mask=self.token_mask,
             rollout_logprobs=self.rollout.rollout_logprobs,
             ref_logprobs=self.ref_logprobs,
-            entropy=fwd.entropy,
+            entropy=None if fwd.entropy is None else fwd.entropy.detach(),  # losses read it as a measurement
             token_logits=fwd.token_logits,
             old_token_logits=fwd.token_logits.detach() if on_policy else self.old_token_logits,
             token_ids=self.rollout.completion_ids,

@@ -1,8 +1,11 @@
 """Stage 1 of an RL step, collect: prompts → rollout → reward → advantage, as a ``ScoredBatch``.
 
-Every rank draws the same global prompt list for the step (seeded by the step number) and keeps its own slice
-of whole groups. Rewards are gathered from all ranks so that advantages, including estimators with
-batch-level statistics (batch std, BNPO), are computed on the global batch exactly as on one process.
+The sampling layer (``steadyrl.sampling.layer``) decides which prompts, which groups and which rewards; this
+stage generates what it asks for (prompts rendered as in eval: the chat template when the model has one) and
+turns its result into the rank's batch. Every rank draws the same global
+prompt list for the step (seeded by the step number) and keeps its own slice of whole groups. Rewards are
+gathered from all ranks so that advantages, including estimators with batch-level statistics (batch std,
+BNPO), are computed on the global batch exactly as on one process.
 """
 
 from __future__ import annotations
@@ -11,25 +14,19 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from steadyrl.models.chat import PromptRenderer
 from steadyrl.ops.masking import masked_fill_zero, masked_var
 from steadyrl.rollout.base import RolloutBackend, SamplingParams
-from steadyrl.rollout.text import decode_completions, encode_prompts, eos_ids
+from steadyrl.rollout.text import encode_prompts
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.seeding import step_seed
-from steadyrl.tasks import Prompt, Task, score_batch
+from steadyrl.sampling.layer import SamplingLayer, default_layer
+from steadyrl.tasks import Prompt, Task
 from steadyrl.train.batch import ScoredBatch
 
-
-def gather_rewards(local: Tensor, info: DistInfo) -> Tensor:
-    if not info.enabled:
-        return local
-    parts = [torch.empty_like(local) for _ in range(info.world_size)]
-    dist.all_gather(parts, local)
-    return torch.cat(parts)
+_SALT_STRIDE = 100_003  # separates the generator seeds of a step's generation calls (rounds, hints, momentum)
 
 
 @dataclass
@@ -57,6 +54,7 @@ class RolloutCollector:
         seed: int,
         device: torch.device,
         mask_truncated: bool = False,
+        layer: SamplingLayer | None = None,
         renderer: PromptRenderer | None = None,
     ) -> None:
         self.backend = backend
@@ -70,39 +68,40 @@ class RolloutCollector:
         self.seed = seed
         self.device = device
         self.mask_truncated = mask_truncated
-        self.eos_ids = eos_ids(tokenizer)
+        self.layer = layer if layer is not None else default_layer(
+            task, tokenizer, seed=seed, info=info, group_size=group_size, prompts_per_step=prompts_per_step, device=device
+        )
         self.renderer = renderer
+        self._rollout_s = 0.0
 
-    def local_prompts(self, step: int) -> list[Prompt]:
-        prompts = self.task.sample("train", self.prompts_per_step, seed=step_seed(self.seed, step))
-        per_rank = self.prompts_per_step // self.info.world_size
-        return prompts[self.info.rank * per_rank : (self.info.rank + 1) * per_rank]
+    def generate(self, prompts: list[Prompt], step: int, salt: int = 0, backend: RolloutBackend | None = None):
+        """Completions of ``prompts`` (one row each) on this rank; the layer's generation callback. The
+        generator is seeded by (run seed, step, rank, salt): salt 0 is the step's first draw."""
+        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device, self.renderer)
+        seed = step_seed(self.seed, step, 1 + self.info.rank + _SALT_STRIDE * salt)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        start = time.perf_counter()
+        rollout = (backend or self.backend).generate(prompt_ids, prompt_mask, self.params, generator=generator)
+        self._rollout_s += time.perf_counter() - start
+        return rollout
 
     def collect(self, step: int) -> Collected:
-        prompts = [p for p in self.local_prompts(step) for _ in range(self.group_size)]  # G copies, contiguous
-        prompt_ids, prompt_mask = encode_prompts(self.tokenizer, prompts, self.device, self.renderer)
-        generator = torch.Generator(device=self.device).manual_seed(step_seed(self.seed, step, 1 + self.info.rank))
-        start = time.perf_counter()
+        self._rollout_s = 0.0
         self.backend.sync_weights()
-        rollout = self.backend.generate(prompt_ids, prompt_mask, self.params, generator=generator)
-        rollout_s = time.perf_counter() - start
-        completions = decode_completions(self.tokenizer, rollout.completion_ids, rollout.response_mask, self.eos_ids)
-        scores = score_batch(self.task, prompts, completions)  # rewards, named parts, scoring metrics
-        rewards = scores.rewards.to(self.device)  # (B,) NaN = unscorable
-        all_rewards = gather_rewards(rewards, self.info)  # estimators see the global batch, as on one process
-        adv = self.advantage_fn(all_rewards, self.group_size)
-        mine = slice(self.info.rank * len(prompts), (self.info.rank + 1) * len(prompts))
+        groups = self.layer.collect(step, self.generate)  # selection → rollout → reward → shaping → filters
+        adv, all_rewards = self.layer.advantages(step, groups, self.advantage_fn)  # global, as on one process
+        groups, mine = self.layer.rank_rows(groups)
+        rollout, prompts, completions = groups.rollout, groups.row_prompts, groups.completions
         advantages, sample_mask = adv.advantages[mine], adv.sample_mask[mine]
         if self.mask_truncated:
             sample_mask = sample_mask & ~rollout.truncated
         if advantages.dim() == 1:  # one advantage per completion, broadcast over its tokens
             advantages = advantages[:, None].expand_as(rollout.rollout_logprobs)
         advantages = masked_fill_zero(advantages.float(), rollout.response_mask).detach()
-        batch = ScoredBatch(rollout, rewards=rewards, advantages=advantages, sample_mask=sample_mask)
-        metrics = {**_reward_metrics(all_rewards), **adv.metrics, **_rollout_metrics(rollout)}
-        metrics.update({name: value.to(self.device) for name, value in scores.metrics.items()})
-        components = {name: value.to(self.device) for name, value in scores.components.items()}
-        return Collected(batch, prompts, completions, metrics, rollout_s, components)
+        batch = ScoredBatch(rollout, rewards=groups.rewards, advantages=advantages, sample_mask=sample_mask)
+        metrics = {**_reward_metrics(all_rewards), **adv.metrics, **_rollout_metrics(rollout), **self.layer.metrics()}
+        metrics.update(_use_metrics(adv, metrics["sampling/generated"]))
+        return Collected(batch, prompts, completions, metrics, self._rollout_s, groups.named_components())
 
 
 def _reward_metrics(rewards: Tensor) -> dict[str, Tensor]:
@@ -110,6 +109,18 @@ def _reward_metrics(rewards: Tensor) -> dict[str, Tensor]:
     return {
         "reward/mean": torch.where(finite, rewards, 0.0).sum() / finite.sum().clamp(min=1),
         "reward/std": masked_var(rewards, finite).sqrt(),
+    }
+
+
+def _use_metrics(adv, generated: Tensor) -> dict[str, Tensor]:
+    """How much of what was generated reaches the gradient: completions in the loss, and those of them with a
+    non-zero advantage (global counts)."""
+    trained = adv.sample_mask.float().sum()
+    informative = (adv.sample_mask & (adv.advantages.reshape(adv.sample_mask.shape[0], -1) != 0).any(1)).float().sum()
+    return {
+        "sampling/trained": trained,
+        "sampling/informative_frac": informative / trained.clamp(min=1),
+        "sampling/generated_per_informative": generated / informative.clamp(min=1),
     }
 
 

@@ -18,7 +18,9 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from steadyrl.ops.correction import mismatch_metrics
+from steadyrl.runtime.distributed import all_reduce_
 from steadyrl.train.batch import ScoredBatch
+from steadyrl.train.setup import autocast_dtype
 
 
 @dataclass
@@ -49,7 +51,7 @@ class RatioReport:
 def _tolerance(trainer) -> float:
     """fp32 on both sides agrees to rounding; a bf16 / fp16 sampler or autocast to its precision (≈ 1e-2)."""
     low = trainer.cfg.rollout.sampler_dtype not in (None, "float32") or trainer.cfg.model.dtype != "float32"
-    return 5e-2 if low or trainer.cfg.model.autocast_bf16 else 1e-4
+    return 5e-2 if low or autocast_dtype(trainer.cfg) is not None else 1e-4  # model.autocast or autocast_bf16
 
 
 def _score(trainer, batch: ScoredBatch, **settings) -> torch.Tensor:
@@ -74,7 +76,11 @@ def check_ratios(trainer, step: int = 0) -> RatioReport:
     trainer.backend.sync_weights()
     batch = trainer.collector.collect(step).batch
     logprobs = _score(trainer, batch)
-    m = {k: float(v) for k, v in mismatch_metrics(logprobs, batch.rollout.rollout_logprobs, batch.token_mask).items()}
+    metrics = mismatch_metrics(logprobs, batch.rollout.rollout_logprobs, batch.token_mask)
+    if trainer.info.enabled:  # one verdict on every rank: the causes below run forwards, collectives under FSDP
+        gap = all_reduce_(metrics["mismatch/abs_logprob_diff_mean"].detach().float().reshape(1).clone(), "max")
+        metrics["mismatch/abs_logprob_diff_mean"] = gap[0]
+    m = {k: float(v) for k, v in metrics.items()}
     report = RatioReport(
         ratio_mean=m["mismatch/ratio_mean"], abs_log_ratio_mean=m["mismatch/abs_logprob_diff_mean"],
         abs_log_ratio_max=m["mismatch/abs_logprob_diff_max"], kl_k3=m["mismatch/kl_k3"], tolerance=_tolerance(trainer),

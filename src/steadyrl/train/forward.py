@@ -24,15 +24,17 @@ from steadyrl.models.lora import unwrap_peft
 from steadyrl.models.routing import RoutingReplayer, WeightRule
 from steadyrl.ops.logprobs import logprobs_from_hidden
 from steadyrl.rollout.base import position_ids_from_mask
+from steadyrl.runtime.fsdp import FORWARD_METHOD
 from steadyrl.types import RolloutBatch
 
 
 @dataclass
 class PolicyOutput:
     logprobs: Tensor  # (B, T) log π(y_t) at the sampling temperature
-    entropy: Tensor | None  # (B, T) detached full-vocabulary entropy
+    entropy: Tensor | None  # (B, T) full-vocabulary entropy, detached unless asked with its gradient
     hidden: Tensor | None  # (B, T, H) final hidden state predicting y_t (CAPO's features), when asked
     token_logits: Tensor | None = None  # (B, T) raw logit of y_t (LCO's logit regression)
+    sum_pi_squared: Tensor | None = None  # (B, T) Σ_v π_v², detached (the optimal token baseline's statistic)
 
 
 def model_inputs(batch: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
@@ -70,10 +72,38 @@ def policy_forward(
     keep_hidden: bool = False,
     chunk_size: int = 1024,
     autocast_dtype: torch.dtype | None = None,
+    compute_sum_pi_squared: bool = False,
+    entropy_grad: bool = False,
     support: tuple[int, float] = (0, 1.0),
 ) -> PolicyOutput:
     """π(y_t) of the batch's completions; ``support`` = (top_k, top_p) scores on the sampler's truncated
-    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary."""
+    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary. A model sharded with FSDP
+    (runtime/fsdp.py) runs it as its root unit's forward method, which gathers the embeddings and LM head."""
+    kwargs = dict(
+        temperature=temperature, compute_entropy=compute_entropy, keep_hidden=keep_hidden, chunk_size=chunk_size,
+        autocast_dtype=autocast_dtype, compute_sum_pi_squared=compute_sum_pi_squared, entropy_grad=entropy_grad,
+        support=support,
+    )
+    sharded = getattr(model, FORWARD_METHOD, None)
+    if sharded is not None:
+        return sharded(batch, **kwargs)
+    return chunked_policy_forward(model, batch, **kwargs)
+
+
+def chunked_policy_forward(
+    model: torch.nn.Module,
+    batch: RolloutBatch,
+    *,
+    temperature: float = 1.0,
+    compute_entropy: bool = True,
+    keep_hidden: bool = False,
+    chunk_size: int = 1024,
+    autocast_dtype: torch.dtype | None = None,
+    compute_sum_pi_squared: bool = False,
+    entropy_grad: bool = False,
+    support: tuple[int, float] = (0, 1.0),
+) -> PolicyOutput:
+    """The body of ``policy_forward``: the decoder once, then the LM head chunk by chunk."""
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
     device_type = input_ids.device.type
@@ -87,7 +117,7 @@ def policy_forward(
     prompt_len = batch.prompt_ids.shape[1]
     # hidden[t] predicts token t+1: completion token j is predicted at position prompt_len - 1 + j.
     hidden = out.last_hidden_state[:, prompt_len - 1 : -1]
-    logprobs, entropy, token_logits = logprobs_from_hidden(
+    logprobs, entropy, token_logits, *sum_pi_squared = logprobs_from_hidden(
         hidden,
         head.weight,
         batch.completion_ids,
@@ -96,10 +126,13 @@ def policy_forward(
         chunk_size=chunk_size,
         compute_entropy=compute_entropy,
         return_token_logits=True,
+        compute_sum_pi_squared=compute_sum_pi_squared,
+        entropy_grad=entropy_grad,
         top_k=support[0],
         top_p=support[1],
     )
-    return PolicyOutput(logprobs, entropy, hidden if keep_hidden else None, token_logits)
+    kept = hidden if keep_hidden else None
+    return PolicyOutput(logprobs, entropy, kept, token_logits, sum_pi_squared[0] if sum_pi_squared else None)
 
 
 def routing(

@@ -6,6 +6,9 @@
             LoRA and no reference model, the policy with its adapters disabled (the base model, no second copy)
     routing diagnostics on MoE models: routing/agreement of the sampler's experts with the trainer's own,
             and mismatch/kl_k3_no_replay = k3 KL(μ ‖ π_old without replay)
+    advantages of an estimator that reads π_old's statistics (registry fact ``reads_old_statistics``, the
+            optimal token baseline): its π_old forward also forms Σ_v π_v² per token, chunk by chunk in the
+            LM head (no B·T·V tensor), and the (B, T) advantages replace the collect stage's zeros
 
 Under R3 the π_old forward replays the sampler's experts, so π_old/μ and π_θ/π_old both exclude routing
 (arXiv 2512.01374); under R2 it uses its own top-k gated with the replay rule and records it.
@@ -14,6 +17,7 @@ Under R3 the π_old forward replays the sampler's experts, so π_old/μ and π_�
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -22,6 +26,7 @@ from torch import Tensor
 from steadyrl.models.lora import adapters_disabled
 from steadyrl.models.routing import RoutingRecorder, routed_positions_mask, routing_agreement
 from steadyrl.ops.correction import mismatch_metrics
+from steadyrl.ops.masking import masked_fill_zero
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.forward import policy_forward, routing
 from steadyrl.types import Metrics
@@ -41,6 +46,8 @@ class ScoreSettings:
     kl_to: str | None = None
     """None (no KL), "initial" (the reference model) or "old" (π_old)."""
     routing_diagnostics: bool = False
+    group_size: int = 1
+    """G, for an advantage estimator computed here."""
     support: tuple[int, float] = (0, 1.0)
     """(top_k, top_p) of the sampler when the trainer scores on its support (rollout.trainer_truncation)."""
 
@@ -50,30 +57,45 @@ class Forwarded:
     logprobs: Tensor  # (B, T)
     token_logits: Tensor  # (B, T) raw logit of y_t
     routed_experts: Tensor | None  # (B, Tp+T, L, k) when recorded
+    sum_pi_squared: Tensor | None = None  # (B, T) Σ_v π_v² when asked
 
 
 class Scorer:
-    def __init__(self, model: torch.nn.Module, ref_model: torch.nn.Module | None, settings: ScoreSettings) -> None:
-        self.model, self.ref_model, self.settings = model, ref_model, settings
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        ref_model: torch.nn.Module | None,
+        settings: ScoreSettings,
+        advantage: Callable | None = None,
+    ) -> None:
+        """``advantage``: an estimator with the registry fact ``reads_old_statistics``, computed here."""
+        self.model, self.ref_model, self.settings, self.advantage = model, ref_model, settings, advantage
 
     @torch.no_grad()
-    def forward(self, model: torch.nn.Module, batch: ScoredBatch, *, replay: str | None, record: bool) -> Forwarded:
+    def forward(
+        self, model: torch.nn.Module, batch: ScoredBatch, *, replay: str | None, record: bool, sum_pi_squared: bool = False
+    ) -> Forwarded:
         """No-grad log-probs of the batch's completions under ``model``, micro-batched."""
         s = self.settings
-        logprobs, logits, routed = [], [], []
+        logprobs, logits, routed, sum_sq = [], [], [], []
         for index in torch.arange(batch.batch_size, device=batch.advantages.device).split(s.micro_batch_size):
             rollout = batch.rollout.select(index)
             recorder = RoutingRecorder(model) if record else contextlib.nullcontext()
             with routing(model, rollout, replay), recorder:
                 out = policy_forward(
                     model, rollout, temperature=s.temperature, compute_entropy=False, autocast_dtype=s.autocast_dtype,
+                    compute_sum_pi_squared=sum_pi_squared,
                     support=s.support,
                 )
             logprobs.append(out.logprobs)
             logits.append(out.token_logits)
+            sum_sq.append(out.sum_pi_squared)
             if record:
                 routed.append(recorder.routed_experts(rollout.batch_size))
-        return Forwarded(torch.cat(logprobs), torch.cat(logits), torch.cat(routed) if record else None)
+        return Forwarded(
+            torch.cat(logprobs), torch.cat(logits), torch.cat(routed) if record else None,
+            torch.cat(sum_sq) if sum_pi_squared else None,
+        )
 
     def score(self, batch: ScoredBatch) -> Metrics:
         """Fill ``batch.old_logprobs`` / ``old_token_logits`` / ``ref_logprobs`` (and, under R2, the recorded
@@ -81,22 +103,35 @@ class Scorer:
         s = self.settings
         diagnose = s.routing_diagnostics and batch.rollout.routed_experts is not None
         sampler_routing = batch.rollout.routed_experts
-        plain = None  # a forward at θ_old without replay, reused by the diagnostics
-        if s.need_old or s.routing_replay == "R2":
-            plain = self._old(batch, record=s.routing_replay == "R2" or diagnose)
+        plain, metrics = None, {}  # plain: a forward at θ_old without replay, reused by the diagnostics
+        if s.need_old or s.routing_replay == "R2" or self.advantage is not None:
+            plain, metrics = self._old(batch, record=s.routing_replay == "R2" or diagnose)
         if s.kl_to is not None:
             self._ref(batch)
-        return self._routing_diagnostics(batch, sampler_routing, plain) if diagnose else {}
+        return {**metrics, **(self._routing_diagnostics(batch, sampler_routing, plain) if diagnose else {})}
 
-    def _old(self, batch: ScoredBatch, record: bool) -> Forwarded | None:
-        """π_old, replaying what the mode says; R2 makes its own recorded experts the batch's. Returns the
-        forward when it ran without replay (mode none), else None."""
+    def _old(self, batch: ScoredBatch, record: bool) -> tuple[Forwarded | None, Metrics]:
+        """π_old, replaying what the mode says; R2 makes its own recorded experts the batch's; the advantages
+        of an estimator that reads π_old. Returns the forward when it ran without replay (mode none), else
+        None, and the estimator's metrics."""
         mode = self.settings.routing_replay
-        old = self.forward(self.model, batch, replay=_OLD_REPLAY[mode], record=record)
+        old = self.forward(self.model, batch, replay=_OLD_REPLAY[mode], record=record, sum_pi_squared=self.advantage is not None)
         batch.old_logprobs, batch.old_token_logits = old.logprobs, old.token_logits
+        metrics = self._token_advantages(batch, old) if self.advantage is not None else {}
         if mode == "R2":
             batch.rollout = replace(batch.rollout, routed_experts=old.routed_experts)
-        return old if mode == "none" else None
+        return (old if mode == "none" else None), metrics
+
+    def _token_advantages(self, batch: ScoredBatch, old: Forwarded) -> Metrics:
+        """(B, T) advantages from π_old's statistics; groups are whole on every rank, so this is local."""
+        mask = batch.rollout.response_mask
+        adv = self.advantage(
+            batch.rewards, self.settings.group_size, old_logprobs=old.logprobs, sum_pi_squared=old.sum_pi_squared,
+            response_mask=mask,
+        )
+        batch.advantages = masked_fill_zero(adv.advantages.float(), mask).detach()
+        batch.sample_mask = batch.sample_mask & adv.sample_mask
+        return adv.metrics
 
     def _ref(self, batch: ScoredBatch) -> None:
         if self.settings.kl_to == "old":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -13,6 +14,7 @@ from steadyrl.config import ConfigError, TrainConfig, to_dict
 from steadyrl.runtime import rundir
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.paths import check_writable_dir
+from steadyrl.sampling.layer import check_sampling
 
 EMBEDDED_PREFIX = "embedded:"
 
@@ -92,6 +94,47 @@ def validate_batch_arithmetic(cfg: TrainConfig, info: DistInfo) -> None:
         raise ConfigError(f"kl.coef={cfg.kl.coef} is negative; use a coefficient >= 0 (0 turns the KL penalty off).")
 
 
+def autocast_dtype(cfg: TrainConfig) -> torch.dtype | None:
+    """The trainer's autocast dtype from ``model.autocast`` (or the older ``model.autocast_bf16``)."""
+    m = cfg.model
+    if m.autocast_bf16 and m.autocast not in ("none", "bfloat16"):
+        raise ConfigError(
+            f"model.autocast_bf16 is true but model.autocast is {m.autocast!r}; set only model.autocast."
+        )
+    name = "bfloat16" if m.autocast_bf16 else m.autocast
+    return {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def validate_precision(cfg: TrainConfig) -> None:
+    """fp16 *weights* cannot be trained with AdamW: its ε = 1e-8 is 0 in fp16, so the first step divides 0 by 0.
+    Precision-RL keeps fp32 master weights and computes in fp16."""
+    if cfg.model.dtype == "float16":
+        raise ConfigError(
+            "model.dtype=float16 makes AdamW's first step non-finite (ε = 1e-8 is 0 in fp16); for fp16 training keep "
+            "model.dtype=float32 and set model.autocast=float16 (with rollout.sampler_dtype=float16 for the sampler)."
+        )
+    autocast_dtype(cfg)  # a conflicting autocast setting fails here too
+
+
+def computes_in_float16(cfg: TrainConfig) -> bool:
+    """Whether the trainer's gradients pass through float16 (loss scaling applies)."""
+    return autocast_dtype(cfg) == torch.float16
+
+
+def validate_reward_components(cfg: TrainConfig, task) -> None:
+    """An estimator that reads named reward components (GDPO) with one weight per component: the task's
+    declared components must match the weights before the first rollout."""
+    weights = cfg.advantage.kwargs.get("weights")
+    names = getattr(task, "reward_components", None)
+    if not registry.lookup("advantage", cfg.advantage.name).reads_components or weights is None or not names:
+        return
+    if len(weights) != len(names):
+        raise ConfigError(
+            f"advantage.weights has {len(weights)} values but the task's reward has {len(names)} components "
+            f"({', '.join(names)}); give one weight per component, in that order."
+        )
+
+
 def validate_run_dir(cfg: TrainConfig) -> None:
     """Never mix two runs, never write into a directory steadyrl did not create (runtime/rundir.py): a foreign
     directory is refused, an existing run needs run.resume=true and the run's own config."""
@@ -116,6 +159,7 @@ def resolve_methods(cfg: TrainConfig) -> dict:
         registry.check("token_filter", spec)
     registry.check("combiner", cfg.combiner)
     registry.check("rollout_backend", cfg.rollout.backend)
+    check_sampling(cfg)
     return {
         "advantage": registry.resolve("advantage", cfg.advantage),
         "loss": registry.resolve("loss", cfg.loss),
@@ -146,3 +190,13 @@ def build_optimizer(cfg: TrainConfig, model: torch.nn.Module, total_optimizer_st
     optimizer = torch.optim.AdamW(params, lr=o.lr, betas=tuple(o.betas), eps=o.eps, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_optimizer_steps))
     return optimizer, scheduler
+
+
+def checkpoint_extra(extra: dict[str, Any]) -> dict[str, Any]:
+    """A checkpoint's extra state as written today; steadyrl 0.1 wrote trainer_state / skipped_steps /
+    token_filters at the top level."""
+    if "progress" in extra or "trainer_state" not in extra:
+        return extra
+    progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
+    updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
+    return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}

@@ -1,6 +1,7 @@
 """The RL trainer. One step is three stages, then bookkeeping:
 
     batch   = collector.collect(step)     prompts → rollout → reward → advantage              (train/collect.py)
+                                          (which prompts / groups / rewards: the sampling layer, sampling/)
     scorer.score(batch)                   π_old, π_ref, MoE routing record, at θ_old          (train/score.py)
     updater.update(batch)                 mini-batches × micro-batches → optimizer steps      (train/update.py)
     → log, stability guard, eval, checkpoint
@@ -29,6 +30,7 @@ from steadyrl.config import ConfigError, TrainConfig, dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.chat import renderer_for
+from steadyrl.models.export import hf_checkpoint_writers, with_state_dict
 from steadyrl.models.loading import check_tokenizer_fits_model
 from steadyrl.models.lora import (
     AdapterState,
@@ -38,6 +40,7 @@ from steadyrl.models.lora import (
     export_merged,
     is_peft_model,
 )
+from steadyrl.models.precision import DynamicLossScale, cast_lm_head_to_fp32
 from steadyrl.models.routing import check_routing_replay, supported_moe_layers
 from steadyrl.report import MetricLogger, ProgressBar, make_report, read_metrics
 from steadyrl.rollout.base import SamplingParams
@@ -49,23 +52,33 @@ from steadyrl.runtime.checkpoint import (
     save_pretrained_atomic,
 )
 from steadyrl.runtime.distributed import DistInfo, all_reduce_, barrier, init_distributed
+from steadyrl.runtime.fsdp import full_model_state_dict
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.runtime.seeding import step_seed
+from steadyrl.sampling.layer import build_sampling_layer
+from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.stabilisers.retention import build_retention
+from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.collect import RolloutCollector
 from steadyrl.train.doctor import check_ratios
 from steadyrl.train.score import Scorer, ScoreSettings
 from steadyrl.train.setup import (
+    autocast_dtype,
     build_optimizer,
+    checkpoint_extra,
+    computes_in_float16,
     resolve_device,
     resolve_methods,
     resolve_model_path,
     validate_batch_arithmetic,
+    validate_precision,
+    validate_reward_components,
     validate_run_dir,
 )
+from steadyrl.train.sharded import ShardedPolicy, check_fsdp
 from steadyrl.train.update import PolicyUpdater, UpdateSettings
-from steadyrl.train.watch import RunWatch, TrainingFailed
+from steadyrl.train.watch import RunWatch, TrainingFailed, print_warnings
 
 _OWN_FILES = ("model", "optimizer", "scheduler")
 """Training state with a file of its own in a checkpoint; the rest goes into its state.pt."""
@@ -76,15 +89,24 @@ class Trainer:
         self.cfg = cfg
         self.info: DistInfo = init_distributed(cfg.run.device if cfg.run.device != "auto" else _auto_device())
         validate_batch_arithmetic(cfg, self.info)
+        validate_precision(cfg)
         validate_run_dir(cfg)
+        check_fsdp(cfg, self.info)
         self.methods = resolve_methods(cfg)
+        autocast = autocast_dtype(cfg)
+        entropy_bonus = EntropyBonus(cfg.entropy) if cfg.entropy.enabled else None  # checks its settings
+        rows_per_step = cfg.rollout.prompts_per_step // self.info.world_size * cfg.rollout.group_size // cfg.optim.mini_batches
+        vcpo = VCPO(cfg.vcpo, group_size=cfg.rollout.group_size, rows_per_step=rows_per_step) if cfg.vcpo else None
         self.device = resolve_device(cfg.run.device, self.info)
         torch.manual_seed(cfg.run.seed)
         self.task = task if task is not None else registry.build_task(cfg.task.spec)
+        validate_reward_components(cfg, self.task)
         model_path = resolve_model_path(cfg.model.name_or_path)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(model_path, pad_token=cfg.model.pad_token)
         self.renderer = renderer_for(cfg.model, self.tokenizer)  # chat template or raw, the same in training and eval
         self.model = model if model is not None else self._load_model(model_path)
+        if cfg.model.lm_head_fp32:  # before a LoRA wrapper, as TRL
+            cast_lm_head_to_fp32(self.model)
         self.lora = cfg.model.lora is not None
         if self.lora and not is_peft_model(self.model):
             try:  # only the adapters train; the base weights stay frozen (models/lora.py)
@@ -99,8 +121,12 @@ class Trainer:
         if kl_on and cfg.kl.reference == "initial" and not self.lora:  # LoRA: the base model is the reference
             # Loaded from the source, not copied, so a resumed run gets the same reference.
             ref_model = self._load_model(model_path).to(self.device).eval().requires_grad_(False)
+            if cfg.model.lm_head_fp32:
+                cast_lm_head_to_fp32(ref_model)
         o, r = cfg.optim, cfg.rollout
-        autocast = torch.bfloat16 if cfg.model.autocast_bf16 else None
+        sampler_dtype = resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None
+        # FSDP: a full sampler copy is kept, then the policy (and reference) are sharded in place (train/sharded.py)
+        self.sharded = ShardedPolicy(self.model, ref_model, sampler_dtype=sampler_dtype) if cfg.run.parallel == "fsdp" else None
         settings = UpdateSettings(
             mini_batches=o.mini_batches, epochs=o.epochs, micro_batch_size=o.micro_batch_size, grad_clip=o.grad_clip,
             temperature=r.temperature, max_len=r.max_new_tokens, kl_coef=cfg.kl.coef, autocast_dtype=autocast,
@@ -115,29 +141,37 @@ class Trainer:
             cfg, self.model, self.tokenizer, retention_task, info=self.info, step_fn=lambda: self.scheduler.last_epoch
         )
         self.sampling = SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
-        sampler_dtype = resolve_dtype(r.sampler_dtype) if r.sampler_dtype else None
-        self.backend = registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype)
+        self.backend = (self.sharded.backend(r.backend, self.tokenizer) if self.sharded else  # FSDP: a full copy
+                        registry.build_backend(r.backend, self.model, self.tokenizer, sampler_dtype=sampler_dtype))
+        layer = build_sampling_layer(cfg, task=self.task, tokenizer=self.tokenizer, model=self.model, info=self.info,
+                                     device=self.device)
         self.collector = RolloutCollector(
             self.backend, self.tokenizer, self.task, self.methods["advantage"], params=self.sampling,
             prompts_per_step=r.prompts_per_step, group_size=r.group_size, info=self.info, seed=cfg.run.seed,
-            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer,
+            device=self.device, mask_truncated=r.mask_truncated, renderer=self.renderer, layer=layer,
         )
+        token_advantage = self.methods["advantage"].entry.reads_old_statistics  # computed after π_old
         self.scorer = Scorer(self.model, ref_model, ScoreSettings(
             temperature=r.temperature, micro_batch_size=o.micro_batch_size, autocast_dtype=autocast,
             routing_replay=cfg.routing_replay,
-            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old"),
+            need_old=settings.optimizer_steps_per_batch > 1 or (kl_on and cfg.kl.reference == "old") or vcpo is not None,
             kl_to=cfg.kl.reference if kl_on else None,
             routing_diagnostics=cfg.routing_diagnostics and bool(supported_moe_layers(self.model, strict=False)),
+            group_size=r.group_size,
             support=_support(r),
-        ))
+        ), advantage=self.methods["advantage"] if token_advantage else None)
         context = {"model": self.model, "distributed": self.info.enabled,
                    "optimizer_defaults": {"betas": o.betas, "eps": o.eps, "weight_decay": o.weight_decay}}
         self.updater = PolicyUpdater(
             self.model, self.optimizer, self.scheduler,
             loss=self.methods["loss"], aggregation=self.methods["aggregation"], correction=self.methods["correction"],
-            kl=self.methods["kl"], combiner=registry.build("combiner", cfg.combiner, **context), settings=settings,
+            kl=self.methods["kl"], settings=settings,  # under FSDP the reduce-scatter has summed the gradients already
+            combiner=registry.build("combiner", cfg.combiner, **{**context, "distributed": self.info.enabled and not self.sharded}),
             token_filters=[registry.build("token_filter", spec, **context) for spec in cfg.token_filters],
             aux_terms=self.retention.aux_terms if self.retention else (), distributed=self.info.enabled,
+            entropy_bonus=entropy_bonus,
+            loss_scale=DynamicLossScale() if computes_in_float16(cfg) and o.loss_scale == "dynamic" else None,
+            vcpo=vcpo,
         )
         self.run_dir = Path(cfg.run.output_dir)
         self.start_step = 0
@@ -152,9 +186,12 @@ class Trainer:
 
     def training_state(self) -> dict[str, Any]:
         """Everything a checkpoint restores besides the run's progress, each with state_dict / load_state_dict;
-        the stability guard's rollback restores exactly this."""
+        the stability guard's rollback restores exactly this (the sampling layer's per-prompt state included:
+        see sampling/layer.py for why a rollback rewinds it)."""
         model = AdapterState(self.model) if self.lora else self.model  # LoRA: the adapters; the base is the source
-        return {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater}
+        state = {"model": model, "optimizer": self.optimizer, "scheduler": self.scheduler, "updater": self.updater,
+                 "sampling": self.collector.layer}
+        return {**state, **self.sharded.training_state(self.optimizer)} if self.sharded else state  # FSDP: own shards
 
     # ------------------------------------------------------------------ setup helpers
 
@@ -172,9 +209,12 @@ class Trainer:
         ckpt = latest_checkpoint(self.run_dir) if self.cfg.run.resume else None
         if ckpt is not None:
             state = self.training_state()
-            loaded = load_checkpoint(ckpt, **{k: state[k] for k in _OWN_FILES}, map_location=self.device)
+            own = {k: state[k] for k in _OWN_FILES}
+            if self.sharded:  # the full state of the files, each rank keeping its shards
+                own.update(self.sharded.checkpoint_state(self.optimizer, gather=False))
+            loaded = load_checkpoint(ckpt, **own, map_location="cpu" if self.sharded else self.device)
             self.start_step = int(loaded["step"])
-            extra = _current_layout(loaded.get("extra") or {})
+            extra = checkpoint_extra(loaded.get("extra") or {})
             for name, obj in state.items():
                 if name not in _OWN_FILES:
                     obj.load_state_dict(extra.get(name, {}))
@@ -314,16 +354,19 @@ class Trainer:
         return metrics
 
     def save(self, step: int) -> None:
+        full = self.sharded.checkpoint_state(self.optimizer, gather=True) if self.sharded else {}  # every rank
         if self.info.is_main:
-            state = self.training_state()
+            state = {**self.training_state(), **full}
             extra = {name: obj.state_dict() for name, obj in state.items() if name not in _OWN_FILES}
             extra["progress"] = dict(self.progress)
             extra["watch"] = self.watch.state_dict()
             if self.guard is not None:
                 extra["guard"] = self.guard.state_dict()
+            weights = full["model"].state_dict() if full else None
+            exports = hf_checkpoint_writers(self.model, self.tokenizer, state_dict=weights) if self.cfg.checkpoint.hf_format else None
             save_checkpoint(
                 self.run_dir, step, **{k: state[k] for k in _OWN_FILES}, extra=extra,
-                keep_last=self.cfg.checkpoint.keep_last,
+                keep_last=self.cfg.checkpoint.keep_last, exports=exports,  # step-N/hf: from_pretrained loads it
             )
         barrier()
 
@@ -339,6 +382,8 @@ class Trainer:
             "skipped_steps": self.progress["skipped_steps"],
             "world_size": self.info.world_size,
         }
+        gather = self.sharded and self.cfg.checkpoint.save_final_model
+        weights = full_model_state_dict(self.model) if gather else None  # FSDP: every rank takes part
         if self.info.is_main:
             self.logger.flush()
             verdict = self.watch.verdict(read_metrics(self.run_dir), self.cfg.optim.steps)
@@ -348,34 +393,14 @@ class Trainer:
                 export_merged(self.model, self.tokenizer, self.run_dir / "final")  # loads without peft
                 export_adapter(self.model, self.tokenizer, self.run_dir / "final-adapter")
             elif self.cfg.checkpoint.save_final_model and not failed:
-                save_pretrained_atomic(self.model, self.tokenizer, self.run_dir / "final")
-            _print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
+                save_pretrained_atomic(with_state_dict(self.model, weights), self.tokenizer, self.run_dir / "final")
+            print_warnings(summary, exported=self.cfg.checkpoint.save_final_model and not failed)
             atomic_write_text(self.run_dir / "summary.json", json.dumps(summary, indent=2))
             self.logger.close()
             if self.cfg.logging.report:
                 make_report(self.run_dir)
         barrier()
         return summary
-
-
-def _print_warnings(summary: dict, exported: bool) -> None:
-    warnings, verdict = summary["warnings"], summary["verdict"]
-    if warnings:
-        shown = warnings[-10:]
-        print(f"\nwarnings ({len(warnings)}):" + "".join(f"\n  {w}" for w in shown), flush=True)
-    if verdict["collapsed"] or verdict["unscorable"]:
-        tail = "" if exported else "; the final model was not exported"
-        print(f"the run failed: {'; '.join(verdict['reasons'])}{tail}", flush=True)
-
-
-def _current_layout(extra: dict[str, Any]) -> dict[str, Any]:
-    """A checkpoint's extra state as written today; steadyrl 0.1 wrote trainer_state / skipped_steps /
-    token_filters at the top level."""
-    if "progress" in extra or "trainer_state" not in extra:
-        return extra
-    progress = {**extra["trainer_state"], "skipped_steps": int(extra.get("skipped_steps", 0))}
-    updater = {"token_filters": extra.get("token_filters", []), "combiner": {}}
-    return {"progress": progress, "updater": updater, "guard": extra.get("guard", {})}
 
 
 def _support(r) -> tuple[int, float]:

@@ -18,6 +18,12 @@ once every micro-batch is done the gradient of the terms that depend on those ma
 by D(before)/D(after), where every aggregation mode is Σ_rows(...)/D(counts) (``ops.aggregation``). The counts
 are ``ops.aggregation.global_counts`` of the step's final masks, summed over ranks: the same number however
 the batch is split.
+
+Optional parts of a step, each off unless configured: an entropy bonus term ``"entropy"`` whose coefficient
+a controller adapts after the step (stabilisers/entropy.py); the fp16 loss scale (terms × S before backward,
+gradients × 1/S before clipping; models/precision.py); VCPO, which before the micro-batches replaces the
+mini-batch's advantages by its optimal-baseline ones and scales this step's learning rate
+(stabilisers/vcpo.py, train/trajectory.py).
 """
 
 from __future__ import annotations
@@ -30,17 +36,22 @@ import torch
 from torch import Tensor
 
 from steadyrl.config import ConfigError
+from steadyrl.models.precision import DynamicLossScale
 from steadyrl.ops.aggregation import global_counts
 from steadyrl.ops.correction import mismatch_metrics
 from steadyrl.ops.kl import kl_k3
 from steadyrl.ops.masking import masked_fill_zero, masked_mean
 from steadyrl.registry import Method
 from steadyrl.runtime.distributed import all_reduce_sum
+from steadyrl.runtime.fsdp import full, local
 from steadyrl.runtime.metrics import MetricAccumulator
 from steadyrl.stabilisers.combiners import GradientCombiner
+from steadyrl.stabilisers.entropy import EntropyBonus
 from steadyrl.stabilisers.filters import TokenFilter
+from steadyrl.stabilisers.vcpo import VCPO
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.forward import policy_forward, routing
+from steadyrl.train.trajectory import trajectory_grad_sq_norms
 from steadyrl.types import GlobalCounts, LossInputs, Metrics
 
 AuxTerm = Callable[[int, int], dict[str, Tensor]]
@@ -188,8 +199,12 @@ class PolicyUpdater:
         token_filters: Sequence[TokenFilter] = (),
         aux_terms: Sequence[AuxTerm] = (),
         distributed: bool = False,
+        entropy_bonus: EntropyBonus | None = None,
+        loss_scale: DynamicLossScale | None = None,
+        vcpo: VCPO | None = None,
     ) -> None:
         self.model, self.optimizer, self.scheduler = model, optimizer, scheduler
+        self.entropy_bonus, self.loss_scale, self.vcpo = entropy_bonus, loss_scale, vcpo
         self.base_loss = self.loss = loss
         self.aggregation, self.correction, self.kl = aggregation, correction, kl
         self.combiner, self.settings = combiner, settings
@@ -216,12 +231,21 @@ class PolicyUpdater:
     # ------------------------------------------------------------------ state
 
     def state_dict(self) -> dict:
-        return {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
+        state = {"token_filters": [f.state_dict() for f in self.token_filters], "combiner": self.combiner.state_dict()}
+        if self.entropy_bonus is not None:
+            state["entropy_bonus"] = self.entropy_bonus.state_dict()
+        if self.loss_scale is not None:
+            state["loss_scale"] = self.loss_scale.state_dict()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         for f, s in zip(self.token_filters, state.get("token_filters", [])):
             f.load_state_dict(s)
         self.combiner.load_state_dict(state.get("combiner", {}))
+        if self.entropy_bonus is not None:
+            self.entropy_bonus.load_state_dict(state.get("entropy_bonus", {}))
+        if self.loss_scale is not None:
+            self.loss_scale.load_state_dict(state.get("loss_scale", {}))
 
     def set_trust_region_scale(self, scale: float) -> None:
         """Multiply the configured loss's trust-region widths by ``scale`` (the stability guard's lever)."""
@@ -249,6 +273,10 @@ class PolicyUpdater:
 
     def _optimizer_step(self, mb: ScoredBatch, acc: MetricAccumulator) -> int:
         s = self.settings
+        lr_scale = None
+        if self.vcpo is not None:  # OPOB advantages from per-trajectory gradient norms; ESS learning rate
+            mb, lr_scale, vcpo_metrics = self.vcpo.prepare(mb, self._trajectory_norms, self._reduce_sum)
+            acc.add(vcpo_metrics, 1.0)
         counts = global_counts(mb.token_mask, s.max_len, self._reduce_sum)  # before in-loop rejections
         lr = self.optimizer.param_groups[0]["lr"]
         self.optimizer.zero_grad(set_to_none=True)
@@ -261,21 +289,29 @@ class PolicyUpdater:
                 fwd = policy_forward(
                     self.model, micro.rollout, temperature=s.temperature, compute_entropy=True,
                     keep_hidden=self.keep_hidden, autocast_dtype=s.autocast_dtype, support=s.support,
+                    entropy_grad=self.entropy_bonus is not None,
                 )
                 step = micro_batch_terms(
                     micro.loss_inputs(fwd, self._reduce_sum), loss=self.loss, aggregation=self.aggregation,
                     counts=counts, correction=self.correction, token_filters=self.token_filters,
                     hidden=fwd.hidden, lr=lr, kl=self.kl, kl_coef=s.kl_coef,
                 )
+                if self.entropy_bonus is not None:  # −c·H̄ on the counted tokens (stabilisers/entropy.py)
+                    step.terms["entropy"] = self.entropy_bonus.term(fwd.entropy, step.mask, counts)
                 terms = step.terms if self.rejects_in_loop else {**step.terms, **self._aux(j, len(micro_batches))}
-                self.combiner.backward(terms)
+                self.combiner.backward(self._scaled(terms))
             loss_total = loss_total + sum(t.detach() for t in terms.values())
             counted.append(step.mask)
             acc.add(step.metrics, micro.token_mask.sum())
         if self.rejects_in_loop:
             loss_total = self._renormalise(counts, counted, loss_total, len(micro_batches))
         metrics = self.combiner.finalize(self.params)
-        norm, skipped = self._apply_gradient()
+        if self.entropy_bonus is not None:
+            metrics.update(self.entropy_bonus.end_step(self._reduce_sum))
+        if self.loss_scale is not None:  # fp16: back to the true gradient before clipping
+            metrics["train/loss_scale"] = torch.tensor(self.loss_scale.scale)
+            self.loss_scale.unscale_(self.params)
+        norm, skipped = self._apply_gradient(lr_scale)
         metrics["train/nonfinite_weights_max"] = self._weights_nonfinite()
         loss_total = all_reduce_sum(loss_total) if self.distributed else loss_total
         acc.add({"grad/norm": norm, "train/lr": torch.tensor(lr), "policy/loss": loss_total, **metrics}, 1.0)
@@ -291,28 +327,46 @@ class PolicyUpdater:
         for j in range(n_micro):
             aux = self._aux(j, n_micro)
             if aux:
-                self.combiner.backward(aux)
+                self.combiner.backward(self._scaled(aux))
                 loss_total = loss_total + sum(t.detach() for t in aux.values())
         return loss_total
 
-    def _apply_gradient(self) -> tuple[Tensor, int]:
-        """Clip, then step unless the gradient is non-finite (the step's one host sync); (norm, 1 if skipped)."""
+    def _apply_gradient(self, lr_scale: float | None = None) -> tuple[Tensor, int]:
+        """Clip, then step unless the gradient is non-finite (the step's one host sync), with the learning rate
+        multiplied by ``lr_scale`` for this step only (VCPO); (norm, 1 if skipped)."""
         if self.settings.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, self.settings.grad_clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in self.params if p.grad is not None])
+        norm = full(norm)  # FSDP: the norm over every rank's shards is a DTensor
         skipped = not torch.isfinite(norm).item()
+        if self.loss_scale is not None:
+            self.loss_scale.update(finite=not skipped)
         if not skipped:
+            groups = self.optimizer.param_groups
+            base = [group["lr"] for group in groups]
+            if lr_scale is not None:
+                for group in groups:
+                    group["lr"] = group["lr"] * lr_scale
             self.optimizer.step()
+            for group, lr in zip(groups, base):  # the schedule's learning rate, untouched
+                group["lr"] = lr
         for f in self.token_filters:
             (f.discard_step if skipped else f.after_step)()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         return norm, int(skipped)
 
+    def _trajectory_norms(self, mb: ScoredBatch) -> tuple[Tensor, Tensor]:
+        return trajectory_grad_sq_norms(self, mb)
+
+    def _scaled(self, terms: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The terms to backpropagate: multiplied by the fp16 loss scale when there is one."""
+        return terms if self.loss_scale is None else self.loss_scale.scaled(terms)
+
     def _weights_nonfinite(self) -> Tensor:
         """1.0 when a parameter holds NaN / inf after the step (a finite gradient can still overflow a weight)."""
-        finite = torch.stack([torch.isfinite(p).all() for p in self.params]).all()
+        finite = torch.stack([torch.isfinite(local(p)).all() for p in self.params]).all()  # FSDP: this rank's shards
         return (~finite).float()
 
     def _aux(self, j: int, n: int) -> dict[str, Tensor]:

@@ -63,3 +63,13 @@ class RunWatch:
         self.unscorable_steps = int(state.get("unscorable_steps", 0))
         self.steps = int(state.get("steps", 0))
         self._skipped = int(state.get("skipped", 0))
+
+
+def print_warnings(summary: dict, exported: bool) -> None:
+    warnings, verdict = summary["warnings"], summary["verdict"]
+    if warnings:
+        shown = warnings[-10:]
+        print(f"\nwarnings ({len(warnings)}):" + "".join(f"\n  {w}" for w in shown), flush=True)
+    if verdict["collapsed"] or verdict["unscorable"]:
+        tail = "" if exported else "; the final model was not exported"
+        print(f"the run failed: {'; '.join(verdict['reasons'])}{tail}", flush=True)
