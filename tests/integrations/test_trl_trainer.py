@@ -266,6 +266,17 @@ def test_ignored_trl_settings_are_refused():
             SteadyGRPOTrainer(model=None, args=args)
 
 
+def test_an_estimator_that_reads_old_statistics_is_refused_before_trl_loads_anything():
+    """The optimal token baseline needs Σ_v π_old(v)², which TRL's forward does not produce (status.py)."""
+    from steadyrl.integrations.trl import SteadyGRPOTrainer
+
+    refused = [n for n, e in registry.ADVANTAGES.items() if e.reads_old_statistics]
+    assert refused, "no estimator reads π_old's statistics: this test checks nothing"
+    for name in refused:
+        with pytest.raises(ConfigError, match=f"advantage '{name}' is not carried by SteadyGRPOTrainer"):
+            SteadyGRPOTrainer(model=None, advantage=name)
+
+
 def test_a_correction_that_reads_the_sampler_needs_vllm_and_one_that_does_not_runs(model_path, tmp_path, monkeypatch):
     """Without vLLM TRL has no μ: token_mis is refused before TRL loads anything; the 80/20 entropy mask (a
     correction that reads π_θ's entropy only) trains, and its rejected tokens leave the normaliser."""

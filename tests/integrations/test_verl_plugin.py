@@ -26,6 +26,7 @@ pytestmark = requires_extra("verl", "verl", "ray", "hydra", "tensordict",
                             install="make test-verl (a venv of its own, without the tasks extra)")
 
 CARRIED = [n for n in registry.FAMILIES["loss"].table if n not in status.VERL_LOSS_EXCLUDED]
+CARRIED_ADVANTAGES = [n for n, e in registry.FAMILIES["advantage"].table.items() if not e.reads_old_statistics]
 AGG = {
     "token-mean": aggregation.token_mean,
     "seq-mean-token-mean": aggregation.seq_mean_token_mean,
@@ -328,7 +329,7 @@ def _verl_advantage(name: str, rewards: torch.Tensor, index, **algorithm):
     return adv, mask
 
 
-@pytest.mark.parametrize("name", list(registry.FAMILIES["advantage"].table))
+@pytest.mark.parametrize("name", CARRIED_ADVANTAGES)
 def test_every_advantage_estimator_is_steadyrls_on_verls_shuffled_groups(name):
     import numpy as np
 
@@ -358,6 +359,18 @@ def test_grpo_rloo_dr_grpo_equal_verls_own_estimators():
         kwargs = {"norm_adv_by_std_in_grpo": algorithm["norm_adv_by_std_in_grpo"]} if algorithm else {}
         b, _ = b_fn(token_level_rewards=token_rewards, response_mask=mask, index=index, **kwargs)
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"steadyrl/{ours} vs verl {theirs}")
+
+
+def test_an_estimator_that_reads_old_statistics_is_refused_with_verls_own_named():
+    """verl passes sum_pi_squared / old_log_probs to its own estimator names only, so steadyrl/<name> of such an
+    estimator raises a sentence naming verl's optimal_token_baseline instead of failing inside the call."""
+    import numpy as np
+
+    refused = [n for n, e in registry.FAMILIES["advantage"].table.items() if e.reads_old_statistics]
+    assert refused, "no estimator reads π_old's statistics: this test checks nothing"
+    for name in refused:
+        with pytest.raises(ConfigError, match="adv_estimator=optimal_token_baseline"):
+            _verl_advantage(f"steadyrl/{name}", torch.ones(4), np.array(["a", "a", "b", "b"], dtype=object))
 
 
 def test_advantage_hyper_parameters_come_from_algorithm_steadyrl_kwargs():

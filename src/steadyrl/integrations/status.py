@@ -62,6 +62,12 @@ VERL_ADVANTAGE_LIMITS: dict[str, str] = {
         "reward components use verl's own adv_estimator=gdpo (parity: tests/ops/test_parity_verl.py)"
     ),
 }
+# Estimators with the registry fact ``reads_old_statistics`` (π_old's per-token log-probs and Σ_v π_old(v)²).
+VERL_OLD_STATISTICS = (
+    "needs π_old's per-token statistics (old log-probs, Σ_v π_old(v)²), which verl's compute_advantage passes only "
+    "to its own estimator names: use verl's adv_estimator=optimal_token_baseline with "
+    "actor.calculate_sum_pi_squared=true (the same formula; parity: tests/ops/test_parity_verl.py)"
+)
 _VERL_CORRECTION = (
     "decoupled mode: use verl's own algorithm.rollout_correction (docs/integrations/verl.md maps the presets; "
     "its rejection sampling removes tokens from the normaliser, as steadyrl). Bypass mode: policy_loss."
@@ -94,6 +100,10 @@ _TRL_REJECTS = (
     "which DeepSpeed (optimizer step inside that backward) does not allow: refused there; an MoE router "
     "aux loss is rescaled with the policy gradient"
 )
+TRL_OLD_STATISTICS = (
+    "needs Σ_v π_old(v)² over the vocabulary from a π_old forward before the advantages; TRL's forward keeps the "
+    "sampled tokens' log-probs only: refused"
+)
 TRL_SAMPLER = "needs the sampler's log-probs μ, which TRL has only with use_vllm=True (sampling_per_token_logps)"
 TRL_STABILISER_LIMITS: dict[str, str] = {
     "capo": f"{_TRL_REJECTS}; its optimizer-model state is not saved in TRL checkpoints; TRL does not skip a step "
@@ -103,6 +113,31 @@ TRL_STABILISER_LIMITS: dict[str, str] = {
 }
 
 # ------------------------------------------------------------------------------------------------ both
+
+# The sampling layer (steadyrl.sampling: prompt selection, group filters and augmenters, reward shapers, layer
+# advantages) runs around generation and scoring, on global groups with a per-prompt store, inside steadyrl's
+# collect stage; neither host exposes that stage to a plug-in. family -> (verl, TRL) reason.
+_SAMPLING_LAYER = "a sampling-layer component, inside steadyrl's collect stage (it chooses prompts or acts on whole groups)"
+SAMPLING_FAMILIES: dict[str, tuple[str, str]] = {
+    "prompt_selector": ("verl's driver draws prompts from its own dataloader (data.sampler is verl's)",
+                        "TRL's dataloader draws the prompts"),
+    "group_filter": ("verl's driver forms the batch; a registered loss or estimator cannot drop or regenerate groups",
+                     "TRL generates once per generation batch and cannot drop or regenerate groups"),
+    "group_augmenter": ("needs the step's generation and scoring (replay or regeneration), which verl's driver owns",
+                        "needs the step's generation and scoring (replay or regeneration), which TRL owns"),
+    "reward_shaper": ("runs after scoring on whole groups, before the advantage; verl's reward manager owns that step",
+                      "runs after scoring on whole groups; TRL's reward functions see one completion at a time"),
+    "layer_advantage": ("reads the layer's context (per-prompt history, lengths or answers), which a registered verl "
+                        "estimator does not get",
+                        "reads the layer's context (per-prompt history, lengths or answers), which SteadyGRPOTrainer's "
+                        "estimator call does not get"),
+}
+# The host's own equivalent, where it has one: (family, name) -> (verl, TRL); "" = none.
+SAMPLING_EQUIVALENTS: dict[tuple[str, str], tuple[str, str]] = {
+    ("group_filter", "dynamic_sampling"): ("verl's own algorithm.filter_groups (DAPO dynamic sampling)", ""),
+    ("reward_shaper", "overlong_penalty"): (
+        "verl's DAPO reward manager with overlong_buffer_cfg", "TRL's trl.rewards.get_soft_overlong_punishment"),
+}
 
 # Stabilisers that cannot cross either loss API, with the reason: name -> (verl, TRL); "" = see the TRL limits.
 TRAINER_ONLY: dict[str, tuple[str, str]] = {
@@ -121,13 +156,20 @@ TRAINER_ONLY: dict[str, tuple[str, str]] = {
         "",
     ),
     "retention": ("an auxiliary SFT term on a second data set; not a policy loss", "as verl"),
+    "adaptive_entropy": (
+        "needs π_θ's entropy with its gradient, which a verl policy loss does not get; verl's own actor.entropy_coeff "
+        "is a constant coefficient",
+        "SteadyGRPOTrainer computes its own loss without TRL's entropy term and refuses entropy_coef / "
+        "use_adaptive_entropy; TRL's own GRPOTrainer has the same bonus (parity: tests/train/test_entropy_bonus.py)",
+    ),
+    "vcpo": ("needs per-trajectory gradient norms and a per-step learning rate inside the update loop", "as verl"),
     "routing_replay": (
         "use verl's own router replay (actor.<engine>.router_replay.mode R2 or R3, Megatron / VeOmni engines)",
         "TRL has no routing replay",
     ),
 }
 CARRIED_BY_BOTH: dict[str, str] = {"sum": "ordinary training: one backward of the summed loss terms"}
-TRAINER_LEVEL = ("guard", "retention", "routing_replay")
+TRAINER_LEVEL = ("guard", "retention", "routing_replay", "adaptive_entropy", "vcpo")
 """Stabilisers of steadyrl's trainer that are not registry entries."""
 
 
@@ -163,6 +205,8 @@ def _row(family: str, name: str) -> tuple[str, str, str]:
         trl_why = TRL_LOSS_LIMITS.get(name, "")
         return verl, LIMITED if trl_why else CARRIED, _join(verl_why, trl_why)
     if family == "advantage":
+        if registry.ADVANTAGES[name].reads_old_statistics:
+            return NOT_CARRIED, NOT_CARRIED, _join(VERL_OLD_STATISTICS, TRL_OLD_STATISTICS)
         verl_why, trl_why = VERL_ADVANTAGE_LIMITS.get(name, ""), TRL_ADVANTAGE_LIMITS.get(name, "")
         return LIMITED if verl_why else CARRIED, LIMITED if trl_why else CARRIED, _join(verl_why, trl_why)
     if family == "correction":
@@ -178,6 +222,11 @@ def _row(family: str, name: str) -> tuple[str, str, str]:
         verl_why = (f"use verl's actor.use_kl_loss=true, kl_loss_type={verl_name}" if verl_name
                     else "verl 0.9.1's kl_loss_type has no importance-weighted estimator")
         return NOT_CARRIED, CARRIED, f"verl: {verl_why}; TRL: β is GRPOConfig.beta"
+    if family in SAMPLING_FAMILIES:
+        why = SAMPLING_FAMILIES[family]
+        use = SAMPLING_EQUIVALENTS.get((family, name), ("", ""))
+        verl_why, trl_why = (f"{w}; use {u}" if u else w for w, u in zip(why, use))
+        return NOT_CARRIED, NOT_CARRIED, f"{_SAMPLING_LAYER}; {_join(verl_why, trl_why)}"
     if name in CARRIED_BY_BOTH:
         return CARRIED, CARRIED, CARRIED_BY_BOTH[name]
     verl_why, trl_why = TRAINER_ONLY.get(name, ("not assessed", "not assessed"))

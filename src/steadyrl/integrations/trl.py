@@ -48,7 +48,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec, from_dict
-from steadyrl.integrations.status import reads_sampler
+from steadyrl.integrations.status import TRL_OLD_STATISTICS, reads_sampler
 from steadyrl.ops.aggregation import global_counts
 from steadyrl.ops.masking import masked_fill_zero
 from steadyrl.train.update import micro_batch_terms, normaliser_scale
@@ -89,6 +89,8 @@ class SteadyGRPOTrainer(GRPOTrainer):
             "kl": method_spec(kl, "kl"),
         }
         self.advantage_fn = registry.resolve("advantage", self.steady_specs["advantage"])
+        if registry.ADVANTAGES[self.advantage_fn.name].reads_old_statistics:
+            raise ConfigError(f"advantage {self.advantage_fn.name!r} is not carried by SteadyGRPOTrainer: {TRL_OLD_STATISTICS}.")
         self.base_loss_fn = self.loss_fn = registry.resolve("loss", self.steady_specs["loss"])
         self.aggregation_fn = registry.resolve("aggregation", self.steady_specs["aggregation"])
         spec = self.steady_specs["correction"]
@@ -315,7 +317,8 @@ def _check_args(args: Any, correction: Any) -> None:
     """TRL settings that SteadyGRPOTrainer would silently ignore are errors naming the steadyrl equivalent."""
     unsupported = {
         "entropy_coef": (getattr(args, "entropy_coef", 0.0) != 0.0 or getattr(args, "use_adaptive_entropy", False),
-                         "steadyrl's losses carry no entropy bonus; set entropy_coef=0 (STEER reweights by entropy)"),
+                         "its loss is steadyrl's, without TRL's entropy term; set entropy_coef=0 and "
+                         "use_adaptive_entropy=False (steadyrl's own trainer has the same bonus: config entropy)"),
         "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0) < 1.0,
                                  "use correction={'name': 'high_entropy', 'top_entropy_quantile': ...}"),
         "off_policy_mask_threshold": (getattr(args, "off_policy_mask_threshold", None) is not None,

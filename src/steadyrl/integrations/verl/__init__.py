@@ -6,7 +6,8 @@
 * every steadyrl loss as ``actor_rollout_ref.actor.policy_loss.loss_mode=steadyrl/<name>`` (``losses.py``),
   except ``status.VERL_LOSS_EXCLUDED``; hyper-parameters by steadyrl's names in the ``PolicyLossConfig``
   subclass ``SteadyPolicyLossConfig`` (``policy_loss._target_``);
-* every steadyrl advantage estimator as ``algorithm.adv_estimator=steadyrl/<name>`` (``advantages.py``).
+* every steadyrl advantage estimator as ``algorithm.adv_estimator=steadyrl/<name>`` (``advantages.py``); one
+  that reads π_old's per-token statistics (the optimal token baseline) as a refusal naming verl's own.
 
 verl logs a plugin that fails to import at debug level and moves on, so the user would only see "Unsupported
 loss mode". This module therefore never raises on import: a failure is logged at ERROR level with its cause,

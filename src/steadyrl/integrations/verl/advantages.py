@@ -89,14 +89,32 @@ def make_advantage(name: str):
     return steadyrl_advantage
 
 
+def refuse_advantage(name: str, reason: str):
+    """What ``steadyrl/<name>`` resolves to for an estimator verl cannot carry: a ConfigError naming why."""
+
+    def not_carried(**unused: Any):
+        raise ConfigError(f"algorithm.adv_estimator={LOSS_PREFIX}{name} is not carried by verl: {reason}.")
+
+    not_carried.__qualname__ = not_carried.__name__ = f"steadyrl_{name}"
+    not_carried.steadyrl_name = name
+    return not_carried
+
+
 def register_advantages() -> list[str]:
-    """Register every steadyrl advantage estimator (all are stateless); returns the verl names."""
+    """Register every steadyrl advantage estimator (all are stateless); returns the verl names of those carried.
+    One that reads π_old's statistics (registry fact ``reads_old_statistics``) is registered as a refusal that
+    names verl's own estimator: verl passes those statistics to its own estimator names only."""
+    from steadyrl.integrations.status import VERL_OLD_STATISTICS
+
     names = []
-    for name in registry.FAMILIES["advantage"].table:
+    for name, entry in registry.FAMILIES["advantage"].table.items():
         verl_name = LOSS_PREFIX + name
         existing = core_algos.ADV_ESTIMATOR_REGISTRY.get(verl_name)
         if existing is not None and getattr(existing, "steadyrl_name", None) == name:
             del core_algos.ADV_ESTIMATOR_REGISTRY[verl_name]  # our own earlier registration (a re-install)
+        if entry.reads_old_statistics:
+            core_algos.register_adv_est(verl_name)(refuse_advantage(name, VERL_OLD_STATISTICS))
+            continue
         core_algos.register_adv_est(verl_name)(make_advantage(name))
         names.append(verl_name)
     return names
