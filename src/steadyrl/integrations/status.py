@@ -134,6 +134,8 @@ SAMPLING_FAMILIES: dict[str, tuple[str, str]] = {
 }
 # The host's own equivalent, where it has one: (family, name) -> (verl, TRL); "" = none.
 SAMPLING_EQUIVALENTS: dict[tuple[str, str], tuple[str, str]] = {
+    ("prompt_selector", "uniform"): ("verl's own shuffled dataloader (data.shuffle=true), a uniform draw without "
+                                     "a fixed pool", "TRL's own shuffled dataloader, a uniform draw without a fixed pool"),
     ("group_filter", "dynamic_sampling"): ("verl's own algorithm.filter_groups (DAPO dynamic sampling)", ""),
     ("reward_shaper", "overlong_penalty"): (
         "verl's DAPO reward manager with overlong_buffer_cfg", "TRL's trl.rewards.get_soft_overlong_punishment"),
