@@ -27,9 +27,10 @@ def _pins() -> dict[str, list[Requirement]]:
 
 
 def _declared() -> list[Requirement]:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project, unlocked = pyproject["project"], pyproject["tool"]["steadyrl"]["unlocked-extras"]
     reqs = [Requirement(r) for r in project["dependencies"]]
-    reqs += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    reqs += [Requirement(r) for name, extra in project["optional-dependencies"].items() if name not in unlocked for r in extra]
     return reqs
 
 

@@ -1,16 +1,11 @@
 """Parity with verl 0.9.1: verl's own policy-loss and advantage functions (``verl.trainer.ppo.core_algos``)
 and steadyrl's ops on the same tensors, value and gradient ≤ 1e-6 relative (float64).
 
-Run (verl is not a project extra, so it gets a venv of its own, without the tasks extra):
-
-    make setup VENV=/tmp/venv-verl EXTRAS=dev
-    /tmp/venv-verl/bin/python -m pip install verl==0.9.1 torch==2.13.0
-    /tmp/venv-verl/bin/python -m pip install -c requirements/lock.txt transformers tokenizers huggingface-hub
-    /tmp/venv-verl/bin/python -m pytest -q tests/ops/test_parity_verl.py
-
-verl 0.9.1 pins transformers<5.11 (the last line puts the locked 5.24 back; verl's core_algos runs with it,
-pip check still lists the pin), and its omegaconf needs antlr4 4.9: with the 4.13.2 that the tasks extra's
-math-verify pins, ``import verl.trainer.ppo.core_algos`` fails ("Could not deserialize ATN with version 3").
+Run: ``make test-verl`` (verl is the unlocked ``verl`` extra, so its tests get a venv of their own,
+.venv-verl, with this file and tests/integrations/test_verl_plugin.py). verl 0.9.1 pins transformers<5.11
+(that venv resolves 5.10), and its omegaconf needs antlr4 4.9: with the 4.13.2 that the tasks extra's
+math-verify pins, ``import verl.trainer.ppo.core_algos`` fails ("Could not deserialize ATN with version 3"),
+so the venv has no tasks extra.
 
 Pairings: ``sapo`` and ``geo_mean`` ↔ ``seq_mean_token_mean`` (verl forces / uses a per-sequence mean),
 ``dro`` and ``gpg`` ↔ ``token_mean`` (verl's ``token-mean``).  Advantages take verl's token-level reward
@@ -31,7 +26,7 @@ from steadyrl.ops.losses import reinforce_loss
 from steadyrl.ops.losses_adopted import dro_loss, gmpo_loss, sapo_loss
 from steadyrl.types import LossInputs
 
-VERL_INSTALL = "a venv of its own without the tasks extra, see this file's docstring"
+VERL_INSTALL = "make test-verl (a venv of its own, without the tasks extra)"
 pytestmark = [requires_extra("verl", "verl", install=VERL_INSTALL), pytest.mark.integration]
 F64 = torch.float64
 RTOL, ATOL = 1e-6, 1e-10
