@@ -36,7 +36,8 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -q
 
-test-all: setup
+# Everything CPU can run: the default suite with the `slow` tests, then the verl tests in their own venv.
+test-all: setup test-verl
 	$(BIN)/python -m pytest -q -m "not gpu or gpu"
 
 # The verl tests (tests/integrations/test_verl_plugin.py, tests/ops/test_parity_verl.py) in a venv of their own:
