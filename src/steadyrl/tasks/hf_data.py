@@ -99,8 +99,8 @@ def _check_files(files: list[str]) -> None:
 def _open_split(
     data: str | dict[str, Any], split: str, *, data_config: str | None, streaming: bool, cache_dir: str | None
 ) -> Any:
-    """The split as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming)."""
-    datasets = import_datasets()
+    """The split as a ``datasets.Dataset`` (or ``IterableDataset`` when streaming).  Paths and formats are
+    checked before ``datasets`` is imported, so a wrong path says so even without the data extra."""
     common: dict[str, Any] = {"split": split, "streaming": streaming}
     if cache_dir is not None:
         common["cache_dir"] = cache_dir
@@ -108,7 +108,8 @@ def _open_split(
         files = {name: [str(Path(f).expanduser()) for f in ([v] if isinstance(v, str) else list(v))] for name, v in data.items()}
         _check_files([f for fs in files.values() for f in fs])
         _require_split(split, sorted(files), str(data))
-        return datasets.load_dataset(_format_of([f for fs in files.values() for f in fs]), data_files=files, **common)
+        file_format = _format_of([f for fs in files.values() for f in fs])
+        return import_datasets().load_dataset(file_format, data_files=files, **common)
     if not isinstance(data, str) or not data:
         raise TaskError(f"data must be a path, a hub name or a {{split: file}} mapping, got {data!r}")
     if looks_local(data):
@@ -120,7 +121,9 @@ def _open_split(
             )
         if path.is_file():
             _require_split(split, ["train"], data)
-            return datasets.load_dataset(_format_of([str(path)]), data_files={"train": str(path)}, **common)
+            file_format = _format_of([str(path)])
+            return import_datasets().load_dataset(file_format, data_files={"train": str(path)}, **common)
+        datasets = import_datasets()
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             loaded = datasets.load_from_disk(str(path))
             if isinstance(loaded, datasets.DatasetDict):
@@ -137,7 +140,7 @@ def _open_split(
             f"({reason}); pass a local file or directory, check the network (or HF_ENDPOINT), or set HF_HUB_OFFLINE=1 "
             "to use a copy already in the datasets cache"
         )
-    return _load_with_split_check(datasets, data, data_config, common, data)
+    return _load_with_split_check(import_datasets(), data, data_config, common, data)
 
 
 def _load_with_split_check(datasets: Any, name: str, data_config: str | None, common: dict, shown: str) -> Any:
