@@ -203,7 +203,7 @@ def _cmd_bench_stability(args: argparse.Namespace) -> int:
 def _cmd_bench_mechanisms(args: argparse.Namespace) -> int:
     from steadyrl.bench.mechanisms import full_spec, quick_spec
 
-    changes: dict = {"force": args.force}
+    changes: dict = {"force": args.force, "setting": args.setting}
     for name, parse in (("items", str), ("seeds", int)):
         value = getattr(args, name)
         if value:
@@ -440,6 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--quick", action="store_true", help="the CPU lab: 3 seeds, small grids, 2 workers")
     mk.add_argument("--items", default=None, help="comma-separated subset of formulation,routing,capo,capo_collapse,pcr,lco,guard")
     mk.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    mk.add_argument("--setting", default="short", choices=["short", "scratchpad"],
+                    help="short: the embedded models, ~3.5-token answers (default); scratchpad: the length axis, "
+                         "embedded:tiny-adder-scratchpad, 21-34-token answers (items formulation, capo)")
     mk.add_argument("--workers", type=int, default=None, help="parallel processes (default: 2 quick, cpu count full)")
     mk.add_argument("--out", default=None, help="output directory (default runs/mechanisms-quick or runs/mechanisms)")
     mk.add_argument("--force", action="store_true", help="rerun jobs that already have a result")
