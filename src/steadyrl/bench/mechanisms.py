@@ -31,14 +31,15 @@ SETTINGS: dict[str, dict[str, Any]] = {
     # the embedded models on 1-3 digit addition, answers of ~3.5 tokens (the items' own defaults)
     "short": {},
     # the length axis: the scratchpad checkpoint on 2-3 digit addition worked column by column (21-34 tokens).
-    # Fewer prompts, a lower enumeration mass and fewer samplers than "short" keep the exact sums within a
-    # CPU budget; the enumeration's missing mass is reported (setup rows) as the measurement's floor.
+    # The policy alone needs 1-9 completions per prompt for 99.9 % of its mass, but the σ = 3 noise sampler
+    # spreads its mass over 30 tokens: the mixture's enumeration did not finish in 400 s for 32 prompts, so it
+    # is left out; 16 prompts and a cap of 500 completions per prompt bound the σ = 1 sampler's share.
     "scratchpad": {
         "items": ("formulation", "capo"),
         "out": "runs/mechanisms-scratchpad",
         "formulation": {
             "model": SCRATCHPAD_MODEL, "task_kwargs": {"min_digits": 2, "max_digits": 3, "operations": "+", "scratchpad": True},
-            "max_new_tokens": 40,
+            "max_new_tokens": 40, "num_prompts": 16, "mismatches": ("fp32", "bf16", "fp8", "noise1"), "max_rows": 500,
         },
         "capo": {"overrides": (f"model.name_or_path={SCRATCHPAD_MODEL}", "rollout.max_new_tokens=40",
                                'task.kwargs={min_digits: 2, max_digits: 3, operations: "+", scratchpad: true}')},
