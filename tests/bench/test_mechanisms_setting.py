@@ -59,3 +59,17 @@ def test_cli_setting_option():
     args = build_parser().parse_args(["bench", "mechanisms", "--quick", "--setting", "scratchpad"])
     assert args.setting == "scratchpad"
     assert build_parser().parse_args(["bench", "mechanisms", "--quick"]).setting == "short"
+
+
+def test_cli_set_gives_item_parameters(monkeypatch):
+    import steadyrl.bench.mechanisms as mechanisms
+    from steadyrl.cli import main
+
+    seen = {}
+    monkeypatch.setattr(mechanisms, "run_mechanisms", lambda spec, command=None: seen.setdefault("spec", spec))
+    argv = ["bench", "mechanisms", "--quick", "--setting", "scratchpad", "--items", "formulation",
+            "--set", "formulation.lr=3e-4", "formulation.trajectory_mismatches=[fp32]"]
+    assert main(argv) == 0
+    f = seen["spec"].formulation
+    assert f["lr"] == 3e-4 and f["trajectory_mismatches"] == ("fp32",) and f["model"] == SCRATCHPAD_MODEL
+    assert main(["bench", "mechanisms", "--quick", "--set", "lr=3e-4"]) == 2  # no item: a one-line error
