@@ -203,7 +203,7 @@ def _cmd_bench_stability(args: argparse.Namespace) -> int:
 def _cmd_bench_mechanisms(args: argparse.Namespace) -> int:
     from steadyrl.bench.mechanisms import full_spec, quick_spec
 
-    changes: dict = {"force": args.force}
+    changes: dict = {"force": args.force, "setting": args.setting}
     for name, parse in (("items", str), ("seeds", int)):
         value = getattr(args, name)
         if value:
@@ -214,6 +214,8 @@ def _cmd_bench_mechanisms(args: argparse.Namespace) -> int:
     for name in ("out", "workers"):
         if getattr(args, name) is not None:
             changes[name] = getattr(args, name)
+    for item, params in _item_params(args.set or []).items():
+        changes[item] = params
     spec = (quick_spec if args.quick else full_spec)(**changes)
     if args.report_only:
         from steadyrl.bench.report_mechanisms import rerender
@@ -224,6 +226,27 @@ def _cmd_bench_mechanisms(args: argparse.Namespace) -> int:
 
     run_mechanisms(spec, command=" ".join(["steadyrl", *sys.argv[1:]]) if sys.argv[1:2] == ["bench"] else None)
     return 0
+
+
+def _item_params(items: list[str]) -> dict[str, dict]:
+    """``ITEM.KEY=VALUE`` (VALUE parsed as YAML; lists become tuples) -> {item: {key: value}} for bench mechanisms."""
+    import contextlib
+
+    import yaml
+
+    out: dict[str, dict] = {}
+    for text in items:
+        key, sep, value = text.partition("=")
+        item, dot, name = key.strip().partition(".")
+        if not sep or not dot or item not in ("formulation", "routing", "capo", "pcr", "lco") or not name:
+            raise ConfigError(f"--set {text!r} must look like ITEM.KEY=VALUE with ITEM one of formulation, routing, capo, "
+                              "pcr, lco, e.g. --set formulation.lr=3e-4.")
+        parsed = yaml.safe_load(value)
+        if isinstance(parsed, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            with contextlib.suppress(ValueError):
+                parsed = float(parsed)
+        out.setdefault(item, {})[name] = tuple(parsed) if isinstance(parsed, list) else parsed
+    return out
 
 
 def _json_object(text: str, flag: str = "--task-kwargs") -> dict:
@@ -440,9 +463,14 @@ def build_parser() -> argparse.ArgumentParser:
     mk.add_argument("--quick", action="store_true", help="the CPU lab: 3 seeds, small grids, 2 workers")
     mk.add_argument("--items", default=None, help="comma-separated subset of formulation,routing,capo,capo_collapse,pcr,lco,guard")
     mk.add_argument("--seeds", default=None, help="comma-separated seeds, e.g. 0,1,2")
+    mk.add_argument("--setting", default="short", choices=["short", "scratchpad"],
+                    help="short: the embedded models, ~3.5-token answers (default); scratchpad: the length axis, "
+                         "embedded:tiny-adder-scratchpad, 21-34-token answers (items formulation, capo)")
     mk.add_argument("--workers", type=int, default=None, help="parallel processes (default: 2 quick, cpu count full)")
     mk.add_argument("--out", default=None, help="output directory (default runs/mechanisms-quick or runs/mechanisms)")
     mk.add_argument("--force", action="store_true", help="rerun jobs that already have a result")
+    mk.add_argument("--set", nargs="*", default=[], metavar="ITEM.KEY=VALUE",
+                    help="an item's parameter (its Spec field), e.g. formulation.lr=3e-4 formulation.trajectory_mismatches=[fp32]")
     mk.add_argument("--report-only", action="store_true", help="re-render the report from OUT/results.jsonl")
     mk.set_defaults(fn=_cmd_bench_mechanisms)
 

@@ -118,7 +118,7 @@ def warmstart(cfg: WarmstartConfig, *, device: str = "cpu", log=print) -> dict[s
     model.eval()
     backend = build_backend("hf", model, tokenizer)
     eval_prompts = task.eval_prompts()[: cfg.eval_prompts]
-    max_new = max(len(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in eval_prompts) + 2
+    max_new = max(len(tokenizer(_solution(task, p), add_special_tokens=False)["input_ids"]) for p in eval_prompts) + 2
     metrics = evaluate(
         backend, tokenizer, task, eval_prompts, sampling=SamplingParams(max_new, 1.0), pass_k=8, seed=cfg.seed, device=device
     )
@@ -127,6 +127,11 @@ def warmstart(cfg: WarmstartConfig, *, device: str = "cpu", log=print) -> dict[s
     log("held-out: " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items()))
     log(f"saved to {out}")
     return {"metrics": metrics, "parameters": count_parameters(model), "wall_s": time.perf_counter() - start}
+
+
+def _solution(task, prompt) -> str:
+    """The correct completion when the task can write one (a scratchpad is longer than its answer), else the answer."""
+    return task.solution(prompt) if hasattr(task, "solution") else prompt.answer
 
 
 def check_output_dir(path: str, overwrite: bool) -> None:

@@ -26,10 +26,32 @@ from steadyrl.config import ConfigError
 
 ITEMS = ("formulation", "routing", "capo", "capo_collapse", "pcr", "lco", "guard")
 
+SCRATCHPAD_MODEL = "embedded:tiny-adder-scratchpad"
+SETTINGS: dict[str, dict[str, Any]] = {
+    # the embedded models on 1-3 digit addition, answers of ~3.5 tokens (the items' own defaults)
+    "short": {},
+    # the length axis: the scratchpad checkpoint on 2-3 digit addition worked column by column (21-34 tokens).
+    # The policy alone needs 1-9 completions per prompt for 99.9 % of its mass, but the σ = 3 noise sampler
+    # spreads its mass over 30 tokens: the mixture's enumeration did not finish in 400 s for 32 prompts, so it
+    # is left out; 16 prompts and a cap of 500 completions per prompt bound the σ = 1 sampler's share.
+    "scratchpad": {
+        "items": ("formulation", "capo"),
+        "out": "runs/mechanisms-scratchpad",
+        "formulation": {
+            "model": SCRATCHPAD_MODEL, "task_kwargs": {"min_digits": 2, "max_digits": 3, "operations": "+", "scratchpad": True},
+            "max_new_tokens": 40, "num_prompts": 16, "mismatches": ("fp32", "bf16", "fp8", "noise1"), "max_rows": 500,
+        },
+        "capo": {"overrides": (f"model.name_or_path={SCRATCHPAD_MODEL}", "rollout.max_new_tokens=40",
+                               'task.kwargs={min_digits: 2, max_digits: 3, operations: "+", scratchpad: true}')},
+    },
+}
+
 
 @dataclass(frozen=True)
 class MechanismsSpec:
     quick: bool = True
+    setting: str = "short"
+    """A key of SETTINGS: the model, task and item parameters the items run with (``quick_spec`` applies it)."""
     seeds: tuple[int, ...] = (0, 1, 2)
     items: tuple[str, ...] = ITEMS
     out: str = "runs/mechanisms-quick"
@@ -44,8 +66,28 @@ class MechanismsSpec:
     guard_results: str = "docs/results/stability/quick/results.jsonl"
 
 
+def _with_setting(base: MechanismsSpec, changes: dict[str, Any]) -> MechanismsSpec:
+    """``base`` with the setting's items, out and item parameters, then ``changes`` (an item's parameters merge
+    key by key: the base's, the setting's, the caller's; CAPO's config overrides add up)."""
+    name = changes.get("setting", base.setting)
+    if name not in SETTINGS:
+        raise ConfigError(f"unknown lab setting {name!r}; valid: {', '.join(SETTINGS)}.")
+    setting = SETTINGS[name]
+    merged: dict[str, Any] = {"setting": name}
+    if "items" in setting and "items" not in changes:
+        merged["items"] = setting["items"]
+    if "out" in setting and "out" not in changes:
+        merged["out"] = setting["out"] + ("-quick" if base.quick else "")
+    for item in ("formulation", "routing", "capo", "pcr", "lco"):
+        params = {**getattr(base, item), **setting.get(item, {})}
+        for key, value in changes.get(item, {}).items():
+            params[key] = tuple(params.get(key, ())) + tuple(value) if key == "overrides" else value
+        merged[item] = params
+    return replace(base, **{**changes, **merged})
+
+
 def quick_spec(**changes: Any) -> MechanismsSpec:
-    return replace(MechanismsSpec(), **changes)
+    return _with_setting(MechanismsSpec(), changes)
 
 
 def full_spec(**changes: Any) -> MechanismsSpec:
@@ -55,7 +97,7 @@ def full_spec(**changes: Any) -> MechanismsSpec:
         capo={"steps": 12}, capo_collapse_steps=100, pcr={"steps": 60, "eval_every": 10, "eval_prompts": 200},
         lco={"steps": 20},
     )
-    return replace(base, **changes)
+    return _with_setting(base, changes)
 
 
 @dataclass(frozen=True)
@@ -73,6 +115,11 @@ def plan_jobs(spec: MechanismsSpec) -> list[Job]:
         raise ConfigError(f"unknown lab item(s) {', '.join(unknown)}; valid: {', '.join(ITEMS)}.")
     if not spec.seeds:
         raise ConfigError("bench mechanisms needs at least one seed, e.g. --seeds 0,1,2.")
+    allowed = SETTINGS.get(spec.setting, {}).get("items", ITEMS)
+    outside = [i for i in spec.items if i not in allowed]
+    if outside:
+        raise ConfigError(f"the {spec.setting} setting runs only {', '.join(allowed)}; drop {', '.join(outside)} from --items "
+                          "(they have no checkpoint for this setting).")
     from steadyrl.lab.capo_lab import CapoSpec
     from steadyrl.lab.formulation import FormulationSpec
     from steadyrl.lab.lco_lab import LOSSES

@@ -49,7 +49,7 @@ def formulation_section(rows: list[dict[str, Any]]) -> list[str]:
     mism = ordered([{"m": m} for r in setup for m in r["mismatch"]], "m", MISMATCH_ORDER)
     lines += [f"Enumerated set: {fmt_ci(values(setup, 'rows'), 4)} completions for the prompts of a seed, covering "
               f"{fmt_ci(values(setup, 'mass_min'), 5)} (least-covered prompt) of π_old's mass; J_S(θ_old) = "
-              f"{fmt_ci(values(setup, 'J'))}. Mismatch of each sampler against the fp32 policy at θ_old "
+              f"{fmt_ci(values(setup, 'J'))}{_length_note(setup)}. Mismatch of each sampler against the fp32 policy at θ_old "
               "(μ-weighted per-token k3, sequence KL(μ ‖ π_old)):", ""]
     body = [[m, fmt_ci([r["mismatch"][m]["k3"] for r in setup]), fmt_ci([r["mismatch"][m]["seq_kl_mu_old"] for r in setup])]
             for m in mism]
@@ -79,6 +79,15 @@ def formulation_section(rows: list[dict[str, Any]]) -> list[str]:
         lines += _table(["sampler", "aggregation", *methods], body)
     lines += _staleness(f)
     return lines
+
+
+def _length_note(setup: list[dict[str, Any]]) -> str:
+    """The response length under π_old and the enumeration's cost, where the setup rows carry them."""
+    if not all("mean_len_policy" in r for r in setup):
+        return ""
+    return (f"; completion length under π_old {fmt_ci(values(setup, 'mean_len_policy'), 3)} tokens (EOS included); at most "
+            f"{max(values(setup, 'rows_per_prompt_max')):.0f} completions for one prompt; enumeration "
+            f"{fmt_ci(values(setup, 'enum_s'), 2)} s per seed")
 
 
 def _staleness(f: list[dict[str, Any]]) -> list[str]:
@@ -251,6 +260,7 @@ def write_report(out: str | Path, rows: list[dict[str, Any]], meta: dict[str, An
     figures = write_figures(out, rows)
     machine = meta.get("machine", {})
     head = ["# Mechanism lab report", "",
+            f"Setting: {meta.get('spec', {}).get('setting', 'short')}. "
             f"Command: `{meta.get('command', 'steadyrl bench mechanisms')}`; wall time {meta.get('wall_s', meta.get('run_wall_s', '?'))} s; "
             f"torch {machine.get('torch', '?')}, {machine.get('cpu_count', '?')} CPUs, load {machine.get('load_avg_start')} → "
             f"{machine.get('load_avg_end')}. Means over seeds ± 95 % t-interval. Protocol: docs/stability-lab.md "

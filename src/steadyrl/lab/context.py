@@ -19,6 +19,10 @@ from steadyrl.train.update import PolicyUpdater, UpdateSettings
 
 ADDITION = {"min_digits": 1, "max_digits": 3, "operations": "+"}
 """The collapse map's task (docs/stability-lab.md)."""
+SCRATCHPAD = {"min_digits": 2, "max_digits": 3, "operations": "+", "scratchpad": True}
+"""The length axis's task: 2-3 digit addition worked column by column, 21-34 tokens (embedded:tiny-adder-scratchpad)."""
+SCRATCHPAD_MAX_NEW_TOKENS = 40
+"""Room for the longest scratchpad (33 characters + EOS) and a few tokens of a malformed one."""
 
 
 @dataclass

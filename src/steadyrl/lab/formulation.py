@@ -31,6 +31,7 @@ mask never fires and it equals tis (tests/lab check both); the mismatch axis com
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +78,10 @@ class FormulationSpec:
     aggregations: tuple[str, ...] = tuple(AGGREGATIONS)
     noise_batches: int = 4
     task_kwargs: dict = field(default_factory=lambda: {"min_digits": 1, "max_digits": 3, "operations": "+"})
+    max_new_tokens: int = 6
+    max_rows: int = 2000
+    """Completions kept per prompt at most (the enumeration stops there even below ``mass``; setup rows report the
+    mass reached)."""
 
 
 def mismatch_sampler(ctx: LabContext, kind: str, seed: int) -> torch.nn.Module:
@@ -125,17 +130,20 @@ class FormulationLab:
     def __init__(self, spec: FormulationSpec, seed: int, log=print) -> None:
         self.spec, self.seed, self.log = spec, seed, log
         torch.manual_seed(seed)
-        self.ctx = load_context(spec.model, num_prompts=spec.num_prompts, seed=seed, task_kwargs=spec.task_kwargs)
+        self.ctx = load_context(spec.model, num_prompts=spec.num_prompts, seed=seed, task_kwargs=spec.task_kwargs,
+                                max_new_tokens=spec.max_new_tokens)
         self.opt_state = warm_up(self.ctx, spec, seed) if spec.warmup_steps else None
         self.theta_old = copy.deepcopy(self.ctx.model.state_dict())
         self.flat_old = _flat_params(self.ctx.model)
         samplers = {m: mismatch_sampler(self.ctx, m, seed) for m in spec.mismatches}
         tok = self.ctx.tokenizer
         models = [self.ctx.model] + [s for m, s in samplers.items() if m != "fp32"]
+        started = time.perf_counter()
         self.enum: Enumerated = enumerate_completions(
             models, self.ctx.prompt_ids, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id,
-            max_new_tokens=self.ctx.max_new_tokens, mass=spec.mass,
+            max_new_tokens=self.ctx.max_new_tokens, mass=spec.mass, max_rows=spec.max_rows,
         )
+        self.enum_seconds = time.perf_counter() - started
         self.rewards = rewards_for(self.ctx, self.enum)
         self.old_lp = F.trainer_token_logprobs(self.ctx.model, self.enum)
         self.mu_lp = {m: F.sampler_token_logprobs(s, self.enum) for m, s in samplers.items()}
@@ -172,7 +180,17 @@ class FormulationLab:
             "kind": "setup", "rows": e.num_rows, "mass_min": float(self.mass.min()), "mass_mean": float(self.mass.mean()),
             "J": self.J, "success_rate": float(self.rewards.sum() / e.num_prompts), "mismatch": mism,
             "mean_len": float(e.response_mask.sum(1).float().mean()),
+            "mean_len_policy": self._policy_mean(e.response_mask.sum(1).double()),
+            "truncated_policy": self._policy_mean(e.truncated.double()),
+            "rows_per_prompt_max": int(torch.bincount(e.prompt_index, minlength=e.num_prompts).max()),
+            "enum_s": self.enum_seconds,
         }
+
+    def _policy_mean(self, per_row: torch.Tensor) -> float:
+        """Mean over prompts of E_{π̃_old}[per_row] (π_old renormalised over each prompt's kept rows)."""
+        e = self.enum
+        w = F.conditional_probs(F.sequence_logprob(self.old_lp, e.response_mask), e.prompt_index, e.num_prompts)
+        return float((w * per_row).sum() / e.num_prompts)
 
     def noise_rows(self) -> list[dict[str, Any]]:
         """Relative distance of single sampled mini-batch gradients (method none, μ = fp32) to their expectation."""

@@ -10,6 +10,15 @@ Design (kept flexible on purpose; the lab tunes it):
   model's EOS ends it (the trainer appends EOS to demonstrations; :meth:`demonstration` returns the text).
   ``answer_format="reversed"`` writes the answer least-significant digit first (``"58"``; sign in front),
   which small transformers learn more easily because carries then flow left to right.
+* **Scratchpad** (``scratchpad=True``, addition only): the completion works the column addition least
+  significant column first, one ``x+y+c=s`` per column (``c`` the carry into it, a missing digit written 0),
+  then the answer in parentheses: ``"347+85="`` -> ``"7+5+0=12 4+8+1=13 3+0+1=4 (432)"``. It uses only the
+  embedded character vocabulary (digits, ``+ = ( )`` and space) and makes completions 20-33 characters for
+  2-3 digit operands (+ EOS) instead of 1-4. Reward: the number in the *first* ``(...)`` against the answer,
+  exactly as below (text after it is ignored, as plain mode ignores text after the first word); the columns
+  are not checked. Demonstration errors act on the worked columns: ``ignore_carries`` writes every carry-in
+  as 0, ``drop_carry`` one of them, so the parenthesised answer is the plain mode's corrupted value;
+  ``off_by_one`` keeps the columns right and moves the final answer.
 * **Reward.** 1.0 if the completion, stripped and cut at its first whitespace, equals the answer string
   exactly, else 0.0 (so ``"085"`` and ``"85 "`` are wrong and right respectively). With
   ``format_reward`` > 0 the reward has two named components (GDPO's multi-reward setting, tasks/base.py):
@@ -40,6 +49,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Container
 
 from steadyrl.tasks.base import Prompt, TaskError, check_split, draw_from_pool
 
@@ -48,6 +58,7 @@ DEMO_ERRORS = ("drop_carry", "ignore_carries", "off_by_one")
 ANSWER_FORMATS = ("plain", "reversed")
 _PROBLEM_RE = re.compile(r"^(\d+)([+\-*])(\d+)=$")
 _INTEGER_RE = {"plain": re.compile(r"-?(0|[1-9]\d*)"), "reversed": re.compile(r"-?\d+")}
+_MARKER_RE = re.compile(r"\(([^()]*)\)")
 
 
 def _digits(value: int) -> list[int]:
@@ -94,6 +105,21 @@ def _ignore_carries(a: int, op: str, b: int) -> int:
     return result if op == "+" or a >= b else -result
 
 
+def column_addition(a: int, b: int, forgotten: Container[int] = ()) -> tuple[list[str], int]:
+    """The worked columns of a + b, least significant first (``"x+y+c=s"``, c the carry into the column), and
+    the value they spell. The carry out of a column in ``forgotten`` is written as 0 in the next column (or
+    dropped from the front when it is the last column), as a pupil who forgets it would."""
+    da, db = _digits(a), _digits(b)
+    columns, carry, value = [], 0, 0
+    for k in range(max(len(da), len(db))):
+        x, y = (da[k] if k < len(da) else 0), (db[k] if k < len(db) else 0)
+        total = x + y + carry
+        columns.append(f"{x}+{y}+{carry}={total}")
+        value += (total % 10) * 10**k
+        carry = 0 if k in forgotten else total // 10
+    return columns, value + carry * 10 ** len(columns)
+
+
 def _evaluate(a: int, op: str, b: int) -> int:
     return a + b if op == "+" else a - b if op == "-" else a * b
 
@@ -117,6 +143,7 @@ class ArithmeticTask:
         allow_negative: bool = False,
         eval_modulus: int = 10,
         format_reward: float = 0.0,
+        scratchpad: bool = False,
     ) -> None:
         if not 1 <= min_digits <= max_digits:
             raise TaskError(
@@ -135,6 +162,8 @@ class ArithmeticTask:
             raise TaskError(f"answer_format must be one of {list(ANSWER_FORMATS)}, got {answer_format!r}")
         if not 0.0 <= format_reward < 1.0:
             raise TaskError(f"format_reward must be in [0, 1) (below a correct answer's 1), got {format_reward}")
+        if scratchpad and tuple(dict.fromkeys(operations)) != ("+",):
+            raise TaskError(f"scratchpad=True works addition columns only; set operations='+' (got {operations!r}).")
         if eval_size < 1 or eval_modulus < 2:
             raise TaskError(f"need eval_size >= 1 and eval_modulus >= 2, got {eval_size} and {eval_modulus}")
         self.min_digits, self.max_digits, self.operations = min_digits, max_digits, ops
@@ -144,7 +173,7 @@ class ArithmeticTask:
         if not self.demo_error_ops <= set(OPERATIONS):
             raise TaskError(f"demo_error_ops must only contain {''.join(OPERATIONS)}, got {demo_error_ops!r}")
         self.answer_format, self.allow_negative = answer_format, allow_negative
-        self.format_reward = format_reward
+        self.format_reward, self.scratchpad = format_reward, scratchpad
         self.reward_components = ("correct", "format") if format_reward > 0 else None
         self._eval = self._build_eval_set()
 
@@ -224,21 +253,54 @@ class ArithmeticTask:
             raise TaskError("could not draw train problems outside the eval bucket; raise max_digits")
         return prompts
 
-    def reward(self, prompt: Prompt, completion: str) -> float | dict[str, float]:
+    def final_answer(self, completion: str) -> str | None:
+        """The answer a completion states: its first word, or (scratchpad) the text of its first ``(...)``."""
+        if self.scratchpad:
+            marker = _MARKER_RE.search(completion)
+            return marker[1] if marker else None
         words = completion.split(maxsplit=1)
-        correct = 1.0 if words and words[0] == prompt.answer else 0.0
+        return words[0] if words else None
+
+    def reward(self, prompt: Prompt, completion: str) -> float | dict[str, float]:
+        stated = self.final_answer(completion)
+        correct = 1.0 if stated == prompt.answer else 0.0
         if not self.format_reward:
             return correct
-        well_formed = bool(words) and _INTEGER_RE[self.answer_format].fullmatch(words[0]) is not None
+        well_formed = stated is not None and _INTEGER_RE[self.answer_format].fullmatch(stated) is not None
         return {"correct": correct, "format": self.format_reward if well_formed else 0.0}
 
     def demonstration(self, prompt: Prompt, rng: random.Random) -> str:
-        """The answer text; corrupted with probability ``demo_error_rate`` (``rng`` is untouched at rate 0)."""
+        """The answer text (scratchpad: the worked columns and the answer); corrupted with probability
+        ``demo_error_rate`` (``rng`` is untouched at rate 0)."""
         a, op, b = self._operands(prompt)
         value = _evaluate(a, op, b)
-        if self.demo_error_rate > 0.0 and op in self.demo_error_ops and rng.random() < self.demo_error_rate:
+        corrupt = self.demo_error_rate > 0.0 and op in self.demo_error_ops and rng.random() < self.demo_error_rate
+        if self.scratchpad:
+            return self._scratchpad_demonstration(a, b, corrupt, rng)
+        if corrupt:
             value = self._corrupt(a, op, b, value, rng)
         return self.format_answer(value)
+
+    def solution(self, prompt: Prompt) -> str:
+        """The correct completion text (what an uncorrupted demonstration writes)."""
+        a, op, b = self._operands(prompt)
+        if self.scratchpad:
+            return self._scratchpad_text(a, b, ())
+        return self.format_answer(_evaluate(a, op, b))
+
+    def _scratchpad_text(self, a: int, b: int, forgotten: Container[int], value: int | None = None) -> str:
+        columns, spelled = column_addition(a, b, forgotten)
+        return " ".join(columns) + f" ({self.format_answer(spelled if value is None else value)})"
+
+    def _scratchpad_demonstration(self, a: int, b: int, corrupt: bool, rng: random.Random) -> str:
+        if not corrupt:
+            return self._scratchpad_text(a, b, ())
+        if self.demo_error == "off_by_one":
+            return self._scratchpad_text(a, b, (), value=self._corrupt(a, "+", b, a + b, rng))
+        if self.demo_error == "ignore_carries":
+            return self._scratchpad_text(a, b, range(max(len(str(a)), len(str(b)))))
+        columns = [k for k, carry in enumerate(column_carries(a, "+", b)) if carry]  # drop_carry
+        return self._scratchpad_text(a, b, {rng.choice(columns)} if columns else ())
 
     # demonstrations ---------------------------------------------------------------------------------
 
