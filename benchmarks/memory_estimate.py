@@ -167,7 +167,7 @@ def estimate(shape: str, *, dtype: str, autocast_bf16: bool, checkpointing: bool
 
 
 def from_recipe(path: Path, overrides: list[str], prompt_tokens: int, ranks: int) -> tuple[str, dict]:
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
 
     cfg = load_config(path, overrides)
     shape = HUB_SHAPES.get(cfg.model.name_or_path)

@@ -48,7 +48,7 @@ import torch
 
 from steadyrl import registry
 from steadyrl.bench.machine import device_line
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.ops.masking import masked_fill_zero

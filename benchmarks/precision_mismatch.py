@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from steadyrl.bench.machine import device_line
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.ops.correction import mismatch_metrics

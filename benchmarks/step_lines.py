@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     import steadyrl
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
     from steadyrl.train.trainer import Trainer
 
     root = str(Path(steadyrl.__file__).parent)

@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 
 from steadyrl.bench.machine import device_line
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.models import (
     build_char_tokenizer,
     build_tiny_model,

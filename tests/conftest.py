@@ -8,7 +8,7 @@ processes on CI's two cores, where two threads each would oversubscribe the mach
 import pytest
 import torch
 
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET
 from steadyrl.runtime.checkpoint import save_pretrained_atomic

@@ -74,7 +74,7 @@ def fake_collector(layer_cfg: list[str] | None = None, *, info: DistInfo | None 
                    group_size: int = 4, seed: int = 0, advantage: str = "grpo"):
     """A RolloutCollector on FakeBackend / SevenTask with the sampling layer of ``layer_cfg`` overrides."""
     from steadyrl import registry
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
     from steadyrl.rollout.base import SamplingParams
     from steadyrl.sampling.layer import build_sampling_layer
     from steadyrl.train.collect import RolloutCollector

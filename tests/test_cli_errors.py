@@ -22,7 +22,8 @@ import pytest
 import torch
 
 from steadyrl.cli import main
-from steadyrl.config import ConfigError, load_config
+from steadyrl.config import ConfigError
+from steadyrl.config_load import load_config
 from steadyrl.models import ModelLoadError, load_model, load_tokenizer, loading
 from steadyrl.runtime import paths
 from steadyrl.runtime.paths import check_writable_dir, disk_full_message
@@ -212,7 +213,7 @@ def test_disk_full_after_a_checkpoint_says_where_a_rerun_resumes(monkeypatch, tm
     save_checkpoint(tmp_path, 5, model=torch.nn.Linear(1, 1))
     cfg = load_config(None, [f"run.output_dir={tmp_path}"])
     args = type("Args", (), {"cfg": cfg})()
-    from steadyrl.cli import _one_line as one_line
+    from steadyrl.cli_stops import one_line
 
     message = one_line(args, RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0"))
     assert message.endswith("then rerun the same command to resume from step 5")

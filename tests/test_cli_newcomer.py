@@ -25,7 +25,8 @@ import pytest
 
 from steadyrl import __version__
 from steadyrl.cli import build_parser, main
-from steadyrl.config import TrainConfig, load_config
+from steadyrl.config import TrainConfig
+from steadyrl.config_load import load_config
 from steadyrl.config_reference import field_docs
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,16 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from steadyrl.config import (
-    ConfigError,
-    MethodSpec,
-    OptimConfig,
-    TrainConfig,
-    apply_override,
-    dump_config,
-    load_config,
-    to_dict,
-)
+from steadyrl.config import ConfigError, MethodSpec, OptimConfig, TrainConfig
+from steadyrl.config_load import apply_override, dump_config, load_config, to_dict
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.train.setup import resolve_methods, validate_batch_arithmetic
 

@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 
 from extras import requires_extra
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.report import read_metrics
 from steadyrl.rewards import load_reward_function
 from steadyrl.tasks import write_sample_math_jsonl

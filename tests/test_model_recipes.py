@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from extras import requires_extra
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.report import read_metrics
 from steadyrl.runtime.checkpoint import latest_checkpoint
 from steadyrl.train.setup import resolve_model_path

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.report import read_metrics
 from steadyrl.train.trainer import Trainer
 

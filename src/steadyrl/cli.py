@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
+from steadyrl.cli_stops import interrupted, is_main_process, one_line
 from steadyrl.config import ConfigError
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
 
     notes: list[str] = []
     cfg = load_config(args.config, args.set, notes=notes)  # before the heavy imports: an error is reported at once
@@ -39,7 +39,7 @@ def _exit_code(summary: dict | None) -> int:
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
     from steadyrl.config_reference import describe
 
     cfg = load_config(args.config, args.set)
@@ -61,7 +61,7 @@ def _preflight(args: argparse.Namespace, cfg) -> None:
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
     from steadyrl.train.trainer import Trainer
 
     path = Path(args.config) if args.config else _packaged_config("quickstart.yaml")
@@ -85,7 +85,7 @@ def _cmd_quickstart(args: argparse.Namespace) -> int:
 def _cmd_doctor(args: argparse.Namespace) -> int:
     import tempfile
 
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
 
     with tempfile.TemporaryDirectory() as tmp:
         overrides = [*args.set, f"run.output_dir={tmp}/run", "run.resume=false", "logging.report=false"]
@@ -269,7 +269,7 @@ def _packaged_config(name: str) -> Path:
 
 
 def _print_summary(summary: dict, cfg) -> None:
-    if not _is_main_process():  # under torchrun only rank 0 reports
+    if not is_main_process():  # under torchrun only rank 0 reports
         return
     run_dir = cfg.run.output_dir
     start, end = summary.get("eval_start"), summary.get("eval_end")
@@ -281,74 +281,6 @@ def _print_summary(summary: dict, cfg) -> None:
         print(f"run directory: {run_dir}  (report: {report})")
     else:  # no report was written: say how to make one instead of pointing to a file that is not there
         print(f"run directory: {run_dir}  (no report written; `steadyrl report {run_dir}` makes one)")
-
-
-def _is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _resume_point(run_dir: str | Path) -> int | None:
-    """The step the latest complete checkpoint in ``run_dir`` holds (what a rerun resumes from), else None."""
-    from steadyrl.runtime.checkpoint import latest_checkpoint
-
-    ckpt = latest_checkpoint(run_dir)
-    if ckpt is None:
-        return None
-    try:
-        return int(json.loads((ckpt / "meta.json").read_text())["step"])
-    except (OSError, ValueError, KeyError):
-        return None
-
-
-def _step_in_flight(args: argparse.Namespace) -> int | None:
-    """The step a run was in when it stopped: one past ``trainer.last_completed_step`` when the trainer has that
-    attribute, else one past the last step in RUN_DIR/metrics.jsonl (each finished step is a row there)."""
-    trainer = getattr(args, "trainer", None)
-    if trainer is None:
-        return None  # stopped while setting up: no step had started
-    done = getattr(trainer, "last_completed_step", None)
-    if done is None:
-        from steadyrl.report.sinks import read_metrics
-
-        try:
-            done = max((int(row["step"]) for row in read_metrics(args.cfg.run.output_dir)), default=0)
-        except (OSError, ValueError):
-            return None
-    return int(done) + 1
-
-
-def _how_to_resume(args: argparse.Namespace) -> str:
-    """"rerun the same command to resume from step N", or what a rerun does instead."""
-    cfg = getattr(args, "cfg", None)
-    if getattr(args, "starts_over", False):
-        return "rerun the same command to start again"
-    resumed = _resume_point(cfg.run.output_dir) if cfg is not None else None
-    if resumed is None:
-        return "rerun the same command to start again (no checkpoint was saved yet)"
-    if not cfg.run.resume:
-        return f"rerun with run.resume=true to resume from step {resumed}"
-    return f"rerun the same command to resume from step {resumed}"
-
-
-def _interrupted(args: argparse.Namespace) -> str:
-    step = _step_in_flight(args)
-    where = f"at step {step}" if step is not None else "before training started"
-    return f"interrupted {where}; {_how_to_resume(args)}"
-
-
-def _one_line(args: argparse.Namespace, exc: Exception) -> str | None:
-    """The one-line message for an error a person can act on, else None (a bug: the traceback is kept)."""
-    if isinstance(exc, ConfigError):  # tested first: _user_errors() imports transformers, seconds a typo need not wait
-        return str(exc)
-    if isinstance(exc, _user_errors()):
-        return str(exc)
-    from steadyrl.runtime.paths import disk_full_message
-
-    cfg = getattr(args, "cfg", None)
-    full = disk_full_message(exc, cfg.run.output_dir if cfg is not None else Path.cwd())
-    if full is not None:
-        return f"{full}; free some space or choose a run.output_dir on a disk with room, then {_how_to_resume(args)}"
-    return None
 
 
 _TRAIN_EPILOG = """\
@@ -488,15 +420,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Errors a person fixes by changing their input: printed as one line, without a traceback."""
-    from steadyrl.models import ModelLoadError
-    from steadyrl.tasks import RewardError, TaskError
-    from steadyrl.train.watch import TrainingFailed
-
-    return (ConfigError, ModelLoadError, TaskError, RewardError, FileNotFoundError, TrainingFailed)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run a command. Errors a person can act on are one line on stderr and exit 2; Ctrl-C says where the run
     stopped and how to resume, exit 130. Under torchrun only rank 0 prints (every rank exits the same)."""
@@ -504,14 +427,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.fn(args)
     except KeyboardInterrupt:
-        if _is_main_process():
-            print(f"\nsteadyrl: {_interrupted(args)}", file=sys.stderr)
+        if is_main_process():
+            print(f"\nsteadyrl: {interrupted(args)}", file=sys.stderr)
         return 130
     except Exception as exc:
-        message = _one_line(args, exc)
+        message = one_line(args, exc)
         if message is None:
             raise
-        if _is_main_process():
+        if is_main_process():
             print(f"steadyrl: error: {message}", file=sys.stderr)
         return 2
 

@@ -17,7 +17,8 @@ from typing import Any
 import yaml
 
 from steadyrl import config as config_module
-from steadyrl.config import MethodSpec, TrainConfig, to_dict
+from steadyrl.config import MethodSpec, TrainConfig
+from steadyrl.config_load import to_dict
 
 _WIDTH = 110
 

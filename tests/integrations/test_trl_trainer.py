@@ -16,7 +16,8 @@ import torch
 
 from extras import requires_extra
 from steadyrl import registry
-from steadyrl.config import ConfigError, load_config
+from steadyrl.config import ConfigError
+from steadyrl.config_load import load_config
 from steadyrl.tasks import ArithmeticTask
 from steadyrl.train.batch import ScoredBatch
 from steadyrl.train.setup import resolve_model_path

@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from sampling_fakes import fake_collector
-from steadyrl.config import ConfigError, load_config
+from steadyrl.config import ConfigError
+from steadyrl.config_load import load_config
 from steadyrl.train.setup import resolve_methods
 
 

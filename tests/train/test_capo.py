@@ -14,7 +14,8 @@ import torch
 
 from sevens_task import SevensTask
 from steadyrl import registry
-from steadyrl.config import ConfigError, MethodSpec, load_config
+from steadyrl.config import ConfigError, MethodSpec
+from steadyrl.config_load import load_config
 from steadyrl.models import build_tiny_model, tiny_model_config
 from steadyrl.ops import curvature as cv
 from steadyrl.report import read_metrics

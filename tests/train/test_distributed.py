@@ -28,7 +28,7 @@ import torch
 import torch.multiprocessing as mp
 
 from sevens_task import SevensTask
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.stabilisers.combiners import SumCombiner
 from steadyrl.train.trainer import Trainer
 

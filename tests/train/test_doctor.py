@@ -8,7 +8,8 @@ from __future__ import annotations
 import pytest
 
 from steadyrl.cli import main
-from steadyrl.config import GuardConfig, load_config
+from steadyrl.config import GuardConfig
+from steadyrl.config_load import load_config
 from steadyrl.report import read_metrics
 from steadyrl.stabilisers.guard import StabilityGuard
 from steadyrl.train.doctor import check_ratios

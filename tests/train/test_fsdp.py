@@ -28,7 +28,8 @@ import torch
 import torch.multiprocessing as mp
 
 from sevens_task import SevensTask
-from steadyrl.config import ConfigError, load_config
+from steadyrl.config import ConfigError
+from steadyrl.config_load import load_config
 from steadyrl.runtime.fsdp import LocalShards, full, is_sharded
 from steadyrl.train.trainer import Trainer
 

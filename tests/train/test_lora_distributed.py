@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 
 from extras import requires_extra
 from sevens_task import SevensTask
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.train.trainer import Trainer
 
 pytestmark = requires_extra("lora", "peft")

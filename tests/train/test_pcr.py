@@ -16,7 +16,8 @@ from torch import nn
 
 from sevens_task import SevensTask
 from steadyrl import registry
-from steadyrl.config import ConfigError, MethodSpec, load_config
+from steadyrl.config import ConfigError, MethodSpec
+from steadyrl.config_load import load_config
 from steadyrl.models import load_model, load_tokenizer
 from steadyrl.ops import gradients as G
 from steadyrl.report import read_metrics

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from sevens_task import SevensTask
-from steadyrl.config import ConfigError, load_config
+from steadyrl.config import ConfigError
+from steadyrl.config_load import load_config
 from steadyrl.models import build_char_tokenizer, build_tiny_model, tiny_model_config
 from steadyrl.models.routing import RoutingRecorder, RoutingReplayer, supported_moe_layers
 from steadyrl.models.tokenizer import ARITHMETIC_ALPHABET

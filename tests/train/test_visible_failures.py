@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from steadyrl.cli import main
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.train.trainer import Trainer
 from steadyrl.train.watch import TrainingFailed
 

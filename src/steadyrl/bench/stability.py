@@ -150,7 +150,7 @@ def _init_worker() -> None:
 
 def run_cell(cell: Cell) -> dict[str, Any]:
     """Train one cell and return its results row; never raises (an error becomes the row's ``error``)."""
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
     from steadyrl.report import read_metrics
     from steadyrl.report.collapse import cell_metrics
 

@@ -47,7 +47,8 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
     raise ImportError(f"SteadyGRPOTrainer needs TRL ({exc}); install it with pip install 'steadyrl[trl]'.") from exc
 
 from steadyrl import registry
-from steadyrl.config import ConfigError, MethodSpec, from_dict
+from steadyrl.config import ConfigError, MethodSpec
+from steadyrl.config_load import from_dict
 from steadyrl.integrations.status import TRL_OLD_STATISTICS, reads_sampler
 from steadyrl.ops.aggregation import global_counts
 from steadyrl.ops.masking import masked_fill_zero

@@ -21,7 +21,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from steadyrl.config import ConfigError, GuardConfig, from_dict
+from steadyrl.config import ConfigError, GuardConfig
+from steadyrl.config_load import from_dict
 from steadyrl.models.lora import AdapterState, is_peft_model
 from steadyrl.stabilisers.guard import StabilityGuard
 

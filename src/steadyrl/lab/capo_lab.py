@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from steadyrl import registry
-from steadyrl.config import load_config
+from steadyrl.config_load import load_config
 from steadyrl.lab.context import build_updater, load_context
 from steadyrl.lab.trainer_adapter import optimizer_step, prepare_old
 from steadyrl.ops.curvature import curvature_keep, token_curvature_scores, topk_policy

@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from steadyrl import registry
-from steadyrl.config import TrainConfig, from_dict
+from steadyrl.config import TrainConfig
+from steadyrl.config_load import from_dict
 from steadyrl.lab.enumeration import Enumerated
 from steadyrl.models import load_model, load_tokenizer
 from steadyrl.tasks import Prompt, score_completions

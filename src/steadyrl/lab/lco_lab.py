@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from steadyrl import registry
-from steadyrl.config import MethodSpec, load_config
+from steadyrl.config import MethodSpec
+from steadyrl.config_load import load_config
 from steadyrl.lab.capo_lab import position_logprobs
 from steadyrl.lab.context import build_updater, load_context
 from steadyrl.lab.trainer_adapter import optimizer_step, prepare_old

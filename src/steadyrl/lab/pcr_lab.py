@@ -76,7 +76,7 @@ def summarise_run(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def run_pcr(spec: PcrSpec, method: str, seed: int, out: str | Path) -> list[dict[str, Any]]:
-    from steadyrl.config import load_config
+    from steadyrl.config_load import load_config
     from steadyrl.report import read_metrics
     from steadyrl.train.trainer import Trainer
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,31 +64,11 @@ def decoder_and_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.
     return decoder, head
 
 
-def policy_forward(
-    model: torch.nn.Module,
-    batch: RolloutBatch,
-    *,
-    temperature: float = 1.0,
-    compute_entropy: bool = True,
-    keep_hidden: bool = False,
-    chunk_size: int = 1024,
-    autocast_dtype: torch.dtype | None = None,
-    compute_sum_pi_squared: bool = False,
-    entropy_grad: bool = False,
-    support: tuple[int, float] = (0, 1.0),
-) -> PolicyOutput:
-    """π(y_t) of the batch's completions; ``support`` = (top_k, top_p) scores on the sampler's truncated
-    support (``rollout.trainer_truncation``), (0, 1.0) on the full vocabulary. A model sharded with FSDP
-    (runtime/fsdp.py) runs it as its root unit's forward method, which gathers the embeddings and LM head."""
-    kwargs = dict(
-        temperature=temperature, compute_entropy=compute_entropy, keep_hidden=keep_hidden, chunk_size=chunk_size,
-        autocast_dtype=autocast_dtype, compute_sum_pi_squared=compute_sum_pi_squared, entropy_grad=entropy_grad,
-        support=support,
-    )
+def policy_forward(model: torch.nn.Module, batch: RolloutBatch, **settings: Any) -> PolicyOutput:
+    """π(y_t) of the batch's completions, with ``chunked_policy_forward``'s settings. A model sharded with
+    FSDP (runtime/fsdp.py) runs it as its root unit's forward method, which gathers the embeddings and LM head."""
     sharded = getattr(model, FORWARD_METHOD, None)
-    if sharded is not None:
-        return sharded(batch, **kwargs)
-    return chunked_policy_forward(model, batch, **kwargs)
+    return sharded(batch, **settings) if sharded is not None else chunked_policy_forward(model, batch, **settings)
 
 
 def chunked_policy_forward(
@@ -103,7 +84,9 @@ def chunked_policy_forward(
     entropy_grad: bool = False,
     support: tuple[int, float] = (0, 1.0),
 ) -> PolicyOutput:
-    """The body of ``policy_forward``: the decoder once, then the LM head chunk by chunk."""
+    """The body of ``policy_forward``: the decoder once, then the LM head chunk by chunk. ``support`` =
+    (top_k, top_p) scores on the sampler's truncated support (``rollout.trainer_truncation``), (0, 1.0) on the
+    full vocabulary."""
     decoder, head = decoder_and_head(model)
     input_ids, attn, pos = model_inputs(batch)
     device_type = input_ids.device.type

@@ -10,7 +10,8 @@ from typing import Any
 import torch
 
 from steadyrl import registry
-from steadyrl.config import ConfigError, TrainConfig, to_dict
+from steadyrl.config import ConfigError, TrainConfig
+from steadyrl.config_load import to_dict
 from steadyrl.runtime import rundir
 from steadyrl.runtime.distributed import DistInfo
 from steadyrl.runtime.paths import check_writable_dir

@@ -26,7 +26,8 @@ import torch
 
 from steadyrl import registry
 from steadyrl._io import atomic_write_text
-from steadyrl.config import ConfigError, TrainConfig, dump_config
+from steadyrl.config import ConfigError, TrainConfig
+from steadyrl.config_load import dump_config
 from steadyrl.evaluate import evaluate
 from steadyrl.models import load_model, load_tokenizer, resolve_dtype
 from steadyrl.models.chat import renderer_for
