@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from extras import requires_extra
+from resume_check import assert_resume_is_exact
 from sevens_task import SevensTask
 from steadyrl.config import ConfigError
 from steadyrl.models.lora import is_peft_model
@@ -57,23 +58,10 @@ def test_lora_run_uses_the_base_model_as_reference_and_exports_both(tiny_config,
 
 
 def test_lora_resume_is_exact(tiny_config, tmp_path):
-    def run(out, stop_after=None):
-        cfg = tiny_config(*LORA, "optim.steps=4", "checkpoint.every=2", f"run.output_dir={out}", "kl.coef=0.05")
-        trainer = Trainer(cfg, task=SevensTask())
-        trainer.train(stop_after=stop_after)
-        return trainer
+    def config_for(out):
+        return tiny_config(*LORA, "optim.steps=4", "checkpoint.every=2", f"run.output_dir={out}", "kl.coef=0.05")
 
-    straight = run(tmp_path / "straight")
-    run(tmp_path / "resumed", stop_after=2)
-    resumed = run(tmp_path / "resumed")
-    assert resumed.start_step == 2
-
-    def comparable(rows):
-        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "wall_s"} for r in rows]
-
-    assert comparable(read_metrics(tmp_path / "straight")) == comparable(read_metrics(tmp_path / "resumed"))
-    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), name
+    assert_resume_is_exact(config_for, tmp_path, stop_after=2)
 
 
 def test_lora_with_pcr_and_a_separate_sampler_trains(tiny_config):

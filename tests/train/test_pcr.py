@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from resume_check import assert_resume_is_exact
 from sevens_task import SevensTask
 from steadyrl import registry
 from steadyrl.config import ConfigError, MethodSpec
@@ -595,23 +596,10 @@ def test_pcr_with_the_retention_loss_as_the_stability_term(tiny_model_dir, tmp_p
 
 def test_resume_is_exact_with_pcr_and_the_retention_loss(tiny_model_dir, tmp_path):
     # the retention batch is seeded by the scheduler's step count, which the checkpoint restores
-    def run(out, stop_after=None):
-        cfg = _recipe(
+    def config_for(out):
+        return _recipe(
             "pcr", tiny_model_dir, tmp_path, "retention.coef=0.5", "optim.steps=3", "checkpoint.every=1",
             "eval.every=0", f"run.output_dir={out}",
         )  # fmt: skip
-        trainer = Trainer(cfg, task=SevensTask())
-        trainer.train(stop_after=stop_after)
-        return trainer
 
-    straight = run(tmp_path / "straight")
-    run(tmp_path / "resumed", stop_after=2)
-    resumed = run(tmp_path / "resumed")
-    assert resumed.start_step == 2
-
-    def comparable(rows):
-        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "wall_s"} for r in rows]
-
-    assert comparable(read_metrics(tmp_path / "straight")) == comparable(read_metrics(tmp_path / "resumed"))
-    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), name
+    assert_resume_is_exact(config_for, tmp_path, stop_after=2)

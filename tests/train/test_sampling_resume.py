@@ -6,11 +6,9 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
-from sevens_task import SevensTask
+from resume_check import assert_resume_is_exact
 from steadyrl.report import read_metrics
-from steadyrl.train.trainer import Trainer
 
 LAYERS = {
     # posterior + per-prompt history + over-sampling rounds + trajectory store
@@ -26,22 +24,9 @@ LAYERS = {
 
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_resume_with_sampling_state_is_exact(tiny_config, tmp_path, layer):
-    def run(out, stop_after=None):
-        cfg = tiny_config("optim.steps=4", "checkpoint.every=2", f"run.output_dir={out}", *LAYERS[layer])
-        trainer = Trainer(cfg, task=SevensTask())
-        trainer.train(stop_after=stop_after)
-        return trainer
+    def config_for(out):
+        return tiny_config("optim.steps=4", "checkpoint.every=2", f"run.output_dir={out}", *LAYERS[layer])
 
-    straight = run(tmp_path / "straight")
-    run(tmp_path / "resumed", stop_after=2)
-    resumed = run(tmp_path / "resumed")
-    assert resumed.start_step == 2
-
-    def comparable(rows):
-        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "wall_s"} for r in rows]
-
-    assert comparable(read_metrics(tmp_path / "straight")) == comparable(read_metrics(tmp_path / "resumed"))
+    straight, resumed = assert_resume_is_exact(config_for, tmp_path, stop_after=2)
     assert str(straight.collector.layer.state_dict()) == str(resumed.collector.layer.state_dict())
-    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), name
     assert any(r.get("sampling/generated", 0) > 0 for r in read_metrics(tmp_path / "straight"))

@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from resume_check import assert_resume_is_exact
 from sevens_task import SevensTask
 from steadyrl.report import read_metrics
 from steadyrl.train.trainer import Trainer
@@ -63,23 +64,10 @@ def test_method_combinations_train_with_finite_metrics(tiny_config, overrides):
     ids=["grpo", "capo"],  # CAPO's optimizer-model moments must survive the checkpoint too
 )
 def test_resume_is_exact(tiny_config, tmp_path, extra):
-    def run(out, stop_after=None):
-        cfg = tiny_config("optim.steps=6", "checkpoint.every=3", f"run.output_dir={out}", "eval.every=3", *extra)
-        trainer = Trainer(cfg, task=SevensTask())
-        trainer.train(stop_after=stop_after)
-        return trainer
+    def config_for(out):
+        return tiny_config("optim.steps=6", "checkpoint.every=3", f"run.output_dir={out}", "eval.every=3", *extra)
 
-    straight = run(tmp_path / "straight")
-    run(tmp_path / "resumed", stop_after=3)
-    resumed = run(tmp_path / "resumed")
-    assert resumed.start_step == 3
-
-    def comparable(rows):
-        return [{k: v for k, v in r.items() if not k.startswith("perf/") and k != "wall_s"} for r in rows]
-
-    assert comparable(read_metrics(tmp_path / "straight")) == comparable(read_metrics(tmp_path / "resumed"))
-    for (name, a), b in zip(straight.model.named_parameters(), resumed.model.parameters()):
-        assert torch.equal(a, b), name
+    assert_resume_is_exact(config_for, tmp_path, stop_after=3)
 
 
 def test_rows_of_an_attempt_without_checkpoint_are_replaced(tiny_config, tmp_path):
